@@ -1,0 +1,257 @@
+"""Stacked trainer: K models with a leading model axis, trained by one jitted epoch function.
+
+A stack's members share static structure (model, which layers are grafted and frozen, BatchNorm
+policy, optimizer, batch size) and differ in data: each member has its own training and test
+indices into the shared image arrays, its own label map (its half's classes -> 0..k-1), its own
+PRNG keys and its own grafting source.
+
+The dataset's uint8 arrays go to the device once; shuffling, batching, normalisation and the
+whole epoch (a `lax.scan` over full batches, then one step on the last partial batch) run on
+device with no host round-trip per step. The model axis is sharded over all local devices
+with `shard_map`; inside a shard, members run under `jax.vmap` (accelerators: one big batched
+kernel) or `lax.map` (CPU: XLA turns vmapped convolutions into grouped ones, several times
+slower there, while a loop over members keeps the fast native convolutions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxtransfer import transfer
+
+PyTree = Any
+MODEL_AXIS = 'models'
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation hyper-parameters shared by a stack."""
+
+  epochs: int = 10
+  batch_size: int = 64
+  optimizer: str = 'adam'  # 'adam' | 'sgd' (with momentum)
+  learning_rate: float = 1e-3
+  weight_decay: float = 0.0
+  momentum: float = 0.9
+  eval_batch_size: int = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Structure:
+  """What a stack's members share: which top-level layers are grafted from the source, which
+  are frozen, and how BatchNorm behaves inside frozen layers (see `transfer.batchnorm_policy`)."""
+
+  graft_layers: tuple[str, ...] = ()
+  frozen_layers: tuple[str, ...] = ()
+  batchnorm: str = 'update'
+
+
+class DeviceData(NamedTuple):
+  """The whole dataset as uint8 images + global int labels, plus normalisation statistics."""
+
+  train_images: jax.Array
+  train_labels: jax.Array
+  test_images: jax.Array
+  test_labels: jax.Array
+  mean: jax.Array  # per channel, of images / 255
+  std: jax.Array
+
+
+class Members(NamedTuple):
+  """Per-member inputs, each with a leading model axis of size K."""
+
+  init_keys: jax.Array  # [K] PRNG keys for the fresh initialisation
+  shuffle_keys: jax.Array  # [K] PRNG keys for the epoch permutations
+  train_idx: jax.Array  # [K, N] int32 indices into train_images
+  test_idx: jax.Array  # [K, M] int32 indices into test_images
+  label_map: jax.Array  # [K, num_global_classes] int32: global label -> member label
+  sources: PyTree | None = None  # stacked variables to graft from, or None
+
+
+class StackResult(NamedTuple):
+  variables: PyTree  # stacked final variables (params, batch_stats, ...) on host
+  train_accuracy: np.ndarray  # [K] running accuracy over the last epoch
+  train_loss: np.ndarray  # [K] mean loss over the last epoch
+  test_accuracy: np.ndarray  # [K]
+  seconds: float  # wall time of the whole stack, compilation included
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  if config.optimizer == 'adam':
+    return optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+  if config.optimizer == 'sgd':
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.sgd(config.learning_rate, momentum=config.momentum))
+  raise ValueError(f"unknown optimizer {config.optimizer!r}: expected 'adam' or 'sgd'")
+
+
+def to_device(train, test, mean, std) -> DeviceData:
+  """`data.ArrayDataset`s -> DeviceData (one host-to-device copy of the uint8 arrays)."""
+  return DeviceData(jnp.asarray(train.images), jnp.asarray(train.labels, jnp.int32),
+                    jnp.asarray(test.images), jnp.asarray(test.labels, jnp.int32),
+                    jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
+
+
+def normalize(images_u8: jax.Array, data: DeviceData) -> jax.Array:
+  return (images_u8.astype(jnp.float32) / 255.0 - data.mean) / data.std
+
+
+class _Trainer:
+  """The per-member functions of one stack; `train_stack` maps them over members."""
+
+  def __init__(self, model: nn.Module, structure: Structure, config: TrainConfig,
+               example: jax.Array):
+    self.model, self.structure, self.config, self.example = model, structure, config, example
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example, train=False))
+    self.labels = transfer.freeze_labels(shapes['params'], structure.frozen_layers)
+    self.tx = transfer.masked_optimizer(make_optimizer(config), self.labels)
+
+  def init(self, key: jax.Array, source: PyTree | None) -> PyTree:
+    variables = dict(self.model.init(key, self.example, train=False))
+    if self.structure.graft_layers:
+      variables = transfer.graft(source, variables, self.structure.graft_layers)
+    params = variables.pop('params')
+    return {'params': params, 'model_state': variables, 'opt_state': self.tx.init(params)}
+
+  def loss(self, trainable, frozen, model_state, images, labels):
+    params = transfer.combine(trainable, frozen)
+    with transfer.batchnorm_policy(self.structure.frozen_layers, self.structure.batchnorm):
+      logits, model_state = self.model.apply(
+          {'params': params, **model_state}, images, train=True, mutable=list(model_state))
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+    correct = (logits.argmax(-1) == labels).sum()
+    return loss, (model_state, correct)
+
+  def step(self, state, batch_idx, label_map, data: DeviceData):
+    """One optimiser step on the examples `batch_idx`; gradients only w.r.t. trainable leaves,
+    so no backward pass runs through a frozen prefix."""
+    images = normalize(data.train_images[batch_idx], data)
+    labels = label_map[data.train_labels[batch_idx]]
+    trainable, frozen = transfer.partition(state['params'], self.labels)
+    (loss, (model_state, correct)), grads = jax.value_and_grad(self.loss, has_aux=True)(
+        trainable, frozen, state['model_state'], images, labels)
+    n = batch_idx.shape[0]
+    grads = transfer.combine(jax.tree.map(lambda g: g / n, grads),
+                             jax.tree.map(jnp.zeros_like, frozen))
+    updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
+    new_trainable, _ = transfer.partition(optax.apply_updates(state['params'], updates),
+                                          self.labels)
+    # Frozen leaves are carried over as they were: bit-for-bit, whatever the optimizer does.
+    params = transfer.combine(new_trainable, frozen)
+    state = {'params': params, 'model_state': model_state, 'opt_state': opt_state}
+    return state, jnp.stack([loss, correct.astype(jnp.float32)])
+
+  def epoch(self, state, key, train_idx, label_map, data: DeviceData):
+    """A shuffled pass over `train_idx`: full batches in a scan, then the partial remainder."""
+    b = self.config.batch_size
+    n = train_idx.shape[0]
+    order = train_idx[jax.random.permutation(key, n)]
+    full, rem = divmod(n, b)
+    step = functools.partial(self.step, label_map=label_map, data=data)
+    totals = jnp.zeros(2)
+    if full:
+      state, sums = lax.scan(step, state, order[:full * b].reshape(full, b))
+      totals += sums.sum(0)
+    if rem:
+      state, sums = step(state, order[full * b:])
+      totals += sums
+    return state, totals / n  # (mean loss, accuracy)
+
+  def evaluate(self, state, test_idx, label_map, data: DeviceData):
+    """Accuracy on `test_idx`, in padded batches (eval mode: padding cannot leak into stats)."""
+    m = test_idx.shape[0]
+    eb = min(self.config.eval_batch_size, m)
+    batches = -(-m // eb)
+    padded = jnp.pad(test_idx, (0, batches * eb - m))
+    valid = jnp.arange(batches * eb) < m
+    variables = {'params': state['params'], **state['model_state']}
+
+    def correct(args):
+      idx, ok = args
+      logits = self.model.apply(variables, normalize(data.test_images[idx], data), train=False)
+      return ((logits.argmax(-1) == label_map[data.test_labels[idx]]) & ok).sum()
+
+    hits = lax.map(correct, (padded.reshape(batches, eb), valid.reshape(batches, eb)))
+    return hits.sum() / m
+
+
+def _over_members(fn: Callable, member_map: str) -> Callable:
+  """Map `fn` over the leading model axis of every argument after `data` (the last one)."""
+  def mapped(*args):
+    *per_member, data = args
+    member_fn = lambda *a: fn(*a, data=data)
+    if member_map == 'vmap':
+      return jax.vmap(member_fn)(*per_member)
+    return lax.map(lambda a: member_fn(*a), tuple(per_member))
+  return mapped
+
+
+def default_member_map() -> str:
+  return 'map' if jax.default_backend() == 'cpu' else 'vmap'
+
+
+def _pad_members(tree: PyTree, k_padded: int) -> PyTree:
+  """Repeat the last member so that K divides evenly over devices; results are cut back to K."""
+  def pad(x):
+    extra = k_padded - x.shape[0]
+    return x if extra == 0 else jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)])
+  return jax.tree.map(pad, tree)
+
+
+def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, data: DeviceData,
+                members: Members, *, mesh: Mesh | None = None, member_map: str | None = None,
+                on_epoch: Callable[[int, np.ndarray], None] | None = None) -> StackResult:
+  """Initialise, graft, train for `config.epochs` and evaluate a stack of K members.
+
+  `mesh`: a 1-D mesh with axis `MODEL_AXIS` (default: all local devices; with several
+  processes under `jax.distributed`, all global devices). `on_epoch(epoch, metrics)` gets the
+  [K, 2] (mean loss, running accuracy) of every finished epoch.
+  """
+  start = time.perf_counter()
+  member_map = member_map or default_member_map()
+  mesh = mesh or jax.make_mesh((jax.device_count(),), (MODEL_AXIS,))
+  k = members.init_keys.shape[0]
+  k_padded = -(-k // mesh.size) * mesh.size
+  members = _pad_members(members, k_padded)
+  example = jnp.zeros((1,) + data.train_images.shape[1:], jnp.float32)
+  trainer = _Trainer(model, structure, config, example)
+
+  sharded, replicated = NamedSharding(mesh, P(MODEL_AXIS)), NamedSharding(mesh, P())
+  spec = lambda *tree_specs: tree_specs
+
+  def compile_(fn, n_member_args):
+    mapped = _over_members(fn, member_map)
+    in_specs = spec(*([P(MODEL_AXIS)] * n_member_args), P())
+    return jax.jit(jax.shard_map(mapped, mesh=mesh, in_specs=in_specs, out_specs=P(MODEL_AXIS)))
+
+  def init_fn(key, source, data):
+    del data
+    return trainer.init(key, source)
+
+  members = jax.device_put(members, sharded)
+  data = jax.device_put(data, replicated)
+  state = compile_(init_fn, 2)(members.init_keys, members.sources, data)
+  epoch_fn = compile_(trainer.epoch, 4)
+  metrics = np.zeros((k, 2), np.float32)
+  for epoch in range(config.epochs):
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(members.shuffle_keys, epoch)
+    state, epoch_metrics = epoch_fn(state, keys, members.train_idx, members.label_map, data)
+    metrics = np.asarray(epoch_metrics)[:k]
+    if on_epoch is not None:
+      on_epoch(epoch, metrics)
+  test_acc = compile_(trainer.evaluate, 3)(state, members.test_idx, members.label_map, data)
+  variables = jax.tree.map(lambda x: np.asarray(x)[:k],
+                           {'params': state['params'], **state['model_state']})
+  return StackResult(variables, metrics[:, 1], metrics[:, 0], np.asarray(test_acc)[:k],
+                     time.perf_counter() - start)

@@ -1,0 +1,166 @@
+"""Transfer as pytree surgery: graft a trained prefix into a fresh model, freeze it, train the rest.
+
+Public API, model-agnostic (any flax.linen model whose transferable units are top-level
+submodules):
+
+- `layer_order(model, *args, **kwargs)`: top-level submodule names in forward-call order;
+- `graft(source, target, layers)`: variables with `layers` taken from `source`;
+- `freeze_labels(params, layers)`: 'frozen' / 'trainable' label tree;
+- `masked_optimizer(tx, labels)`: `tx` on trainable leaves, zero updates on frozen ones.
+
+Helpers the trainer builds on: `partition` / `combine` (split params so that gradients are taken
+only w.r.t. the trainable part: no backward pass through a frozen prefix) and
+`batchnorm_policy` (how BatchNorm behaves inside frozen layers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import optax
+
+PyTree = Any
+FROZEN, TRAINABLE = 'frozen', 'trainable'
+BATCHNORM_POLICIES = ('update', 'fixed')
+
+
+def layer_order(model: nn.Module, *example_args, **example_kwargs) -> list[str]:
+  """Names of `model`'s top-level submodules in the order its forward pass first calls them.
+
+  Found by tracing `model.init` under `jax.eval_shape` (no real compute), not from the params
+  dict, whose key order any `jax.tree` map sorts away. Extra positional/keyword arguments are
+  passed to `init` as for a normal call (e.g. `train=False`).
+  """
+  order: list[str] = []
+
+  def record(next_fun, args, kwargs, context):
+    path = context.module.path
+    if len(path) == 1 and path[0] not in order:
+      order.append(path[0])
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), *example_args, **example_kwargs))
+  return order
+
+
+def _top_level_names(variables: Mapping[str, Mapping[str, Any]]) -> set[str]:
+  return {name for collection in variables.values() for name in collection}
+
+
+def _check_layers(layers: Iterable[str], available: set[str]) -> list[str]:
+  if isinstance(layers, str):
+    raise ValueError(f'layers must be a sequence of names, not the string {layers!r}')
+  layers = list(layers)
+  unknown = [name for name in layers if name not in available]
+  if unknown:
+    raise ValueError(f'unknown layer(s) {unknown}; available: {sorted(available)}')
+  return layers
+
+
+def _check_compatible(collection: str, name: str, src: PyTree, tgt: PyTree) -> None:
+  src_leaves = dict(jax.tree_util.tree_leaves_with_path(src))
+  tgt_leaves = dict(jax.tree_util.tree_leaves_with_path(tgt))
+  for path in sorted(set(src_leaves) | set(tgt_leaves), key=str):
+    where = f'{collection}/{name}{jax.tree_util.keystr(path)}'
+    if path not in src_leaves or path not in tgt_leaves:
+      side = 'source' if path not in src_leaves else 'target'
+      raise ValueError(f'{where} is missing in the {side}')
+    s, t = src_leaves[path], tgt_leaves[path]
+    if s.shape != t.shape or s.dtype != t.dtype:
+      raise ValueError(f'{where}: source has {s.shape} {s.dtype}, '
+                       f'target has {t.shape} {t.dtype}')
+
+
+def graft(source: Mapping, target: Mapping, layers: Sequence[str]) -> dict:
+  """`target`'s variables with the top-level subtrees `layers` replaced by `source`'s.
+
+  Applies to every collection of `target` (params, batch_stats, ...). Leaves are shared, not
+  copied (jax arrays are immutable); the input dicts are never mutated. Works unchanged on
+  stacked variables, where every leaf has a leading model axis.
+  """
+  layers = _check_layers(layers, _top_level_names(target))
+  out = {}
+  for collection, tgt in target.items():
+    tgt = dict(tgt)
+    src = source.get(collection, {})
+    for name in layers:
+      if name not in tgt:
+        continue
+      if name not in src:
+        raise ValueError(f'{collection}/{name} is missing in the source')
+      _check_compatible(collection, name, src[name], tgt[name])
+      tgt[name] = src[name]
+    out[collection] = tgt
+  return out
+
+
+def freeze_labels(params: Mapping, layers: Sequence[str]) -> dict:
+  """Labels tree for `params`: FROZEN under the top-level `layers`, TRAINABLE elsewhere."""
+  layers = set(_check_layers(layers, set(params)))
+  return {name: jax.tree.map(lambda _, lab=(FROZEN if name in layers else TRAINABLE): lab, sub)
+          for name, sub in params.items()}
+
+
+def masked_optimizer(tx: optax.GradientTransformation, labels: PyTree
+                     ) -> optax.GradientTransformation:
+  """`tx` on TRAINABLE leaves; FROZEN leaves get zero updates and keep no optimizer state.
+
+  Zero updates leave frozen leaves unchanged even under weight decay or momentum, because the
+  decay and momentum live inside `tx`, which never sees them.
+  """
+  return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+
+
+def partition(tree: PyTree, labels: PyTree) -> tuple[PyTree, PyTree]:
+  """(trainable, frozen): two copies of `tree`, each with None where the other holds a leaf."""
+  pick = lambda want: jax.tree.map(lambda x, lab: x if lab == want else None, tree, labels)
+  return pick(TRAINABLE), pick(FROZEN)
+
+
+def combine(*trees: PyTree) -> PyTree:
+  """Inverse of `partition`: the first non-None leaf at each position."""
+  def first(*xs):
+    return next((x for x in xs if x is not None), None)
+  return jax.tree.map(first, *trees, is_leaf=lambda x: x is None)
+
+
+@contextlib.contextmanager
+def batchnorm_policy(frozen_layers: Sequence[str], policy: str):
+  """How BatchNorm layers inside frozen top-level layers behave while training.
+
+  'update': as PyTorch with `requires_grad=False` (the seed): scale and bias are frozen, but the
+    layer normalises with batch statistics and its running mean/var keep tracking the new data.
+  'fixed': truly frozen features: normalise with the transferred running statistics, which
+    never change, so the frozen prefix is a fixed function of the input.
+  Use as a context around `model.apply(..., train=True)`.
+  """
+  if policy not in BATCHNORM_POLICIES:
+    raise ValueError(f'unknown BatchNorm policy {policy!r}; expected one of {BATCHNORM_POLICIES}')
+  frozen = set(frozen_layers)
+  if policy == 'update' or not frozen:
+    yield
+    return
+
+  def use_running_average(next_fun, args, kwargs, context):
+    module = context.module
+    if not (isinstance(module, nn.BatchNorm) and context.method_name == '__call__'
+            and module.path and module.path[0] in frozen):
+      return next_fun(*args, **kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k != 'use_running_average'}
+    if module.use_running_average is None:
+      return next_fun(args[0], use_running_average=True, **kwargs)
+    # Set at construction: flax refuses it again at call time, so override the bound copy's
+    # field for this one call (a bound module is a per-trace clone; nothing else sees it).
+    saved = module.use_running_average
+    object.__setattr__(module, 'use_running_average', True)
+    try:
+      return next_fun(args[0], **kwargs)
+    finally:
+      object.__setattr__(module, 'use_running_average', saved)
+
+  with nn.intercept_methods(use_running_average):
+    yield

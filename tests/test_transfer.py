@@ -1,0 +1,177 @@
+"""The transfer API on a Flax model that is not ours, and on our FinalNet and stacked variables."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxtransfer import transfer
+from jaxtransfer.models import FinalNet
+
+
+class Encoder(nn.Module):
+  """Nested submodule with a BatchNorm whose mode is given at call time."""
+
+  @nn.compact
+  def __call__(self, x, train):
+    x = nn.Dense(6, name='proj')(x)
+    x = nn.BatchNorm(momentum=0.5, name='norm')(x, use_running_average=not train)
+    return nn.tanh(x)
+
+
+class Other(nn.Module):
+  """Layer names whose sorted order (classifier, middle, stem) differs from the call order."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = Encoder(name='stem')(x, train)
+    x = nn.relu(nn.Dense(5, name='middle')(x))
+    return nn.Dense(2, name='classifier')(x)
+
+
+X = jax.random.normal(jax.random.key(42), (16, 4)) * 2 + 1
+
+
+def init(seed, model=Other(), x=X):
+  return model.init(jax.random.key(seed), x)
+
+
+def test_layer_order_is_call_order_not_key_order():
+  assert transfer.layer_order(Other(), X) == ['stem', 'middle', 'classifier']
+  # Mapping over the params sorts keys: order must not come from there.
+  assert list(jax.tree.map(lambda x: x, init(0)['params'])) == ['classifier', 'middle', 'stem']
+
+
+def _assert_tree_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def _assert_tree_differs(a, b):
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_graft_takes_named_layers_from_source_for_every_collection():
+  source, target = init(0), init(1)
+  # Give the source distinct batch statistics.
+  _, stats = Other().apply(source, X, train=True, mutable=['batch_stats'])
+  source = {**source, **stats}
+  before = jax.tree.map(np.array, target)
+  out = transfer.graft(source, target, ['stem'])
+  for collection in ('params', 'batch_stats'):
+    _assert_tree_equal(out[collection]['stem'], source[collection]['stem'])
+  _assert_tree_differs(out['batch_stats']['stem'], target['batch_stats']['stem'])
+  for name in ('middle', 'classifier'):
+    _assert_tree_equal(out['params'][name], target['params'][name])
+  _assert_tree_equal(target, before)  # inputs not mutated
+  assert out is not target and out['params'] is not target['params']
+
+
+def test_graft_on_stacked_variables():
+  stack = lambda seeds: jax.tree.map(lambda *x: jnp.stack(x), *[init(s) for s in seeds])
+  source, target = stack([0, 1, 2]), stack([3, 4, 5])
+  out = transfer.graft(source, target, ['stem', 'middle'])
+  _assert_tree_equal(out['params']['middle'], source['params']['middle'])
+  _assert_tree_equal(out['params']['classifier'], target['params']['classifier'])
+  assert out['params']['stem']['proj']['kernel'].shape == (3, 4, 6)
+
+
+def test_graft_errors():
+  source, target = init(0), init(1)
+  with pytest.raises(ValueError, match=r"unknown layer\(s\) \['nope'\]; available: "
+                                       r"\['classifier', 'middle', 'stem'\]"):
+    transfer.graft(source, target, ['stem', 'nope'])
+  with pytest.raises(ValueError, match='sequence of names'):
+    transfer.graft(source, target, 'stem')
+  wide = FinalNet(5, widths=(8, 16, 64)).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  narrow = FinalNet(5).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  with pytest.raises(ValueError, match=r"params/conv5\['bn'\]\['bias'\]: source has \(32,\) "
+                                       r"float32, target has \(64,\) float32"):
+    transfer.graft(narrow, wide, ['conv5'])
+  half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), source)
+  with pytest.raises(ValueError, match='bfloat16'):
+    transfer.graft(half, target, ['middle'])
+  with pytest.raises(ValueError, match='missing in the source'):
+    transfer.graft({'params': {}}, target, ['middle'])
+
+
+def test_freeze_labels():
+  params = init(0)['params']
+  labels = transfer.freeze_labels(params, ['stem'])
+  assert jax.tree.structure(labels) == jax.tree.structure(params)
+  assert set(jax.tree.leaves(labels['stem'])) == {'frozen'}
+  assert set(jax.tree.leaves(labels['classifier'])) == {'trainable'}
+  with pytest.raises(ValueError, match='unknown layer'):
+    transfer.freeze_labels(params, ['head'])
+
+
+def test_masked_adamw_keeps_frozen_leaves_bit_for_bit():
+  model, params = Other(), init(0)['params']
+  labels = transfer.freeze_labels(params, ['stem', 'middle'])
+  tx = transfer.masked_optimizer(optax.adamw(1e-2, weight_decay=0.1), labels)
+  # Momentum states exist only for trainable leaves.
+  assert len(jax.tree.leaves(tx.init(params))) < len(jax.tree.leaves(optax.adamw(1e-2).init(params)))
+
+  batch_stats = init(0)['batch_stats']
+
+  def loss(p):
+    return (model.apply({'params': p, 'batch_stats': batch_stats}, X) ** 2).sum()
+
+  start, state = params, tx.init(params)
+  for _ in range(20):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    params = optax.apply_updates(params, updates)
+  _assert_tree_equal(params['stem'], start['stem'])
+  _assert_tree_equal(params['middle'], start['middle'])
+  for leaf, before in zip(jax.tree.leaves(params['classifier']),
+                          jax.tree.leaves(start['classifier'])):
+    assert not np.array_equal(leaf, before)
+
+
+def test_partition_combine_roundtrip():
+  params = init(0)['params']
+  trainable, frozen = transfer.partition(params, transfer.freeze_labels(params, ['stem']))
+  assert jax.tree.leaves(trainable['stem']) == [] and jax.tree.leaves(frozen['middle']) == []
+  _assert_tree_equal(transfer.combine(trainable, frozen), params)
+
+
+@pytest.mark.parametrize('model, x, frozen, trained_bn', [
+    (Other(), X, ['stem'], None),  # BatchNorm mode given at call time
+    (FinalNet(3), jax.random.normal(jax.random.key(1), (4, 32, 32, 3)), ['conv1', 'conv2'],
+     'conv6'),  # ... and at construction
+])
+def test_batchnorm_policies(model, x, frozen, trained_bn):
+  variables = model.init(jax.random.key(0), x)
+  _, stats = model.apply(variables, x * 2 + 1, train=True, mutable=['batch_stats'])
+  variables = {**variables, **stats}  # non-trivial running statistics
+  first = frozen[0]
+
+  with transfer.batchnorm_policy(frozen, 'update'):
+    out_update, new_update = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  with transfer.batchnorm_policy(frozen, 'fixed'):
+    out_fixed, new_fixed = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  out_plain, new_plain = model.apply(variables, x, train=True, mutable=['batch_stats'])
+
+  # 'update' is plain training mode: frozen layers' running statistics keep moving.
+  np.testing.assert_array_equal(out_update, out_plain)
+  _assert_tree_equal(new_update, new_plain)
+  _assert_tree_differs(new_update['batch_stats'][first], variables['batch_stats'][first])
+  # 'fixed': frozen layers keep their statistics; the others still update.
+  _assert_tree_equal(new_fixed['batch_stats'][first], variables['batch_stats'][first])
+  if trained_bn:
+    _assert_tree_differs(new_fixed['batch_stats'][trained_bn], variables['batch_stats'][trained_bn])
+  assert not np.allclose(out_fixed, out_update)
+  with pytest.raises(ValueError, match='unknown BatchNorm policy'):
+    with transfer.batchnorm_policy(frozen, 'frozen'):
+      pass
+
+
+def test_fixed_policy_prefix_equals_eval_mode():
+  """Under 'fixed', a frozen prefix computes exactly its eval-mode function."""
+  model = FinalNet(3)
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  with transfer.batchnorm_policy(['conv1', 'conv2'], 'fixed'):
+    train_prefix, _ = model.apply(variables, x, train=True, stop=2, mutable=['batch_stats'])
+  np.testing.assert_array_equal(train_prefix, model.apply(variables, x, train=False, stop=2))

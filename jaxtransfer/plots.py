@@ -1,0 +1,84 @@
+"""The paper's figures from result rows: accuracy against transferred depth n (Fig. 2) and the
+same relative to the base net (Fig. 3, lower panel)."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxtransfer import results  # noqa: E402
+
+# The paper's colours: selffer blue, transfer red, fine-tuned lighter; random frozen grey.
+STYLE = {
+    'BnB': ('tab:blue', 'o', 'BnB (selffer, frozen)'),
+    'BnB+': ('lightskyblue', 'o', 'BnB+ (selffer, fine-tuned)'),
+    'AnB': ('tab:red', 'D', 'AnB (transfer, frozen)'),
+    'AnB+': ('lightcoral', 'D', 'AnB+ (transfer, fine-tuned)'),
+    'random': ('grey', 's', 'random frozen'),
+}
+
+
+def _save(fig, stem: str) -> list[str]:
+  paths = []
+  for ext in ('png', 'pdf'):
+    path = f'{stem}.{ext}'
+    with results.atomic_path(path) as tmp:
+      fig.savefig(tmp, dpi=150, bbox_inches='tight')
+    paths.append(path)
+  plt.close(fig)
+  return paths
+
+
+def transfer_figure(rows: Sequence[dict], stem: str, relative: bool = False,
+                    title: str = '') -> list[str]:
+  """Every run as a point, the mean as a line, the 95% CI as a band; written as PNG and PDF."""
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  rng = np.random.default_rng(0)  # jitter only, fixed so figures are reproducible
+  base = [r['test_accuracy'] for r in results.select(rows, condition='base')]
+  if base and not relative:
+    ax.scatter(np.zeros(len(base)) + rng.uniform(-.08, .08, len(base)), base, s=14,
+               facecolors='white', edgecolors='black', zorder=3, label='base (n = 0)')
+  if relative:
+    ax.axhline(0, color='black', lw=1, label='base')
+  conditions = [c for c in STYLE if results.select(rows, condition=c)]
+  for k, condition in enumerate(conditions):
+    color, marker, label = STYLE[condition]
+    depths = sorted({r['depth'] for r in results.select(rows, condition=condition)})
+    means, lows, highs = [], [], []
+    for depth in depths:
+      values = (results.paired_to_base(rows, condition, depth) if relative else
+                [r['test_accuracy'] for r in results.select(rows, condition=condition,
+                                                            depth=depth)])
+      x = depth + (k - (len(conditions) - 1) / 2) * 0.08
+      ax.scatter(np.full(len(values), x) + rng.uniform(-.02, .02, len(values)), values, s=10,
+                 color=color, marker=marker, alpha=.6, zorder=2)
+      mean, half = results.mean_ci(values)
+      half = 0.0 if np.isnan(half) else half
+      means.append(mean)
+      lows.append(mean - half)
+      highs.append(mean + half)
+    ax.plot(depths, means, color=color, lw=2, label=label, zorder=4)
+    ax.fill_between(depths, lows, highs, color=color, alpha=.15, lw=0)
+  ax.set_xticks(range(0, max([r['depth'] for r in rows], default=0) + 1))
+  ax.set_xlabel('layer n at which the network is chopped and retrained')
+  ax.set_ylabel('test accuracy relative to base' if relative else 'test accuracy')
+  if title:
+    ax.set_title(title)
+  ax.grid(alpha=.3)
+  ax.legend(fontsize=8, loc='best')
+  return _save(fig, stem)
+
+
+def write_all(rows: Sequence[dict], directory: str) -> list[str]:
+  """figures/transfer.{png,pdf} and figures/transfer_relative.{png,pdf}."""
+  figures = os.path.join(directory, 'figures')
+  return (transfer_figure(rows, os.path.join(figures, 'transfer'),
+                          title='Test accuracy vs transferred layers (paper Fig. 2)') +
+          transfer_figure(rows, os.path.join(figures, 'transfer_relative'), relative=True,
+                          title='Relative to base net (paper Fig. 3, lower)'))

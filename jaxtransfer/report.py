@@ -1,0 +1,111 @@
+"""report.md: the accuracy table with 95% CIs and a verdict on each of the seminar's claims."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from jaxtransfer import results
+
+ORDER = ('base', 'BnB', 'BnB+', 'AnB', 'AnB+', 'random')
+
+
+def _fmt(values: Sequence[float]) -> str:
+  mean, half = results.mean_ci(values)
+  ci = '' if math.isnan(half) else f' ± {half:.3f}'
+  return f'{mean:.3f}{ci} (n={len(values)})'
+
+
+def _sign(values: Sequence[float]) -> str:
+  """'above' / 'below' zero when the 95% CI excludes zero, else 'within noise'."""
+  mean, half = results.mean_ci(values)
+  if math.isnan(half):
+    return 'within noise' if mean == 0 else ('above' if mean > 0 else 'below') + ' (one run, no CI)'
+  if mean - half > 0:
+    return 'above'
+  if mean + half < 0:
+    return 'below'
+  return 'within noise'
+
+
+def table(rows: Sequence[dict]) -> str:
+  depths = sorted({r['depth'] for r in rows if r['condition'] != 'base'})
+  conditions = [c for c in ORDER if c != 'base' and results.select(rows, condition=c)]
+  lines = ['| n | ' + ' | '.join(conditions) + ' |', '|---' * (len(conditions) + 1) + '|']
+  for d in depths:
+    cells = [_fmt([r['test_accuracy'] for r in results.select(rows, condition=c, depth=d)])
+             if results.select(rows, condition=c, depth=d) else '' for c in conditions]
+    lines.append(f'| {d} | ' + ' | '.join(cells) + ' |')
+  base = [r['test_accuracy'] for r in results.select(rows, condition='base')]
+  return f'base (n = 0): {_fmt(base)}\n\n' + '\n'.join(lines)
+
+
+def claims(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
+  """(claim, verdict, evidence) for the three claims the seminar checked."""
+  depths = sorted({r['depth'] for r in rows if r['condition'] != 'base'})
+  out = []
+  has = lambda c: bool(results.select(rows, condition=c))
+
+  if has('AnB+'):
+    per_depth = {d: results.paired_to_base(rows, 'AnB+', d) for d in depths}
+    pooled = [v for vs in per_depth.values() for v in vs]
+    sign = _sign(pooled)
+    verdict = {'above': 'supported', 'below': 'contradicted'}.get(sign, 'not supported '
+                                                                    '(within noise)')
+    evidence = (f'AnB+ − base, pooled over n: {_fmt(pooled)}; per n: ' +
+                ', '.join(f'n={d}: {_fmt(v)}' for d, v in per_depth.items()))
+    out.append(('Transfer plus fine-tuning improves generalisation (AnB+ above base)',
+                verdict, evidence))
+
+  if has('BnB'):
+    middle = depths[1:-1] or depths
+    per_depth = {d: results.paired_to_base(rows, 'BnB', d) for d in middle}
+    below = [d for d, v in per_depth.items() if _sign(v) == 'below']
+    verdict = (f'supported (BnB below base at n = {", ".join(map(str, below))})' if below
+               else 'not supported (no middle depth where BnB is below base beyond noise)')
+    evidence = 'BnB − base at middle depths: ' + ', '.join(
+        f'n={d}: {_fmt(v)}' for d, v in per_depth.items())
+    out.append(('Performance drops through fragile co-adaptation (BnB below base at middle '
+                'depths)', verdict, evidence))
+
+  if has('AnB') and has('BnB'):
+    per_depth = {d: results.paired(rows, 'AnB', 'BnB', d) for d in depths}
+    means = [np.mean(v) for v in per_depth.values()]
+    slope = float(np.polyfit(depths, means, 1)[0]) if len(depths) > 1 else float('nan')
+    below = [d for d, v in per_depth.items() if _sign(v) == 'below']
+    falls = len(depths) > 1 and slope < 0
+    supported = falls and bool(below) and below[-1] == depths[-1]
+    where = f'at n = {", ".join(map(str, below))}' if below else 'at no depth'
+    verdict = ('supported' if supported else 'not supported') + (
+        f' (AnB below BnB beyond noise {where}; slope of AnB − BnB over n: {slope:+.4f} '
+        'per layer)')
+    evidence = 'AnB − BnB: ' + ', '.join(f'n={d}: {_fmt(v)}' for d, v in per_depth.items())
+    out.append(('Performance drops through representation specificity (AnB falls with depth, '
+                'below BnB)', verdict, evidence))
+  return out
+
+
+def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = ()) -> str:
+  seeds = len({r['seed'] for r in rows})
+  splits = len({r['split'] for r in rows})
+  targets = sorted({r['target'] for r in rows})
+  parts = [
+      '# Transferability study report', '',
+      f'{len(rows)} trained models: {splits} split(s), target halves {", ".join(targets)}, '
+      f'{seeds} seed(s), {config.get("epochs")} epochs, model `{config.get("model")}`, '
+      f'frozen BatchNorm policy `{config.get("frozen_batchnorm")}`, '
+      f'config hash `{rows[0]["config_hash"] if rows else ""}`.', '',
+      '## Test accuracy: mean ± 95% CI over splits × directions × seeds', '',
+      table(rows), '',
+      '## The seminar\'s claims', '',
+      'A difference counts only when its 95% confidence interval (Student t, paired on split, '
+      'target half and seed) excludes zero; otherwise it is reported as within noise.', '']
+  for claim, verdict, evidence in claims(rows):
+    parts += [f'- **{claim}**: {verdict}.  ', f'  {evidence}', '']
+  if figures:
+    parts += ['## Figures', ''] + [f'![{f}]({f})' for f in figures if f.endswith('.png')] + ['']
+  parts += ['## Configuration', '', '```', *(f'{k} = {v}' for k, v in sorted(config.items())),
+            '```', '']
+  return '\n'.join(parts)

@@ -1,0 +1,106 @@
+"""Tidy results: one row per trained model, atomic writes, and mean +- 95% CI summaries."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import tempfile
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+FIELDS = ('split', 'classes_A', 'classes_B', 'source', 'target', 'condition', 'depth', 'frozen',
+          'batchnorm', 'seed', 'epochs', 'test_accuracy', 'train_accuracy', 'final_loss',
+          'wall_seconds', 'config_hash')
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+  """Yield a temporary path beside `path`; move it into place only if the block succeeds.
+
+  No reader ever sees a half-written file under the final name, even after `kill -9`.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  suffix = os.path.splitext(path)[1]  # keep the extension: savefig picks the format from it
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix=suffix)
+  os.close(fd)
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  with atomic_path(path) as tmp:
+    with open(tmp, 'w') as f:
+      f.write(text)
+
+
+def atomic_write_json(path: str, obj) -> None:
+  atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + '\n')
+
+
+def to_csv(rows: Iterable[dict]) -> str:
+  out = io.StringIO()
+  writer = csv.DictWriter(out, FIELDS, lineterminator='\n')
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+  return out.getvalue()
+
+
+def write(directory: str, rows: Sequence[dict]) -> None:
+  """`results.csv` and `results.json` in `directory`."""
+  atomic_write_text(os.path.join(directory, 'results.csv'), to_csv(rows))
+  atomic_write_json(os.path.join(directory, 'results.json'), list(rows))
+
+
+def read_csv(path: str) -> list[dict]:
+  """Rows with numbers and booleans parsed back."""
+  ints = ('split', 'depth', 'seed', 'epochs')
+  floats = ('test_accuracy', 'train_accuracy', 'final_loss', 'wall_seconds')
+  with open(path) as f:
+    rows = list(csv.DictReader(f))
+  for row in rows:
+    row.update({k: int(row[k]) for k in ints})
+    row.update({k: float(row[k]) for k in floats})
+    row['frozen'] = row['frozen'] == 'True'
+  return rows
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+  """Mean and the half-width of its Student-t confidence interval (nan for one value)."""
+  from scipy import stats  # scipy ships with jax
+  x = np.asarray(values, np.float64)
+  if x.size < 2:
+    return float(x.mean()), float('nan')
+  half = stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size)
+  return float(x.mean()), float(half)
+
+
+def select(rows: Iterable[dict], **where) -> list[dict]:
+  return [r for r in rows if all(r[k] == v for k, v in where.items())]
+
+
+def paired_to_base(rows: Sequence[dict], condition: str, depth: int) -> list[float]:
+  """Test accuracy of `condition` at `depth` minus its target's base net (same split, half and
+  seed): paired differences remove the split-to-split spread from the comparison."""
+  base = {(r['split'], r['target'], r['seed']): r['test_accuracy']
+          for r in select(rows, condition='base')}
+  return [r['test_accuracy'] - base[(r['split'], r['target'], r['seed'])]
+          for r in select(rows, condition=condition, depth=depth)]
+
+
+def paired(rows: Sequence[dict], cond_a: str, cond_b: str, depth: int) -> list[float]:
+  """`cond_a` minus `cond_b` at `depth`, paired on (split, target, seed)."""
+  b = {(r['split'], r['target'], r['seed']): r['test_accuracy']
+       for r in select(rows, condition=cond_b, depth=depth)}
+  return [r['test_accuracy'] - b[(r['split'], r['target'], r['seed'])]
+          for r in select(rows, condition=cond_a, depth=depth)
+          if (r['split'], r['target'], r['seed']) in b]

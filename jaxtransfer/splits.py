@@ -1,0 +1,73 @@
+"""Class splits: random halves A/B of the label set, and per-half index sets with re-indexed labels."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+Split = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def max_splits(num_classes: int) -> int:
+  """Number of distinct unordered halvings {A, B} of `num_classes` classes (A the smaller)."""
+  half = num_classes // 2
+  n = math.comb(num_classes, half)
+  return n // 2 if 2 * half == num_classes else n
+
+
+def random_halves(num_classes: int, num_splits: int, seed: int) -> list[Split]:
+  """`num_splits` distinct random splits of range(num_classes) into halves (A, B).
+
+  Algorithm (reproducible from `seed` alone): with `np.random.default_rng(seed)`, draw a
+  permutation of the classes; A is its first floor(C/2) entries and B the rest, each sorted.
+  A draw whose unordered pair {A, B} was already drawn is rejected and drawn again, so the
+  splits are distinct. For an odd C, A has one class fewer than B.
+  """
+  if num_classes < 2:
+    raise ValueError(f'need at least 2 classes to split, got {num_classes}')
+  if not 1 <= num_splits <= max_splits(num_classes):
+    raise ValueError(f'{num_splits} splits requested, but {num_classes} classes allow 1 to '
+                     f'{max_splits(num_classes)} distinct halvings')
+  rng = np.random.default_rng(seed)
+  half = num_classes // 2
+  splits: list[Split] = []
+  seen: set[frozenset] = set()
+  while len(splits) < num_splits:
+    perm = rng.permutation(num_classes)
+    a, b = tuple(sorted(perm[:half].tolist())), tuple(sorted(perm[half:].tolist()))
+    key = frozenset([a, b])
+    if key not in seen:
+      seen.add(key)
+      splits.append((a, b))
+  return splits
+
+
+def label_map(classes: Sequence[int], num_classes: int) -> np.ndarray:
+  """[num_classes] int32: global label -> index in sorted `classes` (0..k-1), -1 elsewhere."""
+  out = np.full(num_classes, -1, np.int32)
+  out[np.asarray(sorted(classes), int)] = np.arange(len(classes), dtype=np.int32)
+  return out
+
+
+def class_indices(labels: np.ndarray, classes: Sequence[int],
+                  per_class: int | None = None) -> np.ndarray:
+  """Sorted int32 indices of the examples of `classes`; with `per_class`, the first that many
+  of each class (deterministic, so data-size sweeps are nested subsets)."""
+  parts = []
+  for c in classes:
+    idx = np.flatnonzero(labels == c)
+    if per_class is not None:
+      if per_class > idx.size:
+        raise ValueError(f'{per_class} images per class requested, class {c} has {idx.size}')
+      idx = idx[:per_class]
+    parts.append(idx)
+  return np.sort(np.concatenate(parts)).astype(np.int32)
+
+
+def subset(images: np.ndarray, labels: np.ndarray, classes: Sequence[int],
+           per_class: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """The examples of `classes` with labels re-indexed 0..k-1 in sorted class order."""
+  idx = class_indices(labels, classes, per_class)
+  return images[idx], label_map(classes, int(labels.max()) + 1)[labels[idx]]

@@ -1,0 +1,337 @@
+"""The study: which models to train (the plan), grouped into stacks, trained resumably.
+
+A `Run` is one trained model: a split, the half it is trained on (target), a condition and a
+frozen/grafted depth n. Conditions, as in Yosinski et al. 2014 with B the target half:
+  base  -- a fresh net trained on the target half (baseA, baseB);
+  BnB   -- selffer: first n layers copied from the target half's own base net and frozen;
+  BnB+  -- selffer, all layers fine-tuned;
+  AnB   -- transfer: first n layers copied from the other half's base net and frozen;
+  AnB+  -- transfer, all layers fine-tuned;
+  random -- first n layers left at their random initialisation and frozen (the paper's control).
+With `directions='both'` each half serves as target in turn (the paper pooled AnB and BnA).
+
+Runs sharing static structure (grafted and frozen layers) and target size form a `Stack`,
+trained in one call of `train.train_stack`. The workdir keeps one checkpoint + one rows file
+per finished stack; a rerun skips those, so a kill loses at most the stack in progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import zlib
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtransfer import data as data_lib, models, plots, report, results, splits as splits_lib, train, transfer
+
+CONDITIONS = ('BnB', 'BnB+', 'AnB', 'AnB+', 'random')
+FROZEN_CONDITIONS = ('BnB', 'AnB', 'random')
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """Everything that changes a study's results; its hash names the study."""
+
+  dataset: str = 'cifar10'
+  image_folder: str = ''
+  model: str = 'final'
+  widths: tuple[int, ...] = (8, 16, 32)
+  num_splits: int = 5
+  split_seed: int = 0
+  depths: tuple[int, ...] = ()  # () = 1..L-1
+  conditions: tuple[str, ...] = ('BnB', 'BnB+', 'AnB', 'AnB+')
+  directions: str = 'both'
+  seeds: int = 1
+  frozen_batchnorm: str = 'update'
+  epochs: int = 10
+  batch_size: int = 64
+  optimizer: str = 'adam'
+  learning_rate: float = 1e-3
+  weight_decay: float = 0.0
+  train_per_class: int = 0  # 0 = all
+
+  def to_json(self) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+  def hash(self) -> str:
+    return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  split: int
+  target: str  # 'A' | 'B'
+  condition: str  # 'base' or one of CONDITIONS
+  depth: int
+  seed: int
+
+  @property
+  def source(self) -> str:
+    """The half whose base net gives the grafted layers ('' for none)."""
+    if self.condition in ('BnB', 'BnB+'):
+      return self.target
+    if self.condition in ('AnB', 'AnB+'):
+      return 'A' if self.target == 'B' else 'B'
+    return ''
+
+  @property
+  def frozen(self) -> bool:
+    return self.condition in FROZEN_CONDITIONS
+
+  @property
+  def name(self) -> str:
+    return f'split{self.split}-{self.target}-{self.condition}-n{self.depth}-seed{self.seed}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+  name: str
+  structure: train.Structure
+  runs: tuple[Run, ...]
+
+  @property
+  def is_base(self) -> bool:
+    return self.runs[0].condition == 'base'
+
+
+def structure_for(run: Run, layer_names: Sequence[str], batchnorm: str) -> train.Structure:
+  prefix = tuple(layer_names[:run.depth])
+  graft = prefix if run.source else ()
+  frozen = prefix if run.frozen else ()
+  return train.Structure(graft, frozen, batchnorm if frozen else 'update')
+
+
+def plan(config: StudyConfig, layer_names: Sequence[str],
+         halves: Sequence[splits_lib.Split]) -> list[Stack]:
+  """All runs, grouped into stacks: the base models first (every later stack grafts from them)."""
+  targets = ('B',) if config.directions == 'AtoB' else ('A', 'B')
+  seeds = range(config.seeds)
+  base = [Run(s, half, 'base', 0, seed) for s in range(len(halves)) for half in ('A', 'B')
+          for seed in seeds]
+  groups: dict[tuple, list[Run]] = {}
+  for depth in config.depths:
+    for condition in config.conditions:
+      for s, (a, b) in enumerate(halves):
+        for target in targets:
+          for seed in seeds:
+            run = Run(s, target, condition, depth, seed)
+            size = len(a if target == 'A' else b)
+            key = (structure_for(run, layer_names, config.frozen_batchnorm), size)
+            groups.setdefault(key, []).append(run)
+  stacks = _group_by_size('base', train.Structure(), base, halves)
+  for (structure, size), runs in groups.items():
+    kind = 'frozen' if structure.frozen_layers else 'finetune'
+    graft = 'graft' if structure.graft_layers else 'random'
+    depth = max(len(structure.graft_layers), len(structure.frozen_layers))
+    stacks.append(Stack(f'{kind}-{graft}-n{depth}-k{size}', structure, tuple(runs)))
+  return stacks
+
+
+def _group_by_size(name: str, structure: train.Structure, runs: list[Run],
+                   halves: Sequence[splits_lib.Split]) -> list[Stack]:
+  sizes = sorted({len(halves[r.split][r.target == 'B']) for r in runs})
+  return [Stack(f'{name}-k{k}', structure,
+                tuple(r for r in runs if len(halves[r.split][r.target == 'B']) == k))
+          for k in sizes]
+
+
+def run_key(run: Run, purpose: str) -> jax.Array:
+  """A PRNG key from the run's identity alone, so results do not depend on stack order."""
+  return jax.random.fold_in(jax.random.key(run.seed), zlib.crc32(f'{run.name}/{purpose}'.encode()))
+
+
+class Workdir:
+  """Layout: study.json, stacks/<stack>.json (rows, written last), checkpoints/<stack>/."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def file(self, *parts: str) -> str:
+    return os.path.join(self.path, *parts)
+
+  def check(self, config: StudyConfig) -> None:
+    """Refuse a workdir that holds a study with other flags (no mixing of studies)."""
+    meta = self.file('study.json')
+    if os.path.exists(meta):
+      with open(meta) as f:
+        old = json.load(f)['config']
+      new = config.to_json()
+      diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+      if diff:
+        changes = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff)
+        raise ValueError(f'workdir {self.path} holds a study with other flags ({changes}); '
+                         'use a new --workdir')
+
+  def claim(self, config: StudyConfig) -> None:
+    """Record `config` as this workdir's study (after `check`)."""
+    self.check(config)
+    os.makedirs(self.file('stacks'), exist_ok=True)
+    if not os.path.exists(self.file('study.json')):
+      results.atomic_write_json(self.file('study.json'),
+                                {'config': config.to_json(), 'config_hash': config.hash()})
+
+  def rows(self, stack: Stack) -> list[dict] | None:
+    path = self.file('stacks', f'{stack.name}.json')
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
+  def save(self, stack: Stack, variables, rows: list[dict]) -> None:
+    """Checkpoint first, rows last: the rows file marks the stack finished."""
+    import orbax.checkpoint as ocp  # heavy import, only when something is saved
+    ckpt = self.file('checkpoints', stack.name)
+    if os.path.exists(ckpt):  # left by a run killed before its rows were written
+      shutil.rmtree(ckpt)
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(os.path.abspath(ckpt), variables)
+    results.atomic_write_json(self.file('stacks', f'{stack.name}.json'), rows)
+
+  def restore(self, stack: Stack):
+    import orbax.checkpoint as ocp
+    with ocp.StandardCheckpointer() as checkpointer:
+      return checkpointer.restore(os.path.abspath(self.file('checkpoints', stack.name)))
+
+
+class Progress:
+  """Stage / stack / epoch lines with running accuracy and an ETA, on stderr."""
+
+  def __init__(self, stacks: Sequence[Stack], epochs: int, log: Callable[[str], None] | None):
+    self.total = sum(len(s.runs) for s in stacks) * epochs
+    self.done, self.start, self.log = 0, time.perf_counter(), log
+
+  def skip(self, stack: Stack, epochs: int) -> None:
+    self.total -= len(stack.runs) * epochs
+
+  def epoch(self, label: str, stack: Stack, epoch: int, epochs: int, metrics: np.ndarray):
+    self.done += len(stack.runs)
+    if self.log is None:
+      return
+    elapsed = time.perf_counter() - self.start
+    eta = elapsed / self.done * (self.total - self.done)
+    self.log(f'{label} epoch {epoch + 1}/{epochs}: loss {metrics[:, 0].mean():.3f} '
+             f'train acc {metrics[:, 1].mean():.3f} | ETA {eta / 60:.1f} min')
+
+
+def _row(config: StudyConfig, halves, run: Run, structure: train.Structure, test_acc, train_acc,
+         loss, seconds) -> dict:
+  a, b = halves[run.split]
+  return {
+      'split': run.split, 'classes_A': ' '.join(map(str, a)), 'classes_B': ' '.join(map(str, b)),
+      'source': run.source, 'target': run.target, 'condition': run.condition,
+      'depth': run.depth, 'frozen': run.frozen, 'batchnorm': structure.batchnorm,
+      'seed': run.seed, 'epochs': config.epochs, 'test_accuracy': float(test_acc),
+      'train_accuracy': float(train_acc), 'final_loss': float(loss),
+      'wall_seconds': round(float(seconds), 3), 'config_hash': config.hash(),
+  }
+
+
+def run_study(config: StudyConfig, workdir: Workdir, model, data: train.DeviceData,
+              train_labels: np.ndarray, test_labels: np.ndarray, halves, stacks: list[Stack],
+              *, log: Callable[[str], None] | None = None, mesh=None) -> list[dict]:
+  """Train every unfinished stack in order; return all rows (finished ones read back)."""
+  num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+  per_class = config.train_per_class or None
+  tconfig = train.TrainConfig(config.epochs, config.batch_size, config.optimizer,
+                              config.learning_rate, config.weight_decay)
+  progress = Progress(stacks, config.epochs, log)
+  all_rows, bases = [], None
+  for i, stack in enumerate(stacks):
+    rows = workdir.rows(stack)
+    label = f'[{i + 1}/{len(stacks)} {stack.name} K={len(stack.runs)}]'
+    if rows is not None:
+      progress.skip(stack, config.epochs)
+      if log:
+        log(f'{label} done, skipped')
+    else:
+      sources = None
+      if stack.structure.graft_layers:
+        bases = bases or _restore_bases(workdir, stacks)
+        sources = _stacked_sources(bases, stack.runs, stack.structure.graft_layers)
+      classes = [halves[r.split][r.target == 'B'] for r in stack.runs]
+      members = train.Members(
+          init_keys=jnp.stack([run_key(r, 'init') for r in stack.runs]),
+          shuffle_keys=jnp.stack([run_key(r, 'shuffle') for r in stack.runs]),
+          train_idx=jnp.asarray(np.stack([splits_lib.class_indices(train_labels, c, per_class)
+                                          for c in classes])),
+          test_idx=jnp.asarray(np.stack([splits_lib.class_indices(test_labels, c)
+                                         for c in classes])),
+          label_map=jnp.asarray(np.stack([splits_lib.label_map(c, num_classes)
+                                          for c in classes])),
+          sources=sources)
+      stack_model = model(len(classes[0]))
+      if log:
+        log(f'{label} training')
+      result = train.train_stack(
+          stack_model, stack.structure, tconfig, data, members, mesh=mesh,
+          on_epoch=lambda e, m: progress.epoch(label, stack, e, config.epochs, m))
+      rows = [_row(config, halves, r, stack.structure, result.test_accuracy[j],
+                   result.train_accuracy[j], result.train_loss[j],
+                   result.seconds / len(stack.runs)) for j, r in enumerate(stack.runs)]
+      workdir.save(stack, result.variables, rows)
+      if stack.is_base:
+        bases = None  # re-read with the new stack included
+    all_rows.extend(rows)
+  return all_rows
+
+
+def _restore_bases(workdir: Workdir, stacks: list[Stack]) -> dict:
+  """Every base model's variables (host arrays), keyed by (split, half, seed)."""
+  out = {}
+  for stack in stacks:
+    if stack.is_base:
+      variables = workdir.restore(stack)
+      for j, r in enumerate(stack.runs):
+        out[(r.split, r.target, r.seed)] = jax.tree.map(lambda x, j=j: np.asarray(x[j]),
+                                                        variables)
+  return out
+
+
+def _stacked_sources(bases: dict, runs: Sequence[Run], layers: Sequence[str]):
+  """The grafted layers of each run's source net, stacked. Only those layers: heads of halves
+  of different sizes differ in shape and would not stack."""
+  prefix = lambda v: {c: {n: sub[n] for n in layers if n in sub} for c, sub in v.items()}
+  trees = [prefix(bases[(r.split, r.source, r.seed)]) for r in runs]
+  return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *trees)
+
+
+def num_layers(model: str, widths: Sequence[int]) -> int:
+  return models.make_model(model, 2, widths).num_layers
+
+
+def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
+        manual_dir: str | None = None, cache_dir: str | None = None,
+        log: Callable[[str], None] | None = None, mesh=None) -> str:
+  """The whole study: data, plan, training (resumable), results, figures, report.md."""
+  load = lambda split: data_lib.load(split, dataset=config.dataset,
+                                     image_folder=config.image_folder or None,
+                                     data_dir=data_dir, manual_dir=manual_dir, cache_dir=cache_dir)
+  train_ds, test_ds = load('train'), load('test')
+  halves = splits_lib.random_halves(len(train_ds.class_names), config.num_splits,
+                                    config.split_seed)
+  make = lambda k: models.make_model(config.model, k, config.widths)
+  example = np.zeros((1,) + train_ds.images.shape[1:], np.float32)
+  layer_names = transfer.layer_order(make(2), example, train=False)
+  stacks = plan(config, layer_names, halves)
+  workdir.claim(config)
+  if log:
+    log(f'study {config.hash()}: {sum(len(s.runs) for s in stacks)} models in {len(stacks)} '
+        f'stacks, {len(train_ds)} train / {len(test_ds)} test images, '
+        f'{jax.device_count()} {jax.default_backend()} device(s)')
+  mean, std = data_lib.channel_stats(train_ds.images)
+  device_data = train.to_device(train_ds, test_ds, mean, std)
+  rows = run_study(config, workdir, make, device_data, train_ds.labels, test_ds.labels, halves,
+                   stacks, log=log, mesh=mesh)
+  results.write(workdir.path, rows)
+  figures = [os.path.relpath(p, workdir.path) for p in plots.write_all(rows, workdir.path)]
+  path = workdir.file('report.md')
+  results.atomic_write_text(path, report.render(rows, config.to_json(), figures))
+  return path

@@ -107,7 +107,7 @@ def normalize(images_u8: jax.Array, data: DeviceData) -> jax.Array:
   return (images_u8.astype(jnp.float32) / 255.0 - data.mean) / data.std
 
 
-class _Trainer:
+class Trainer:
   """The per-member functions of one stack; `train_stack` maps them over members."""
 
   def __init__(self, model: nn.Module, structure: Structure, config: TrainConfig,
@@ -225,7 +225,7 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   k_padded = -(-k // mesh.size) * mesh.size
   members = _pad_members(members, k_padded)
   example = jnp.zeros((1,) + data.train_images.shape[1:], jnp.float32)
-  trainer = _Trainer(model, structure, config, example)
+  trainer = Trainer(model, structure, config, example)
 
   sharded, replicated = NamedSharding(mesh, P(MODEL_AXIS)), NamedSharding(mesh, P())
   spec = lambda *tree_specs: tree_specs

@@ -114,12 +114,22 @@ def check_writable(path: str) -> None:
     raise UsageError(f'--workdir {path} is not writable: {e.strerror}') from None
 
 
+def enable_compilation_cache() -> None:
+  """Reuse compiled steps across stacks with the same structure and across reruns/resumes."""
+  import jax
+  if not jax.config.jax_compilation_cache_dir:
+    cache = FLAGS.cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'jaxtransfer')
+    jax.config.update('jax_compilation_cache_dir', os.path.join(cache, 'xla'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
 def run(log) -> str:
   """The whole study for the parsed flags; returns the report path."""
   config = config_from_flags(study.num_layers)
   check_writable(FLAGS.workdir)
   workdir = study.Workdir(FLAGS.workdir)
   workdir.check(config)
+  enable_compilation_cache()
   return study.run(config, workdir, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
                    cache_dir=FLAGS.cache_dir, log=log)
 

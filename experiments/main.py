@@ -60,6 +60,13 @@ flags.DEFINE_float('weight_decay', 0.0, 'Decoupled weight decay.')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, results, figures and report. '
                     'Rerunning with the same flags resumes there.')
 flags.DEFINE_bool('quiet', False, 'No progress output.')
+flags.DEFINE_bool('distributed', False, 'Span the model axis over several processes/hosts with '
+                  'jax.distributed.initialize(): run the same command on every host. Without '
+                  'the three flags below, the cluster is auto-detected (SLURM, Open MPI, TPU '
+                  'pod slices, ...).')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (with --distributed).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (with --distributed).')
+flags.DEFINE_integer('process_id', None, 'This process\'s index (with --distributed).')
 flags.mark_flag_as_required('workdir')
 
 
@@ -130,6 +137,10 @@ def run(log) -> str:
   workdir = study.Workdir(FLAGS.workdir)
   workdir.check(config)
   enable_compilation_cache()
+  if FLAGS.distributed:  # before anything touches a device
+    import jax
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts; else unused
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   return study.run(config, workdir, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
                    cache_dir=FLAGS.cache_dir, log=log)
 

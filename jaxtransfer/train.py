@@ -209,6 +209,27 @@ def _pad_members(tree: PyTree, k_padded: int) -> PyTree:
   return jax.tree.map(pad, tree)
 
 
+def _to_global(tree: PyTree, sharding: NamedSharding) -> PyTree:
+  """Place arrays with `sharding`. Across processes (`jax.distributed`), every process holds
+  the same full values, and each builds its own shards from them."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put, tree)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, data: DeviceData,
                 members: Members, *, mesh: Mesh | None = None, member_map: str | None = None,
                 on_epoch: Callable[[int, np.ndarray], None] | None = None) -> StackResult:
@@ -239,19 +260,19 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
     del data
     return trainer.init(key, source)
 
-  members = jax.device_put(members, sharded)
-  data = jax.device_put(data, replicated)
+  members = _to_global(members, sharded)
+  data = _to_global(data, replicated)
   state = compile_(init_fn, 2)(members.init_keys, members.sources, data)
   epoch_fn = compile_(trainer.epoch, 4)
   metrics = np.zeros((k, 2), np.float32)
   for epoch in range(config.epochs):
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(members.shuffle_keys, epoch)
     state, epoch_metrics = epoch_fn(state, keys, members.train_idx, members.label_map, data)
-    metrics = np.asarray(epoch_metrics)[:k]
+    metrics = _to_host(epoch_metrics)[:k]
     if on_epoch is not None:
       on_epoch(epoch, metrics)
   test_acc = compile_(trainer.evaluate, 3)(state, members.test_idx, members.label_map, data)
-  variables = jax.tree.map(lambda x: np.asarray(x)[:k],
+  variables = jax.tree.map(lambda x: _to_host(x)[:k],
                            {'params': state['params'], **state['model_state']})
-  return StackResult(variables, metrics[:, 1], metrics[:, 0], np.asarray(test_acc)[:k],
+  return StackResult(variables, metrics[:, 1], metrics[:, 0], _to_host(test_acc)[:k],
                      time.perf_counter() - start)

@@ -164,3 +164,34 @@ def test_sharded_over_four_devices_equals_one_device():
                         capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'sharded ok' in proc.stdout
+
+
+TWO_PROCESSES = r'''
+import sys, jax, numpy as np
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(f'localhost:{sys.argv[1]}', num_processes=2, process_id=int(sys.argv[2]))
+assert jax.device_count() == 2 and jax.local_device_count() == 1
+from tests.test_train import MODEL, CONFIG, DATA, HALVES, members
+from jaxtransfer import train
+r = train.train_stack(MODEL, train.Structure(), CONFIG, DATA, members(HALVES))
+np.save(sys.argv[3], r.variables['params']['head']['dense']['kernel'])
+'''
+
+
+def test_two_processes_equal_one_process(stacked, tmp_path):
+  """The model axis spans hosts through jax.distributed (here: 2 CPU processes, localhost)."""
+  import socket
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = str(s.getsockname()[1])
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  outs = [str(tmp_path / f'p{i}.npy') for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, '-c', TWO_PROCESSES, port, str(i), outs[i]],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  for out in outs:  # every process gets the whole stack's results
+    np.testing.assert_allclose(np.load(out), stacked.variables['params']['head']['dense']['kernel'],
+                               rtol=1e-5, atol=1e-6)

@@ -37,6 +37,9 @@ flags.DEFINE_enum('model', 'final', ['initial', 'final'], "The seed's network: '
 flags.DEFINE_list('widths', list(map(str, _DEFAULTS.widths)), "Filters of the final net's three "
                   'blocks; the default 8,16,32 gives the seed\'s 512 features into the head.')
 # Protocol.
+flags.DEFINE_enum('halves', 'random', ['random', 'dissimilar'], "How classes split into A and "
+                  "B: 'random' halves, or 'dissimilar': man-made (A) against natural (B) "
+                  'classes of CIFAR-10 (4 vs 6) or CIFAR-100 (by superclass, 30 vs 70).')
 flags.DEFINE_integer('num_splits', 5, 'Random class splits into halves A and B.')
 flags.DEFINE_integer('split_seed', 0, 'Seed of the random class splits.')
 flags.DEFINE_list('depths', [], 'Transferred depths n (layers copied from a base net); default '
@@ -56,6 +59,9 @@ flags.DEFINE_integer('batch_size', 64, 'Minibatch size.')
 flags.DEFINE_enum('optimizer', 'adam', ['adam', 'sgd'], 'adam (AdamW) or sgd with momentum 0.9.')
 flags.DEFINE_float('learning_rate', 1e-3, 'Learning rate.')
 flags.DEFINE_float('weight_decay', 0.0, 'Decoupled weight decay.')
+flags.DEFINE_string('sweep', '', 'Repeat the study for several values of one flag, e.g. '
+                    'epochs=10,30,100 or train_per_class=500,1000,2500,5000: one sub-study per '
+                    'value in WORKDIR/<flag>-<value>/, plus sweep.md and a sweep figure.')
 # Run.
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, results, figures and report. '
                     'Rerunning with the same flags resumes there.')
@@ -105,11 +111,13 @@ def config_from_flags(num_layers_of) -> study.StudyConfig:
   return study.StudyConfig(
       dataset=FLAGS.dataset,
       image_folder=os.path.abspath(FLAGS.image_folder) if FLAGS.image_folder else '',
-      model=FLAGS.model, widths=widths, num_splits=FLAGS.num_splits, split_seed=FLAGS.split_seed,
+      model=FLAGS.model, widths=widths, halves=FLAGS.halves, num_splits=FLAGS.num_splits,
+      split_seed=FLAGS.split_seed,
       depths=tuple(sorted(set(depths))), conditions=conditions, directions=FLAGS.directions,
       seeds=FLAGS.seeds, frozen_batchnorm=FLAGS.frozen_batchnorm, epochs=FLAGS.epochs,
       batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
-      weight_decay=FLAGS.weight_decay, train_per_class=FLAGS.train_per_class)
+      weight_decay=FLAGS.weight_decay, train_per_class=FLAGS.train_per_class,
+      sweep=FLAGS.sweep)
 
 
 def check_writable(path: str) -> None:
@@ -141,8 +149,11 @@ def run(log) -> str:
     import jax
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts; else unused
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  return study.run(config, workdir, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
-                   cache_dir=FLAGS.cache_dir, log=log)
+  if config.sweep:
+    study.parse_sweep(config.sweep)  # fail before any work
+  run_fn = study.run_sweep if config.sweep else study.run
+  return run_fn(config, workdir, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
+                cache_dir=FLAGS.cache_dir, log=log)
 
 
 def main(argv):

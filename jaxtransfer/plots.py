@@ -82,3 +82,28 @@ def write_all(rows: Sequence[dict], directory: str) -> list[str]:
                           title='Test accuracy vs transferred layers (paper Fig. 2)') +
           transfer_figure(rows, os.path.join(figures, 'transfer_relative'), relative=True,
                           title='Relative to base net (paper Fig. 3, lower)'))
+
+
+def sweep_figure(summary: dict, param: str, stem: str) -> list[str]:
+  """Base accuracy, co-adaptation dip and fine-tuning gain along a swept flag, with 95% CIs."""
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+  values = list(summary)
+  errorbar = lambda ax, key, **kw: ax.errorbar(
+      [v for v in values if key in summary[v]],
+      [summary[v][key][0] for v in values if key in summary[v]],
+      yerr=[np.nan_to_num(summary[v][key][1]) for v in values if key in summary[v]],
+      marker='o', capsize=3, **kw)
+  errorbar(top, 'base', color='black', label='base accuracy')
+  top.set_ylabel('test accuracy')
+  errorbar(bottom, 'dip', color=STYLE['BnB'][0], label='BnB − base (deepest middle dip)')
+  errorbar(bottom, 'gain', color=STYLE['AnB+'][0], label='AnB+ − base (pooled over n)')
+  bottom.axhline(0, color='black', lw=1)
+  bottom.set_ylabel('accuracy difference')
+  bottom.set_xlabel(param)
+  if max(values) / max(min(values), 1) >= 10:
+    bottom.set_xscale('log')
+  for ax in (top, bottom):
+    ax.grid(alpha=.3)
+    ax.legend(fontsize=8)
+  top.set_title(f'Along {param}')
+  return _save(fig, stem)

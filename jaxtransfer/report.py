@@ -87,7 +87,16 @@ def claims(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
   return out
 
 
-def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = ()) -> str:
+def _halves(rows: Sequence[dict], class_names: Sequence[str] | None) -> list[str]:
+  name = lambda ids: ', '.join(class_names[int(i)] if class_names else i for i in ids.split())
+  seen = {}
+  for r in rows:
+    seen.setdefault(r['split'], (r['classes_A'], r['classes_B']))
+  return [f'- split {s}: A = {name(a)}; B = {name(b)}' for s, (a, b) in sorted(seen.items())]
+
+
+def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = (),
+           class_names: Sequence[str] | None = None) -> str:
   seeds = len({r['seed'] for r in rows})
   splits = len({r['split'] for r in rows})
   targets = sorted({r['target'] for r in rows})
@@ -97,6 +106,7 @@ def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = ()) -> s
       f'{seeds} seed(s), {config.get("epochs")} epochs, model `{config.get("model")}`, '
       f'frozen BatchNorm policy `{config.get("frozen_batchnorm")}`, '
       f'config hash `{rows[0]["config_hash"] if rows else ""}`.', '',
+      *_halves(rows, class_names), '',
       '## Test accuracy: mean ± 95% CI over splits × directions × seeds', '',
       table(rows), '',
       '## The seminar\'s claims', '',
@@ -109,3 +119,59 @@ def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = ()) -> s
   parts += ['## Configuration', '', '```', *(f'{k} = {v}' for k, v in sorted(config.items())),
             '```', '']
   return '\n'.join(parts)
+
+
+def _dip(rows: Sequence[dict]) -> tuple[int, list[float]]:
+  """The middle depth where BnB falls furthest below base, and its paired differences."""
+  depths = sorted({r['depth'] for r in results.select(rows, condition='BnB')})
+  middle = depths[1:-1] or depths
+  per_depth = {d: results.paired_to_base(rows, 'BnB', d) for d in middle}
+  depth = min(per_depth, key=lambda d: np.mean(per_depth[d]))
+  return depth, per_depth[depth]
+
+
+def sweep_summary(rows_by_value: dict) -> dict:
+  """Per swept value: base accuracy, the BnB co-adaptation dip and the AnB+ fine-tuning gain,
+  each as (mean, CI half-width)."""
+  out = {}
+  for value, rows in rows_by_value.items():
+    entry = {'base': results.mean_ci([r['test_accuracy']
+                                      for r in results.select(rows, condition='base')])}
+    if results.select(rows, condition='BnB'):
+      depth, dip = _dip(rows)
+      entry['dip'], entry['dip_depth'] = results.mean_ci(dip), depth
+    if results.select(rows, condition='AnB+'):
+      depths = sorted({r['depth'] for r in results.select(rows, condition='AnB+')})
+      gain = [v for d in depths for v in results.paired_to_base(rows, 'AnB+', d)]
+      entry['gain'] = results.mean_ci(gain)
+    out[value] = entry
+  return out
+
+
+def render_sweep(summary: dict, param: str, figures: Sequence[str] = ()) -> str:
+  ci = lambda mc: f'{mc[0]:+.3f} ± {mc[1]:.3f}' if not math.isnan(mc[1]) else f'{mc[0]:+.3f}'
+  lines = [f'# Sweep over {param}', '',
+           'base: mean test accuracy of the base nets; dip: BnB − base at the middle depth '
+           'where it is lowest (fragile co-adaptation); gain: AnB+ − base pooled over depths '
+           '(fine-tuning benefit). Mean ± 95% CI.', '',
+           f'| {param} | base | dip (depth) | gain |', '|---|---|---|---|']
+  for value, e in summary.items():
+    dip = f'{ci(e["dip"])} (n={e["dip_depth"]})' if 'dip' in e else ''
+    lines.append(f'| {value} | {e["base"][0]:.3f} | {dip} | '
+                 f'{ci(e["gain"]) if "gain" in e else ""} |')
+  lines.append('')
+  for key, label in (('dip', 'co-adaptation dip'), ('gain', 'fine-tuning gain')):
+    vals = [(v, e[key]) for v, e in summary.items() if key in e]
+    if len(vals) > 1:
+      signs = [_sign_of(mc) for _, mc in vals]
+      lines.append(f'- {label} along {param}: ' + ', '.join(
+          f'{v}: {ci(mc)} ({sign})' for (v, mc), sign in zip(vals, signs)))
+  lines += [''] + [f'![{f}]({f})' for f in figures if f.endswith('.png')] + ['']
+  return '\n'.join(lines)
+
+
+def _sign_of(mean_ci: tuple[float, float]) -> str:
+  mean, half = mean_ci
+  if math.isnan(half):
+    return 'one run'
+  return 'above 0' if mean - half > 0 else 'below 0' if mean + half < 0 else 'within noise'

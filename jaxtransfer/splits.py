@@ -71,3 +71,36 @@ def subset(images: np.ndarray, labels: np.ndarray, classes: Sequence[int],
   """The examples of `classes` with labels re-indexed 0..k-1 in sorted class order."""
   idx = class_indices(labels, classes, per_class)
   return images[idx], label_map(classes, int(labels.max()) + 1)[labels[idx]]
+
+
+# Dissimilar halves (the paper's Fig. 3 upper panel split ImageNet into man-made / natural).
+MAN_MADE = {
+    'cifar10': ('airplane', 'automobile', 'ship', 'truck'),
+    # CIFAR-100 superclasses food containers, household electrical devices, household
+    # furniture, large man-made outdoor things, vehicles 1 and vehicles 2.
+    'cifar100': ('bottle', 'bowl', 'can', 'cup', 'plate',
+                 'clock', 'keyboard', 'lamp', 'telephone', 'television',
+                 'bed', 'chair', 'couch', 'table', 'wardrobe',
+                 'bridge', 'castle', 'house', 'road', 'skyscraper',
+                 'bicycle', 'bus', 'motorcycle', 'pickup_truck', 'train',
+                 'lawn_mower', 'rocket', 'streetcar', 'tank', 'tractor'),
+}
+
+
+def named_halves(class_names: Sequence[str], group_a: Sequence[str]) -> Split:
+  """(A, B) with A the classes named in `group_a` and B all the others; sizes may differ."""
+  missing = sorted(set(group_a) - set(class_names))
+  if missing:
+    raise ValueError(f'classes {missing} are not in this dataset ({len(class_names)} classes)')
+  a = tuple(i for i, name in enumerate(class_names) if name in set(group_a))
+  b = tuple(i for i in range(len(class_names)) if i not in a)
+  return a, b
+
+
+def dissimilar_halves(class_names: Sequence[str]) -> Split:
+  """Man-made (A) against natural (B) classes, for CIFAR-10 or CIFAR-100 class names."""
+  for group in MAN_MADE.values():
+    if set(group) <= set(class_names):
+      return named_halves(class_names, group)
+  raise ValueError('dissimilar halves need CIFAR-10 or CIFAR-100 class names; got '
+                   f'{", ".join(class_names[:5])}...')

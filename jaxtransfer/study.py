@@ -44,6 +44,7 @@ class StudyConfig:
   image_folder: str = ''
   model: str = 'final'
   widths: tuple[int, ...] = (8, 16, 32)
+  halves: str = 'random'  # 'random' | 'dissimilar' (man-made vs natural, one split)
   num_splits: int = 5
   split_seed: int = 0
   depths: tuple[int, ...] = ()  # () = 1..L-1
@@ -57,6 +58,7 @@ class StudyConfig:
   learning_rate: float = 1e-3
   weight_decay: float = 0.0
   train_per_class: int = 0  # 0 = all
+  sweep: str = ''  # 'param=v1,v2,...': one sub-study per value (see run_sweep)
 
   def to_json(self) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -303,6 +305,14 @@ def _stacked_sources(bases: dict, runs: Sequence[Run], layers: Sequence[str]):
   return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *trees)
 
 
+def make_halves(config: StudyConfig, class_names: Sequence[str]) -> list[splits_lib.Split]:
+  if config.halves == 'dissimilar':
+    if config.num_splits != 1:
+      raise ValueError('--halves=dissimilar is one fixed split: use --num_splits=1')
+    return [splits_lib.dissimilar_halves(class_names)]
+  return splits_lib.random_halves(len(class_names), config.num_splits, config.split_seed)
+
+
 def num_layers(model: str, widths: Sequence[int]) -> int:
   return models.make_model(model, 2, widths).num_layers
 
@@ -315,8 +325,7 @@ def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
                                      image_folder=config.image_folder or None,
                                      data_dir=data_dir, manual_dir=manual_dir, cache_dir=cache_dir)
   train_ds, test_ds = load('train'), load('test')
-  halves = splits_lib.random_halves(len(train_ds.class_names), config.num_splits,
-                                    config.split_seed)
+  halves = make_halves(config, train_ds.class_names)
   make = lambda k: models.make_model(config.model, k, config.widths)
   example = np.zeros((1,) + train_ds.images.shape[1:], np.float32)
   layer_names = transfer.layer_order(make(2), example, train=False)
@@ -333,5 +342,45 @@ def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
   results.write(workdir.path, rows)
   figures = [os.path.relpath(p, workdir.path) for p in plots.write_all(rows, workdir.path)]
   path = workdir.file('report.md')
-  results.atomic_write_text(path, report.render(rows, config.to_json(), figures))
+  results.atomic_write_text(path, report.render(rows, config.to_json(), figures,
+                                                class_names=train_ds.class_names))
+  return path
+
+
+SWEEPABLE = ('epochs', 'train_per_class')
+
+
+def parse_sweep(sweep: str) -> tuple[str, tuple[int, ...]]:
+  """'epochs=10,30,100' -> ('epochs', (10, 30, 100))."""
+  param, _, values = sweep.partition('=')
+  if param not in SWEEPABLE or not values:
+    raise ValueError(f'--sweep {sweep!r}: expected PARAM=V1,V2,... with PARAM one of {SWEEPABLE}')
+  try:
+    parsed = tuple(int(v) for v in values.split(','))
+  except ValueError:
+    raise ValueError(f'--sweep {sweep!r}: values must be integers') from None
+  if min(parsed) < 1:
+    raise ValueError(f'--sweep {sweep!r}: values must be at least 1')
+  return param, parsed
+
+
+def run_sweep(config: StudyConfig, workdir: Workdir, **kwargs) -> str:
+  """One full (resumable) study per value of the swept flag in `workdir/<param>-<value>/`,
+  then a figure and `sweep.md` of how the co-adaptation dip and fine-tuning gain move."""
+  param, values = parse_sweep(config.sweep)
+  workdir.claim(config)
+  rows_by_value = {}
+  for value in values:
+    sub_config = dataclasses.replace(config, sweep='', **{param: value})
+    sub = Workdir(workdir.file(f'{param}-{value}'))
+    sub.check(sub_config)
+    if kwargs.get('log'):
+      kwargs['log'](f'sweep {param}={value}')
+    run(sub_config, sub, **kwargs)
+    rows_by_value[value] = results.read_csv(sub.file('results.csv'))
+  summary = report.sweep_summary(rows_by_value)
+  figures = plots.sweep_figure(summary, param, workdir.file('figures', f'sweep_{param}'))
+  path = workdir.file('sweep.md')
+  results.atomic_write_text(path, report.render_sweep(summary, param, [
+      os.path.relpath(f, workdir.path) for f in figures]))
   return path

@@ -62,6 +62,8 @@ flags.DEFINE_float('weight_decay', 0.0, 'Decoupled weight decay.')
 flags.DEFINE_string('sweep', '', 'Repeat the study for several values of one flag, e.g. '
                     'epochs=10,30,100 or train_per_class=500,1000,2500,5000: one sub-study per '
                     'value in WORKDIR/<flag>-<value>/, plus sweep.md and a sweep figure.')
+flags.DEFINE_integer('cka_images', 500, 'Target test images for the layer-similarity (linear '
+                     'CKA) heat-map; 0 skips it.')
 # Run.
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, results, figures and report. '
                     'Rerunning with the same flags resumes there.')
@@ -106,8 +108,8 @@ def config_from_flags(num_layers_of) -> study.StudyConfig:
   for name in ('num_splits', 'seeds', 'epochs', 'batch_size'):
     if getattr(FLAGS, name) < 1:
       raise UsageError(f'--{name} must be at least 1, got {getattr(FLAGS, name)}')
-  if FLAGS.train_per_class < 0 or FLAGS.learning_rate <= 0 or FLAGS.weight_decay < 0:
-    raise UsageError('--train_per_class and --weight_decay must be >= 0, --learning_rate > 0')
+  if FLAGS.cka_images < 0 or FLAGS.train_per_class < 0 or FLAGS.learning_rate <= 0 or FLAGS.weight_decay < 0:
+    raise UsageError('--cka_images, --train_per_class and --weight_decay must be >= 0, --learning_rate > 0')
   return study.StudyConfig(
       dataset=FLAGS.dataset,
       image_folder=os.path.abspath(FLAGS.image_folder) if FLAGS.image_folder else '',
@@ -117,7 +119,7 @@ def config_from_flags(num_layers_of) -> study.StudyConfig:
       seeds=FLAGS.seeds, frozen_batchnorm=FLAGS.frozen_batchnorm, epochs=FLAGS.epochs,
       batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
       weight_decay=FLAGS.weight_decay, train_per_class=FLAGS.train_per_class,
-      sweep=FLAGS.sweep)
+      sweep=FLAGS.sweep, cka_images=FLAGS.cka_images)
 
 
 def check_writable(path: str) -> None:

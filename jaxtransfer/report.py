@@ -84,6 +84,20 @@ def claims(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
     evidence = 'AnB − BnB: ' + ', '.join(f'n={d}: {_fmt(v)}' for d, v in per_depth.items())
     out.append(('Performance drops through representation specificity (AnB falls with depth, '
                 'below BnB)', verdict, evidence))
+
+  if has('random'):
+    trained = 'AnB' if has('AnB') else 'BnB' if has('BnB') else None
+    per_depth = {d: results.paired_to_base(rows, 'random', d) for d in depths}
+    below = [d for d, v in per_depth.items() if _sign(v) == 'below']
+    verdict = (f'random frozen layers fall below base beyond noise at n = '
+               f'{", ".join(map(str, below))}' if below else
+               'random frozen layers are within noise of base at every n')
+    evidence = 'random − base: ' + ', '.join(f'n={d}: {_fmt(v)}' for d, v in per_depth.items())
+    if trained:
+      evidence += f'; {trained} − random: ' + ', '.join(
+          f'n={d}: {_fmt(results.paired(rows, trained, "random", d))}' for d in depths)
+    out.append(('Control: what trained lower layers are worth (random frozen layers, the '
+                "paper's Fig. 3)", verdict, evidence))
   return out
 
 

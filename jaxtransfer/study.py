@@ -59,6 +59,7 @@ class StudyConfig:
   weight_decay: float = 0.0
   train_per_class: int = 0  # 0 = all
   sweep: str = ''  # 'param=v1,v2,...': one sub-study per value (see run_sweep)
+  cka_images: int = 500  # target test images for the layer-similarity figure; 0 = none
 
   def to_json(self) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -165,6 +166,7 @@ class Workdir:
     if os.path.exists(meta):
       with open(meta) as f:
         old = json.load(f)['config']
+      old = {**StudyConfig().to_json(), **old}  # fields added since: their defaults
       new = config.to_json()
       diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
       if diff:
@@ -340,11 +342,58 @@ def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
   rows = run_study(config, workdir, make, device_data, train_ds.labels, test_ds.labels, halves,
                    stacks, log=log, mesh=mesh)
   results.write(workdir.path, rows)
-  figures = [os.path.relpath(p, workdir.path) for p in plots.write_all(rows, workdir.path)]
+  paths = plots.write_all(rows, workdir.path)
+  if config.cka_images:
+    paths += similarity(config, workdir, stacks, halves, make, layer_names, test_ds, mean, std)
+  figures = [os.path.relpath(p, workdir.path) for p in paths]
   path = workdir.file('report.md')
   results.atomic_write_text(path, report.render(rows, config.to_json(), figures,
                                                 class_names=train_ds.class_names))
   return path
+
+
+def similarity(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], halves,
+               make: Callable, layer_names: Sequence[str], test_ds, mean, std) -> list[str]:
+  """Linear CKA, layer by layer, of every model against its target half's base net, on the
+  target half's test images; averaged over splits, directions and seeds, as a heat-map.
+
+  The row 'other base' compares the two halves' independently trained base nets: where it
+  falls, the features stop being general."""
+  from jaxtransfer import cka  # matplotlib-heavy, only when asked
+  per_class = max(1, config.cka_images // len(halves[0][1]))
+  features = {}  # (split, target) -> normalised test images
+  for s, pair in enumerate(halves):
+    for t, classes in zip('AB', pair):
+      idx = splits_lib.class_indices(test_ds.labels, classes)
+      idx = np.concatenate([idx[test_ds.labels[idx] == c][:per_class] for c in classes])
+      features[(s, t)] = ((test_ds.images[idx] / 255.0 - mean) / std).astype(np.float32)
+  nets = {}  # (split, target, condition, depth, seed) -> variables
+  for stack in stacks:
+    variables = workdir.restore(stack)
+    for j, r in enumerate(stack.runs):
+      nets[(r.split, r.target, r.condition, r.depth, r.seed)] = jax.tree.map(
+          lambda x, j=j: np.asarray(x[j]), variables)
+  rows: dict[str, list[np.ndarray]] = {}
+  for (s, t, condition, depth, seed), variables in sorted(nets.items()):
+    if condition == 'base':
+      continue
+    base_key = lambda half: (s, half, 'base', 0, seed)
+    model = make(len(halves[s][t == 'B']))
+    images = features[(s, t)]
+    reference = cka.layer_features(model, nets[base_key(t)], images)
+    other = 'A' if t == 'B' else 'B'
+    if depth == config.depths[0]:  # once per (split, target, seed)
+      other_model = make(len(halves[s][other == 'B']))
+      rows.setdefault('other base', []).append(cka.per_layer_cka(
+          cka.layer_features(other_model, nets[base_key(other)], images), reference))
+    rows.setdefault(f'{condition} n={depth}', []).append(
+        cka.per_layer_cka(cka.layer_features(model, variables, images), reference))
+  order = ['other base'] + [f'{c} n={d}' for c in config.conditions for d in config.depths]
+  labels = [label for label in order if label in rows]
+  matrix = np.stack([np.mean(rows[label], axis=0) for label in labels])
+  return cka.heatmap(matrix, labels, list(layer_names), workdir.file('figures', 'cka'),
+                     title='Linear CKA with the target half\'s base net, per layer',
+                     xlabel='layer', ylabel='model')
 
 
 SWEEPABLE = ('epochs', 'train_per_class')

@@ -62,7 +62,7 @@ def test_outputs_exist_and_agree(finished):
       assert row['source'] == row['target']
   json_rows = __import__('json').load(open(os.path.join(finished, 'results.json')))
   assert [r['test_accuracy'] for r in json_rows] == [r['test_accuracy'] for r in rows]
-  for name in ('transfer', 'transfer_relative'):
+  for name in ('transfer', 'transfer_relative', 'cka'):
     for ext in ('png', 'pdf'):
       assert os.path.getsize(os.path.join(finished, 'figures', f'{name}.{ext}')) > 1000
   report = open(os.path.join(finished, 'report.md')).read()
@@ -165,3 +165,18 @@ def test_subset_reindexes_labels():
   assert sub_images[:, 0].tolist() == [1, 3, 4, 5, 8]
   assert sub_labels.tolist() == [0, 0, 1, 2, 1]  # sorted classes 1, 5, 9 -> 0, 1, 2
   assert splits.class_indices(labels, [1, 5], per_class=1).tolist() == [1, 4]
+
+
+@pytest.mark.parametrize('flagfile', sorted(os.listdir(os.path.join(ROOT, 'experiments',
+                                                                     'configs'))))
+def test_every_flagfile_parses_to_a_valid_study(flagfile, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  FLAGS.unparse_flags()
+  FLAGS(['main', f'--flagfile=experiments/configs/{flagfile}', '--workdir=unused'])
+  config = cli.config_from_flags(study.num_layers)
+  assert config.epochs >= 1 and config.depths and config.conditions
+  if config.sweep:
+    study.parse_sweep(config.sweep)
+  if flagfile == 'seed.flags':
+    assert (config.num_splits, config.epochs, config.depths) == (5, 10, (1, 2, 3, 4, 5, 6))
+    assert config.conditions == ('BnB', 'BnB+', 'AnB', 'AnB+') and config.directions == 'both'

@@ -1,0 +1,124 @@
+"""Layer-by-layer representation similarity with linear CKA (Kornblith et al. 2019).
+
+The paper measures transferability only through accuracy after chopping and retraining. Linear
+Centered Kernel Alignment compares what two networks compute at each layer directly: it is
+invariant to orthogonal transforms and isotropic scaling of the features (so it ignores the
+arbitrary ordering and rotation of units that differs between two trainings), but not to
+arbitrary invertible linear maps (unlike CCA, which would call any two full-rank
+representations of n <= p examples identical).
+
+- `linear_cka(x, y)`: similarity of two representations of the same n examples;
+- `layer_features(model, variables, images)`: each layer's output, flattened to [n, -1];
+- `cka_matrix` / `per_layer_cka`: every pair of layers / layer i against layer i;
+- `heatmap(...)`: an annotated CKA matrix figure, written as PNG and PDF.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from jaxtransfer.plots import _save  # also selects the Agg backend before pyplot loads
+import matplotlib.pyplot as plt  # noqa: E402  (after plots: Agg)
+
+FORMS = ('features', 'gram')
+
+
+def _centred(x: jax.Array | np.ndarray) -> np.ndarray:
+  """[n, ...] -> [n, p] float64 with zero-mean columns (CKA needs centred kernels)."""
+  x = np.asarray(x, dtype=np.float64)
+  x = x.reshape(x.shape[0], -1)
+  return x - x.mean(axis=0, keepdims=True)
+
+
+def linear_cka(x: jax.Array | np.ndarray, y: jax.Array | np.ndarray, *,
+               form: str | None = None) -> float:
+  """Linear CKA between x [n, ...] and y [n, ...] (trailing dims flattened), in [0, 1].
+
+  CKA = ||y^T x||_F^2 / (||x^T x||_F ||y^T y||_F) on column-centred features: the 'features'
+  form costs O(n (p^2 + q^2 + pq)), the equal 'gram' form <K, L>_F / (||K||_F ||L||_F) with
+  K = x x^T, L = y y^T costs O(n^2 (p + q)); by default the cheaper one for the shapes is used.
+  Computed in float64: the ratio of squared norms loses too much in float32 when p is large.
+  Returns nan when either representation is constant over the examples (CKA is undefined).
+  """
+  x, y = _centred(x), _centred(y)
+  n, p = x.shape
+  if y.shape[0] != n:
+    raise ValueError(f'x and y must describe the same examples: got {n} and {y.shape[0]} rows')
+  q = y.shape[1]
+  if form is None:
+    form = 'features' if p * p + q * q + p * q <= n * (p + q) else 'gram'
+  if form == 'features':
+    cross = np.sum((y.T @ x) ** 2)
+    norm_x, norm_y = np.linalg.norm(x.T @ x), np.linalg.norm(y.T @ y)
+  elif form == 'gram':
+    k, l = x @ x.T, y @ y.T
+    cross = np.sum(k * l)
+    norm_x, norm_y = np.linalg.norm(k), np.linalg.norm(l)
+  else:
+    raise ValueError(f'unknown form {form!r}: expected one of {FORMS}')
+  denominator = norm_x * norm_y
+  return float(cross / denominator) if denominator > 0 else float('nan')
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _apply_layer(model: Any, variables: Any, x: jax.Array, i: int) -> jax.Array:
+  # One jitted function per (model, layer): each layer compiles and runs exactly once per shape.
+  return model.apply(variables, x, train=False, start=i, stop=i + 1)
+
+
+def layer_features(model: Any, variables: Any, images: np.ndarray,
+                   num_layers: int | None = None) -> list[np.ndarray]:
+  """Outputs of layers 1..L (inference mode, BatchNorm running statistics), each [n, -1].
+
+  Entry i equals `model.apply(variables, images, train=False, stop=i + 1)` flattened, but layers
+  are run one at a time on the previous output so the network is evaluated only once.
+  `num_layers` defaults to `model.num_layers` (every layer, the head's logits last).
+  """
+  if num_layers is None:
+    num_layers = model.num_layers
+  x = jax.numpy.asarray(images)
+  feats = []
+  for i in range(num_layers):
+    x = _apply_layer(model, variables, x, i)
+    feats.append(np.asarray(x).reshape(x.shape[0], -1))
+  return feats
+
+
+def cka_matrix(feats_a: Sequence[np.ndarray], feats_b: Sequence[np.ndarray]) -> np.ndarray:
+  """[La, Lb] linear CKA of layer i of network A against layer j of network B (same images)."""
+  # Centre and convert each layer once, not once per pair.
+  a, b = [_centred(f) for f in feats_a], [_centred(f) for f in feats_b]
+  return np.array([[linear_cka(x, y) for y in b] for x in a])
+
+
+def per_layer_cka(feats_a: Sequence[np.ndarray], feats_b: Sequence[np.ndarray]) -> np.ndarray:
+  """[L] linear CKA of layer i of A against layer i of B: how far the same layer has diverged."""
+  if len(feats_a) != len(feats_b):
+    raise ValueError(f'different layer counts: {len(feats_a)} and {len(feats_b)}')
+  return np.array([linear_cka(x, y) for x, y in zip(feats_a, feats_b)])
+
+
+def heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], stem: str,
+            title: str, xlabel: str, ylabel: str) -> list[str]:
+  """Annotated CKA heat-map on a fixed 0..1 scale (comparable across figures); PNG and PDF."""
+  matrix = np.asarray(matrix, dtype=np.float64)
+  rows, cols = matrix.shape
+  fig, ax = plt.subplots(figsize=(1.5 + 0.75 * cols, 1.0 + 0.6 * rows))
+  image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap='viridis', aspect='auto')
+  fig.colorbar(image, ax=ax, label='linear CKA')
+  for i in range(rows):
+    for j in range(cols):
+      value = matrix[i, j]
+      # Dark text on the bright (yellow) end of viridis, white elsewhere.
+      color = 'black' if value > 0.6 else 'white'
+      ax.text(j, i, f'{value:.2f}', ha='center', va='center', fontsize=8, color=color)
+  ax.set_xticks(range(cols), list(col_labels), rotation=45, ha='right')
+  ax.set_yticks(range(rows), list(row_labels))
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  return _save(fig, stem)

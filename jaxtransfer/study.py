@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtransfer import data as data_lib, models, plots, report, results, splits as splits_lib, train, transfer
+from jaxtransfer import data as data_lib
+from jaxtransfer import models, plots, report, results, train, transfer
+from jaxtransfer import splits as splits_lib
 
 CONDITIONS = ('BnB', 'BnB+', 'AnB', 'AnB+', 'random')
 FROZEN_CONDITIONS = ('BnB', 'AnB', 'random')

@@ -249,12 +249,12 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   trainer = Trainer(model, structure, config, example)
 
   sharded, replicated = NamedSharding(mesh, P(MODEL_AXIS)), NamedSharding(mesh, P())
-  spec = lambda *tree_specs: tree_specs
 
   def compile_(fn, n_member_args):
-    mapped = _over_members(fn, member_map)
-    in_specs = spec(*([P(MODEL_AXIS)] * n_member_args), P())
-    return jax.jit(jax.shard_map(mapped, mesh=mesh, in_specs=in_specs, out_specs=P(MODEL_AXIS)))
+    """jit(shard_map(map over members)): member args split over devices, data replicated."""
+    in_specs = (P(MODEL_AXIS),) * n_member_args + (P(),)
+    return jax.jit(jax.shard_map(_over_members(fn, member_map), mesh=mesh, in_specs=in_specs,
+                                 out_specs=P(MODEL_AXIS)))
 
   def init_fn(key, source, data):
     del data

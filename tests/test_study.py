@@ -1,6 +1,5 @@
 """The driver end to end on a tiny generated dataset: outputs, resume, refusals, bad input."""
 
-import filecmp
 import os
 import shutil
 import subprocess

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -27,6 +28,74 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _conv_nhwc(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+  return lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
+                                  dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_same(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+  """Stride-1 NHWC x HWIO convolution padded by `pad` on every side, with a hand-written VJP.
+
+  Same values as `lax.conv_general_dilated`; the gradients are computed by two more convolutions
+  in the same NHWC/HWIO ("canonical") form. The automatic transpose rule produces convolutions
+  with other dimension labels (e.g. `f01b_i01o->01bf` for the kernel gradient), which XLA:CPU
+  (jax 0.10.2) rewrites into fast library calls only outside loops: inside the trainer's
+  `lax.scan` they run as a naive loop nest, 10-70x slower (see benchmarks/README.md).
+  """
+  return _conv_nhwc(x, kernel, pad)
+
+
+def _conv_same_fwd(x, kernel, pad):
+  return _conv_nhwc(x, kernel, pad), (x, kernel)
+
+
+def _conv_same_bwd(pad, residuals, dy):
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  # Input gradient: correlate dy with the spatially flipped kernel, in/out channels swapped.
+  dx = _conv_nhwc(dy, jnp.swapaxes(kernel[::-1, ::-1], 2, 3), kh - 1 - pad)
+  # Kernel gradient dk[h, w, i, o] = sum_{b, y, x} x_pad[b, y + h, x + w, i] * dy[b, y, x, o]: a
+  # convolution with the input channels as batch, the batch as features and dy as the kernel.
+  dk = _conv_nhwc(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)), pad)
+  return dx, jnp.transpose(dk, (1, 2, 0, 3))
+
+
+conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+  """Drop-in for `lax.conv_general_dilated` (flax `nn.Conv(conv_general_dilated=...)`).
+
+  On CPU, the stride-1, undilated, ungrouped, symmetric 'SAME' NHWC case with odd square kernels
+  goes through `conv_same`; anything else, and every other platform, to lax unchanged.
+  """
+  args = (lhs, rhs, window_strides, padding)
+  kwargs.update(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                precision=precision)
+  kh, kw = rhs.shape[:2] if rhs.ndim == 4 else (0, 0)
+  pad = kh // 2
+  fast = (lhs.ndim == 4 and kh == kw and kh % 2 == 1
+          and tuple(window_strides) == (1, 1)
+          and not isinstance(padding, str) and [tuple(p) for p in padding] == [(pad, pad)] * 2
+          and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+          and feature_group_count == 1 and precision is None
+          and kwargs.get('batch_group_count', 1) == 1
+          and kwargs.get('preferred_element_type') is None
+          and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+  if not fast:
+    return lax.conv_general_dilated(*args, **kwargs)
+  # CPU only: elsewhere (GPU/TPU) the compiler's own backward convolutions are kept as they were.
+  return lax.platform_dependent(
+      lhs, rhs, cpu=lambda x, k: conv_same(x, k, pad),
+      default=lambda x, k: lax.conv_general_dilated(x, k, *args[2:], **kwargs))
+
+
 class ConvBlock(nn.Module):
   """conv3x3 (pad 1, stride 1) [-> BatchNorm] -> ReLU [-> 2x2 max-pool]: one transferable layer."""
 
@@ -36,7 +105,9 @@ class ConvBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = nn.Conv(self.features, (3, 3), padding=1, name='conv')(x)
+    # flax's Conv (same parameters, initialisation and forward values) with a CPU-friendly VJP.
+    x = nn.Conv(self.features, (3, 3), padding=1, conv_general_dilated=conv_general_dilated,
+                name='conv')(x)
     if self.batch_norm:
       # PyTorch's BatchNorm2d defaults (momentum 0.1 -> flax 0.9, eps 1e-5), as in the seed.
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name='bn')(x)

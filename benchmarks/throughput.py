@@ -1,0 +1,434 @@
+r"""Training throughput of the stacked trainer (steady state, compilation excluded).
+
+Times the trainer's jitted epoch function -- the one `train.train_stack` builds: shard_map over
+the model axis, members under `lax.map` ('map') or `jax.vmap` ('vmap'), each member's epoch a
+`lax.scan` of optimiser steps -- on random uint8 images of CIFAR shape, FinalNet, batch 64,
+Adam. Variants (K members, member map, frozen prefix depth) are compiled first, then run in
+interleaved rounds; each figure is the best of the rounds (the median is printed too).
+
+Per variant: images/s, seconds per 25,000-image model-epoch, GFLOP/s against the analytic
+count of `flops_per_image` (~15.06 MFLOP for FinalNet (8, 16, 32) fine-tuning all layers), and
+the speed-up over one model at a time (K=1) of the same structure.
+
+  python benchmarks/throughput.py --quick   # < 60 s: K=1 vs stacked K=2, 4 ('map')
+  python benchmarks/throughput.py           # minutes: K=1, 2, 4, 8 x map/vmap, frozen 2, 4, 6
+  python benchmarks/throughput.py --baseline --ks=2 --maps=map --frozen=  # + stock flax conv
+  python benchmarks/throughput.py --env='' --env='XLA_FLAGS=--xla_cpu_multi_thread_eigen=false'
+
+The last line is `stacked_s_per_model_epoch=<float>`: the fastest stacked setting (K > 1) of
+the headline configuration (fine-tuning all layers). With --env, each setting runs in its own
+child process (XLA flags and device counts are per process), alternating, --env_rounds times.
+
+Method: by default the trainer's internals (`Trainer`, `_over_members`), exactly as
+`train_stack` compiles them; if they are missing or their signatures changed, it falls back to
+timing whole `train_stack` calls (consecutive epochs, via `on_epoch` timestamps; the first epoch,
+which compiles, is dropped), where variants cannot be interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+MODEL_EPOCH = 25_000  # images in one model-epoch (half of CIFAR-10's training set)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--quick', action='store_true', help='< 60 s: few variants, small epochs')
+  p.add_argument('--n_per_member', type=int, default=None,
+                 help='training images per member per timed epoch (default 1280; quick 640)')
+  p.add_argument('--ks', default=None, help='stacked K values (default 2,4,8; quick 2,4)')
+  p.add_argument('--maps', default=None, help="member maps (default map,vmap; quick map)")
+  p.add_argument('--frozen', default=None,
+                 help='frozen prefix depths n (graft + freeze conv1..conv_n) (default 2,4,6; '
+                      'quick none); timed at K=1 and at the largest K with map')
+  p.add_argument('--rounds', type=int, default=None, help='interleaved timing rounds (default 3)')
+  p.add_argument('--widths', default='8,16,32')
+  p.add_argument('--num_classes', type=int, default=5)
+  p.add_argument('--batch_size', type=int, default=64)
+  p.add_argument('--cpu_devices', type=int, default=0,
+                 help='set jax_num_cpu_devices (0: leave as is); with >1 devices, stacked variants '
+                      'are also timed with the model axis sharded over all devices')
+  p.add_argument('--baseline', action='store_true',
+                 help='also time the same net with stock flax convolutions (autodiff VJP)')
+  p.add_argument('--method', choices=('auto', 'internal', 'api'), default='auto')
+  p.add_argument('--env', action='append', default=None,
+                 help="'VAR=VALUE VAR2=VALUE2' settings, each run in child processes (repeatable)")
+  p.add_argument('--env_rounds', type=int, default=2)
+  p.add_argument('--json', action='store_true', help=argparse.SUPPRESS)  # child output
+  args = p.parse_args(argv)
+  quick = args.quick
+  args.n_per_member = args.n_per_member or (640 if quick else 1280)
+  args.ks = _ints(args.ks if args.ks is not None else ('2,4' if quick else '2,4,8'))
+  args.maps = [m for m in (args.maps or ('map' if quick else 'map,vmap')).split(',') if m]
+  args.frozen = _ints(args.frozen if args.frozen is not None else ('' if quick else '2,4,6'))
+  args.rounds = args.rounds or 3
+  args.widths = tuple(_ints(args.widths))
+  return args
+
+
+def _ints(text: str) -> list[int]:
+  return [int(t) for t in text.split(',') if t.strip()]
+
+
+# ----------------------------------------------------------------------------- FLOP count
+
+def layer_macs(widths=(8, 16, 32), num_classes=5, size=32, channels=3) -> list[int]:
+  """Multiply-accumulates per image of each FinalNet layer (conv1..conv6, head), forward."""
+  macs, h, cin = [], size, channels
+  for w in widths:
+    macs += [h * h * 9 * cin * w, h * h * 9 * w * w]
+    cin, h = w, h // 2
+  return macs + [h * h * cin * num_classes]
+
+
+def flops_per_image(widths=(8, 16, 32), num_classes=5, frozen=0) -> int:
+  """Training FLOPs per image: forward 2*MACs for every layer; weight gradients (2*MACs) for the
+  trainable layers; input gradients (2*MACs) for the trainable layers except the first of them
+  (the first layer of the net, or the first after a frozen prefix, needs none).
+  BatchNorm, ReLU, pooling and the optimiser are not counted."""
+  macs = layer_macs(widths, num_classes)
+  return 2 * sum(macs) + 2 * sum(macs[frozen:]) + 2 * sum(macs[frozen + 1:])
+
+
+# ----------------------------------------------------------------------------- variants
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  k: int
+  member_map: str = 'map'
+  frozen: int = 0
+  block: str = 'fast'  # 'fast': jaxtransfer.models as is; 'flax': stock nn.Conv (autodiff VJP)
+  devices: int = 1  # devices the model axis is sharded over
+
+  @property
+  def name(self) -> str:
+    s = f'K={self.k:<2d} {self.member_map:4s} frozen={self.frozen}'
+    if self.block != 'fast':
+      s += f' {self.block}-conv'
+    if self.devices > 1:
+      s += f' {self.devices}dev'
+    return s
+
+
+def make_variants(args, n_devices: int) -> list[Variant]:
+  vs = [Variant(1)]
+  for m in args.maps:
+    vs += [Variant(k, m) for k in args.ks]
+  if args.frozen:
+    k_big = max(args.ks, default=1)
+    for n in args.frozen:
+      vs += [Variant(1, frozen=n)] + ([Variant(k_big, frozen=n)] if k_big > 1 else [])
+  if args.baseline:
+    vs += [Variant(1, block='flax')] + [Variant(k, 'map', block='flax') for k in args.ks[:1]]
+  if n_devices > 1:
+    vs += [Variant(k, m, devices=n_devices) for m in args.maps for k in args.ks
+           if k % n_devices == 0]
+  return vs
+
+
+# ----------------------------------------------------------------------------- setup
+
+def _make_model(args, block: str):
+  from jaxtransfer import models
+  model = models.FinalNet(args.num_classes, args.widths)
+  if block == 'fast':
+    return model
+  import flax.linen as nn
+
+  class FlaxConvBlock(models.ConvBlock):
+    """The pre-change ConvBlock: stock nn.Conv, XLA's own convolution VJP."""
+
+    @nn.compact
+    def __call__(self, x, train):
+      x = nn.Conv(self.features, (3, 3), padding=1, name='conv')(x)
+      if self.batch_norm:
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name='bn')(x)
+      x = nn.relu(x)
+      return models.max_pool_2x2(x) if self.pool else x
+
+  class BaselineNet(models.FinalNet):
+    def layer_specs(self):
+      return [(name, functools.partial(FlaxConvBlock, *f.args, **f.keywords)
+               if isinstance(f, functools.partial) and f.func is models.ConvBlock else f)
+              for name, f in super().layer_specs()]
+
+  return BaselineNet(args.num_classes, args.widths)
+
+
+def _layer_names(args):
+  from jaxtransfer import models
+  return [name for name, _ in models.FinalNet(args.num_classes, args.widths).layer_specs()]
+
+
+def _structure(args, frozen: int):
+  from jaxtransfer import train
+  names = tuple(_layer_names(args)[:frozen])
+  return train.Structure(graft_layers=names, frozen_layers=names)
+
+
+def make_data(n_images: int, seed: int = 0):
+  import jax.numpy as jnp
+  import numpy as np
+  from jaxtransfer import train
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (n_images, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, n_images).astype(np.int32)
+  return train.DeviceData(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(images[:256]),
+                          jnp.asarray(labels[:256]), jnp.asarray([0.49, 0.48, 0.45], jnp.float32),
+                          jnp.asarray([0.25, 0.24, 0.26], jnp.float32))
+
+
+def _member_inputs(k: int, n: int, n_images: int, seed: int = 1):
+  import jax.numpy as jnp
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  train_idx = np.stack([rng.permutation(n_images)[:n] for _ in range(k)]).astype(np.int32)
+  label_map = np.tile(np.arange(10, dtype=np.int32) % 5, (k, 1))
+  return jnp.asarray(train_idx), jnp.asarray(label_map)
+
+
+def _compile_fast(fn, *args):
+  """jit at LLVM -O1: initialisation code (random numbers) compiles ~5x faster, same values."""
+  import jax
+  return jax.jit(fn).lower(*args).compile({'xla_backend_optimization_level': 1})(*args)
+
+
+# ----------------------------------------------------------------------------- internal method
+
+class InternalRunner:
+  """Compiles the trainer's epoch function per variant as `train_stack` does, then times it."""
+
+  def __init__(self, args, data, n_images):
+    from jaxtransfer import train
+    self.args, self.data, self.n_images = args, data, n_images
+    self.trainer_cls = getattr(train, 'Trainer', None) or getattr(train, '_Trainer')
+    self.over_members = train._over_members
+    self.axis = train.MODEL_AXIS
+    self.config = train.TrainConfig(batch_size=args.batch_size)
+    self._init_cache = {}
+
+  def _trainer(self, v: Variant):
+    import jax.numpy as jnp
+    example = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    return self.trainer_cls(_make_model(self.args, v.block), _structure(self.args, v.frozen),
+                            self.config, example)
+
+  def _member_state(self, v: Variant, trainer):
+    """One member's initial state (for frozen variants grafted from a fresh full-net init)."""
+    import jax
+    key = (v.block, v.frozen)
+    if key not in self._init_cache:
+      source = None
+      if v.frozen:
+        full = self._member_state(dataclasses.replace(v, frozen=0), self._trainer(
+            dataclasses.replace(v, frozen=0)))
+        source = {'params': full['params'], **full['model_state']}
+      self._init_cache[key] = _compile_fast(trainer.init, jax.random.key(0), source)
+    return self._init_cache[key]
+
+  def build(self, v: Variant):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    trainer = self._trainer(v)
+    one = self._member_state(v, trainer)
+    state = jax.tree.map(lambda x: jnp.repeat(x[None], v.k, axis=0), one)
+    keys = jax.random.split(jax.random.key(2), v.k)
+    train_idx, label_map = _member_inputs(v.k, self.args.n_per_member, self.n_images)
+    mesh = Mesh(np.array(jax.devices()[:v.devices]), (self.axis,))
+    mapped = self.over_members(trainer.epoch, v.member_map)
+    fn = jax.jit(jax.shard_map(mapped, mesh=mesh, in_specs=(P(self.axis),) * 4 + (P(),),
+                               out_specs=P(self.axis)))
+    member_args = jax.device_put((state, keys, train_idx, label_map),
+                                 NamedSharding(mesh, P(self.axis)))
+    data = jax.device_put(self.data, NamedSharding(mesh, P()))
+    t = time.perf_counter()
+    compiled = fn.lower(*member_args, data).compile()
+    compile_s = time.perf_counter() - t
+    jax.block_until_ready(compiled(*member_args, data))  # warm-up
+
+    def run() -> float:
+      t = time.perf_counter()
+      jax.block_until_ready(compiled(*member_args, data))
+      return time.perf_counter() - t
+    return run, compile_s
+
+  def measure(self, variants, log):
+    runs, compile_s = {}, {}
+    for v in variants:
+      runs[v], compile_s[v] = self.build(v)
+      log(f'  compiled {v.name}: {compile_s[v]:.1f} s')
+    times = {v: [] for v in variants}
+    for _ in range(self.args.rounds):
+      for v in variants:
+        times[v].append(runs[v]())
+    return times, compile_s
+
+
+# ----------------------------------------------------------------------------- api method
+
+class ApiRunner:
+  """Times whole `train_stack` calls: epochs 2.. via `on_epoch` timestamps (epoch 1 compiles)."""
+
+  def __init__(self, args, data, n_images):
+    self.args, self.data, self.n_images = args, data, n_images
+
+  def measure(self, variants, log):
+    import jax
+    import numpy as np
+    from jaxtransfer import train
+    times, compile_s = {}, {}
+    sources = {}
+    for v in variants:
+      model = _make_model(self.args, v.block)
+      train_idx, label_map = _member_inputs(v.k, self.args.n_per_member, self.n_images)
+      source = None
+      if v.frozen:
+        if v.k not in sources:
+          init = lambda k: model.init(k, np.zeros((1, 32, 32, 3), np.float32), train=False)
+          sources[v.k] = _compile_fast(jax.vmap(init), jax.random.split(jax.random.key(3), v.k))
+        source = sources[v.k]
+      members = train.Members(
+          init_keys=jax.random.split(jax.random.key(0), v.k),
+          shuffle_keys=jax.random.split(jax.random.key(1), v.k), train_idx=train_idx,
+          test_idx=train_idx[:, :64] % 256, label_map=label_map, sources=source)
+      stamps = []
+      config = train.TrainConfig(epochs=1 + self.args.rounds, batch_size=self.args.batch_size)
+      mesh = jax.make_mesh((v.devices,), (train.MODEL_AXIS,), devices=jax.devices()[:v.devices])
+      t0 = time.perf_counter()
+      train.train_stack(model, _structure(self.args, v.frozen), config, self.data, members,
+                        mesh=mesh, member_map=v.member_map,
+                        on_epoch=lambda e, m: stamps.append(time.perf_counter()))
+      compile_s[v] = stamps[0] - t0  # includes initialisation and one epoch
+      times[v] = list(np.diff(stamps))
+      log(f'  ran {v.name}: first epoch (compiling) {compile_s[v]:.1f} s')
+    return times, compile_s
+
+
+# ----------------------------------------------------------------------------- report
+
+def summarize(args, variants, times):
+  import numpy as np
+  rows = []
+  for v in variants:
+    imgs = v.k * args.n_per_member
+    best, med = min(times[v]), float(np.median(times[v]))
+    ips = imgs / best
+    flops = flops_per_image(args.widths, args.num_classes, v.frozen)
+    rows.append(dict(variant=v.name, k=v.k, member_map=v.member_map, frozen=v.frozen,
+                     block=v.block, devices=v.devices, img_s=ips, img_s_median=imgs / med,
+                     s_per_model_epoch=MODEL_EPOCH / ips, gflop_s=ips * flops / 1e9,
+                     mflop_per_image=flops / 1e6))
+  for r in rows:  # speed-up over K=1 of the same structure and block
+    base = [b for b in rows if b['k'] == 1 and b['frozen'] == r['frozen']
+            and b['block'] == r['block']]
+    r['vs_k1'] = r['img_s'] / base[0]['img_s'] if base else float('nan')
+  return rows
+
+
+def print_table(rows, title=''):
+  if title:
+    print(title)
+  print(f"  {'variant':32s} {'img/s':>7s} {'(median)':>8s} {'s/model-epoch':>13s} "
+        f"{'MFLOP/img':>9s} {'GFLOP/s':>7s} {'vs K=1':>6s}")
+  for r in rows:
+    print(f"  {r['variant']:32s} {r['img_s']:7.0f} {r['img_s_median']:8.0f} "
+          f"{r['s_per_model_epoch']:13.2f} {r['mflop_per_image']:9.2f} {r['gflop_s']:7.1f} "
+          f"{r['vs_k1']:6.2f}")
+
+
+def headline(rows) -> float:
+  stacked = [r for r in rows if r['k'] > 1 and r['frozen'] == 0 and r['block'] == 'fast']
+  return min(r['s_per_model_epoch'] for r in stacked) if stacked else float('nan')
+
+
+def run_here(args) -> list[dict]:
+  log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (
+      lambda s: print(s, flush=True))
+  import jax
+  if args.cpu_devices:
+    jax.config.update('jax_num_cpu_devices', args.cpu_devices)
+  n_devices = jax.device_count() if jax.default_backend() == 'cpu' else 1
+  variants = make_variants(args, n_devices)
+  n_images = max(4096, 2 * args.n_per_member) if args.quick else MODEL_EPOCH
+  data = make_data(n_images)
+  log(f'jax {jax.__version__} {jax.default_backend()} x{jax.device_count()}, '
+      f'FinalNet{args.widths} batch {args.batch_size} Adam, {args.n_per_member} images per '
+      f'member per timed epoch, {args.rounds} rounds, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+  runner = None
+  args.method_used = 'api'
+  if args.method in ('auto', 'internal'):
+    try:
+      runner = InternalRunner(args, data, n_images)
+      times, _ = runner.measure(variants, log)
+      args.method_used = 'internal'
+
+    except (AttributeError, TypeError) as e:  # the trainer's internals changed
+      if args.method == 'internal':
+        raise
+      log(f'  internals unusable ({type(e).__name__}: {e}); timing train_stack instead')
+      runner = None
+  if runner is None:
+    times, _ = ApiRunner(args, data, n_images).measure(variants, log)
+  return summarize(args, variants, times)
+
+
+def run_envs(args, argv) -> list[dict]:
+  """Each --env setting in child processes, alternating; best img/s per variant over rounds."""
+  child_argv = [a for a in argv if not a.startswith('--env')]
+  best: dict[tuple[str, str], dict] = {}
+  for rnd in range(args.env_rounds):
+    for env_text in args.env:
+      env = dict(os.environ)
+      env.update(dict(kv.split('=', 1) for kv in shlex.split(env_text)))
+      print(f'round {rnd + 1}: {env_text or "(no extra env)"}', flush=True)
+      out = subprocess.run([sys.executable, os.path.abspath(__file__), *child_argv, '--json'],
+                           env=env, capture_output=True, text=True, check=True).stdout
+      for r in json.loads(out.strip().splitlines()[-1]):
+        key = (env_text, r['variant'])
+        if key not in best or r['img_s'] > best[key]['img_s']:
+          best[key] = dict(r, env=env_text)
+  rows = list(best.values())
+  same = lambda r: (r['k'], r['member_map'], r['frozen'], r['block'])
+  ref = {same(r): r['img_s'] for r in rows if r['env'] == args.env[0] and r['devices'] == 1}
+  for env_text in args.env:
+    sub = [r for r in rows if r['env'] == env_text]
+    for r in sub:  # here: ratio to the same variant on one device under the first --env setting
+      r['vs_k1'] = r['img_s'] / ref.get(same(r), float('nan'))
+    print_table(sub, f'env {env_text or "(none)"!s} (last column: img/s ratio to the same '
+                     f'variant on 1 device in the first env)')
+  return [r for r in rows if r['env'] == args.env[0]] if len(args.env) == 1 else rows
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  args = parse_args(argv)
+  t0 = time.perf_counter()
+  if args.env:
+    rows = run_envs(args, argv)
+  else:
+    rows = run_here(args)
+    if args.json:
+      print(json.dumps(rows))
+      return
+    how = ('interleaved rounds' if args.method_used == 'internal'
+           else 'consecutive epochs of train_stack')
+    print_table(rows, f'steady-state training throughput (best of {args.rounds} {how}; analytic '
+                      f'{flops_per_image(args.widths, args.num_classes) / 1e6:.2f} MFLOP/image '
+                      f'fine-tuning all layers)')
+  print(f'total {time.perf_counter() - t0:.0f} s')
+  print(f'stacked_s_per_model_epoch={headline(rows):.4f}')
+
+
+if __name__ == '__main__':
+  main()

@@ -68,6 +68,9 @@ flags.DEFINE_integer('cka_images', 500, 'Target test images for the layer-simila
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, results, figures and report. '
                     'Rerunning with the same flags resumes there.')
 flags.DEFINE_bool('quiet', False, 'No progress output.')
+flags.DEFINE_integer('cpu_devices', min(os.cpu_count() or 1, 8), 'On the CPU backend, split '
+                     'the cores into this many JAX devices: a stack\'s members then train in '
+                     'parallel, one per device (faster than one model using all cores).')
 flags.DEFINE_bool('distributed', False, 'Span the model axis over several processes/hosts with '
                   'jax.distributed.initialize(): run the same command on every host. Without '
                   'the three flags below, the cluster is auto-detected (SLURM, Open MPI, TPU '
@@ -147,8 +150,12 @@ def run(log) -> str:
   workdir = study.Workdir(FLAGS.workdir)
   workdir.check(config)
   enable_compilation_cache()
-  if FLAGS.distributed:  # before anything touches a device
-    import jax
+  import jax
+  try:
+    jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)  # before any device is touched
+  except RuntimeError:  # JAX already running in this process (e.g. called from a test)
+    pass
+  if FLAGS.distributed:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts; else unused
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if config.sweep:

@@ -1,0 +1,48 @@
+"""Result rows: CSV round trip, confidence intervals, paired differences, atomic writes."""
+
+import os
+
+import numpy as np
+import pytest
+
+from jaxtransfer import report, results
+
+
+def row(split, target, condition, depth, acc, seed=0):
+  return {'split': split, 'classes_A': '0 1', 'classes_B': '2 3', 'source': '',
+          'target': target, 'condition': condition, 'depth': depth, 'frozen': condition == 'BnB',
+          'batchnorm': 'update', 'seed': seed, 'epochs': 1, 'test_accuracy': acc,
+          'train_accuracy': 0.5, 'final_loss': 0.25, 'wall_seconds': 1.5, 'config_hash': 'abc'}
+
+
+ROWS = [row(s, t, 'base', 0, 0.6 + 0.1 * s) for s in range(3) for t in 'AB'] + [
+    row(s, t, 'BnB', 1, 0.6 + 0.1 * s - 0.05 - 0.01 * (t == 'A')) for s in range(3)
+    for t in 'AB']
+
+
+def test_mean_ci_is_student_t():
+  mean, half = results.mean_ci([1.0, 2.0, 3.0])
+  assert mean == 2.0
+  assert half == pytest.approx(4.302653 * 1.0 / np.sqrt(3), rel=1e-6)  # t(0.975, 2) s / sqrt(n)
+  assert np.isnan(results.mean_ci([0.5])[1])
+
+
+def test_paired_differences_remove_the_split_spread():
+  diffs = results.paired_to_base(ROWS, 'BnB', 1)
+  assert sorted(np.round(diffs, 6)) == [-0.06] * 3 + [-0.05] * 3
+  # Unpaired, the split spread (0.1 per split) would hide the drop; paired, it is clear.
+  assert report._sign(diffs) == 'below'
+  assert report._sign([r['test_accuracy'] for r in results.select(ROWS, condition='BnB')]
+                      ) == 'above'
+
+
+def test_csv_round_trip_and_atomic_write(tmp_path):
+  results.write(str(tmp_path), ROWS)
+  back = results.read_csv(str(tmp_path / 'results.csv'))
+  assert back == ROWS
+  with pytest.raises(ZeroDivisionError):
+    with results.atomic_path(str(tmp_path / 'results.csv')) as tmp:
+      open(tmp, 'w').write('half')
+      1 / 0
+  assert results.read_csv(str(tmp_path / 'results.csv')) == ROWS  # the old file survives
+  assert sorted(os.listdir(tmp_path)) == ['results.csv', 'results.json']

@@ -9,6 +9,13 @@ import numpy as np
 
 from jaxtransfer import results
 
+# What the 2022 seminar reported (PyTorch, CIFAR-10, final net, 10 epochs), for comparison.
+SEMINAR_BASELINE = 0.689
+SEMINAR_VERDICTS = {
+    'Transfer plus fine-tuning': 'not supported (✗)',
+    'Performance drops through fragile co-adaptation': 'not supported (✗)',
+    'Performance drops through representation specificity': 'supported (✓)',
+}
 ORDER = ('base', 'BnB', 'BnB+', 'AnB', 'AnB+', 'random')
 
 
@@ -126,8 +133,16 @@ def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = (),
       '## The seminar\'s claims', '',
       'A difference counts only when its 95% confidence interval (Student t, paired on split, '
       'target half and seed) excludes zero; otherwise it is reported as within noise.', '']
+  seminar = config.get('dataset') == 'cifar10' and config.get('model') == 'final'
+  if seminar:
+    parts += [f'The seminar (PyTorch, same net, 10 epochs) reported a base accuracy of '
+              f'{SEMINAR_BASELINE} and the verdicts quoted after each claim.', '']
   for claim, verdict, evidence in claims(rows):
-    parts += [f'- **{claim}**: {verdict}.  ', f'  {evidence}', '']
+    quoted = next((v for k, v in SEMINAR_VERDICTS.items() if claim.startswith(k)), None)
+    parts += [f'- **{claim}**: {verdict}.  ', f'  {evidence}  ']
+    if seminar and quoted:
+      parts.append(f'  Seminar: {quoted}.')
+    parts.append('')
   if figures:
     parts += ['## Figures', ''] + [f'![{f}]({f})' for f in figures if f.endswith('.png')] + ['']
   parts += ['## Configuration', '', '```', *(f'{k} = {v}' for k, v in sorted(config.items())),

@@ -244,7 +244,6 @@ def run_study(config: StudyConfig, workdir: Workdir, model, data: train.DeviceDa
               train_labels: np.ndarray, test_labels: np.ndarray, halves, stacks: list[Stack],
               *, log: Callable[[str], None] | None = None, mesh=None) -> list[dict]:
   """Train every unfinished stack in order; return all rows (finished ones read back)."""
-  num_classes = int(max(train_labels.max(), test_labels.max())) + 1
   per_class = config.train_per_class or None
   tconfig = train.TrainConfig(config.epochs, config.batch_size, config.optimizer,
                               config.learning_rate, config.weight_decay)
@@ -263,16 +262,7 @@ def run_study(config: StudyConfig, workdir: Workdir, model, data: train.DeviceDa
         bases = bases or _restore_bases(workdir, stacks)
         sources = _stacked_sources(bases, stack.runs, stack.structure.graft_layers)
       classes = [halves[r.split][r.target == 'B'] for r in stack.runs]
-      members = train.Members(
-          init_keys=jnp.stack([run_key(r, 'init') for r in stack.runs]),
-          shuffle_keys=jnp.stack([run_key(r, 'shuffle') for r in stack.runs]),
-          train_idx=jnp.asarray(np.stack([splits_lib.class_indices(train_labels, c, per_class)
-                                          for c in classes])),
-          test_idx=jnp.asarray(np.stack([splits_lib.class_indices(test_labels, c)
-                                         for c in classes])),
-          label_map=jnp.asarray(np.stack([splits_lib.label_map(c, num_classes)
-                                          for c in classes])),
-          sources=sources)
+      members = _members(stack.runs, classes, train_labels, test_labels, per_class, sources)
       stack_model = model(len(classes[0]))
       if log:
         log(f'{label} training')
@@ -287,6 +277,20 @@ def run_study(config: StudyConfig, workdir: Workdir, model, data: train.DeviceDa
         bases = None  # re-read with the new stack included
     all_rows.extend(rows)
   return all_rows
+
+
+def _members(runs: Sequence[Run], classes: Sequence[Sequence[int]], train_labels: np.ndarray,
+             test_labels: np.ndarray, per_class: int | None, sources) -> train.Members:
+  """Each run's keys, its target half's train/test indices and label map, stacked."""
+  num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+  stack = lambda xs: jnp.asarray(np.stack(xs))
+  return train.Members(
+      init_keys=jnp.stack([run_key(r, 'init') for r in runs]),
+      shuffle_keys=jnp.stack([run_key(r, 'shuffle') for r in runs]),
+      train_idx=stack([splits_lib.class_indices(train_labels, c, per_class) for c in classes]),
+      test_idx=stack([splits_lib.class_indices(test_labels, c) for c in classes]),
+      label_map=stack([splits_lib.label_map(c, num_classes) for c in classes]),
+      sources=sources)
 
 
 def _restore_bases(workdir: Workdir, stacks: list[Stack]) -> dict:

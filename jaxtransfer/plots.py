@@ -96,7 +96,7 @@ def sweep_figure(summary: dict, param: str, stem: str) -> list[str]:
   errorbar(top, 'base', color='black', label='base accuracy')
   top.set_ylabel('test accuracy')
   errorbar(bottom, 'dip', color=STYLE['BnB'][0], label='BnB − base (deepest middle dip)')
-  errorbar(bottom, 'gain', color=STYLE['AnB+'][0], label='AnB+ − base (pooled over n)')
+  errorbar(bottom, 'gain', color=STYLE['AnB+'][0], label='AnB+ − base (mean over n)')
   bottom.axhline(0, color='black', lw=1)
   bottom.set_ylabel('accuracy difference')
   bottom.set_xlabel(param)

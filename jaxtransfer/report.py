@@ -57,11 +57,12 @@ def claims(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
 
   if has('AnB+'):
     per_depth = {d: results.paired_to_base(rows, 'AnB+', d) for d in depths}
-    pooled = [v for vs in per_depth.values() for v in vs]
+    pooled = results.pooled_over_depths(rows, 'AnB+')
     sign = _sign(pooled)
     verdict = {'above': 'supported', 'below': 'contradicted'}.get(sign, 'not supported '
                                                                     '(within noise)')
-    evidence = (f'AnB+ − base, pooled over n: {_fmt(pooled)}; per n: ' +
+    evidence = (f'AnB+ − base, averaged over n within each split/half/seed: {_fmt(pooled)}; '
+                'per n: ' +
                 ', '.join(f'n={d}: {_fmt(v)}' for d, v in per_depth.items()))
     out.append(('Transfer plus fine-tuning improves generalisation (AnB+ above base)',
                 verdict, evidence))
@@ -170,9 +171,7 @@ def sweep_summary(rows_by_value: dict) -> dict:
       depth, dip = _dip(rows)
       entry['dip'], entry['dip_depth'] = results.mean_ci(dip), depth
     if results.select(rows, condition='AnB+'):
-      depths = sorted({r['depth'] for r in results.select(rows, condition='AnB+')})
-      gain = [v for d in depths for v in results.paired_to_base(rows, 'AnB+', d)]
-      entry['gain'] = results.mean_ci(gain)
+      entry['gain'] = results.mean_ci(results.pooled_over_depths(rows, 'AnB+'))
     out[value] = entry
   return out
 
@@ -181,7 +180,7 @@ def render_sweep(summary: dict, param: str, figures: Sequence[str] = ()) -> str:
   ci = lambda mc: f'{mc[0]:+.3f} ± {mc[1]:.3f}' if not math.isnan(mc[1]) else f'{mc[0]:+.3f}'
   lines = [f'# Sweep over {param}', '',
            'base: mean test accuracy of the base nets; dip: BnB − base at the middle depth '
-           'where it is lowest (fragile co-adaptation); gain: AnB+ − base pooled over depths '
+           'where it is lowest (fragile co-adaptation); gain: AnB+ − base averaged over depths '
            '(fine-tuning benefit). Mean ± 95% CI.', '',
            f'| {param} | base | dip (depth) | gain |', '|---|---|---|---|']
   for value, e in summary.items():

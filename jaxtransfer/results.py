@@ -97,6 +97,19 @@ def paired_to_base(rows: Sequence[dict], condition: str, depth: int) -> list[flo
           for r in select(rows, condition=condition, depth=depth)]
 
 
+def pooled_over_depths(rows: Sequence[dict], condition: str) -> list[float]:
+  """`condition` − base averaged over depths within each (split, target, seed): one value per
+  independent unit. Pooling the per-depth differences directly would count the same base net
+  once per depth and give a falsely narrow confidence interval."""
+  base = {(r['split'], r['target'], r['seed']): r['test_accuracy']
+          for r in select(rows, condition='base')}
+  diffs: dict[tuple, list[float]] = {}
+  for r in select(rows, condition=condition):
+    unit = (r['split'], r['target'], r['seed'])
+    diffs.setdefault(unit, []).append(r['test_accuracy'] - base[unit])
+  return [float(np.mean(v)) for _, v in sorted(diffs.items())]
+
+
 def paired(rows: Sequence[dict], cond_a: str, cond_b: str, depth: int) -> list[float]:
   """`cond_a` minus `cond_b` at `depth`, paired on (split, target, seed)."""
   b = {(r['split'], r['target'], r['seed']): r['test_accuracy']

@@ -36,6 +36,14 @@ def test_paired_differences_remove_the_split_spread():
                       ) == 'above'
 
 
+def test_pooling_over_depths_counts_each_base_net_once():
+  rows = ROWS + [dict(r, depth=2, test_accuracy=r['test_accuracy'] + 0.02)
+                 for r in results.select(ROWS, condition='BnB')]
+  pooled = results.pooled_over_depths(rows, 'BnB')
+  assert len(pooled) == 6  # 3 splits x 2 targets, not x 2 depths
+  np.testing.assert_allclose(sorted(pooled), [-0.05] * 3 + [-0.04] * 3, atol=1e-9)
+
+
 def test_csv_round_trip_and_atomic_write(tmp_path):
   results.write(str(tmp_path), ROWS)
   back = results.read_csv(str(tmp_path / 'results.csv'))

@@ -47,6 +47,7 @@ def transfer_figure(rows: Sequence[dict], stem: str, relative: bool = False,
   if relative:
     ax.axhline(0, color='black', lw=1, label='base')
   conditions = [c for c in STYLE if results.select(rows, condition=c)]
+  shown = list(base) if not relative else [0.0]  # y-limits follow the runs, not the CI bands
   for k, condition in enumerate(conditions):
     color, marker, label = STYLE[condition]
     depths = sorted({r['depth'] for r in results.select(rows, condition=condition)})
@@ -56,6 +57,7 @@ def transfer_figure(rows: Sequence[dict], stem: str, relative: bool = False,
                 [r['test_accuracy'] for r in results.select(rows, condition=condition,
                                                             depth=depth)])
       x = depth + (k - (len(conditions) - 1) / 2) * 0.08
+      shown += values
       ax.scatter(np.full(len(values), x) + rng.uniform(-.02, .02, len(values)), values, s=10,
                  color=color, marker=marker, alpha=.6, zorder=2)
       mean, half = results.mean_ci(values)
@@ -65,6 +67,10 @@ def transfer_figure(rows: Sequence[dict], stem: str, relative: bool = False,
       highs.append(mean + half)
     ax.plot(depths, means, color=color, lw=2, label=label, zorder=4)
     ax.fill_between(depths, lows, highs, color=color, alpha=.15, lw=0)
+  # With few splits the t-based bands can be very wide; keep every run in view instead.
+  low, high = min(shown), max(shown)
+  pad = 0.1 * (high - low) or 0.01
+  ax.set_ylim(low - pad, high + pad)
   ax.set_xticks(range(0, max([r['depth'] for r in rows], default=0) + 1))
   ax.set_xlabel('layer n at which the network is chopped and retrained')
   ax.set_ylabel('test accuracy relative to base' if relative else 'test accuracy')

@@ -107,6 +107,11 @@ class Stack:
     return self.runs[0].condition == 'base'
 
 
+def half_classes(halves: Sequence[splits_lib.Split], split: int, half: str) -> tuple[int, ...]:
+  """The classes of half 'A' or 'B' of split `split`."""
+  return halves[split][half == 'B']
+
+
 def structure_for(run: Run, layer_names: Sequence[str], batchnorm: str) -> train.Structure:
   prefix = tuple(layer_names[:run.depth])
   graft = prefix if run.source else ()
@@ -124,11 +129,11 @@ def plan(config: StudyConfig, layer_names: Sequence[str],
   groups: dict[tuple, list[Run]] = {}
   for depth in config.depths:
     for condition in config.conditions:
-      for s, (a, b) in enumerate(halves):
+      for s in range(len(halves)):
         for target in targets:
           for seed in seeds:
             run = Run(s, target, condition, depth, seed)
-            size = len(a if target == 'A' else b)
+            size = len(half_classes(halves, s, target))
             key = (structure_for(run, layer_names, config.frozen_batchnorm), size)
             groups.setdefault(key, []).append(run)
   stacks = _group_by_size('base', train.Structure(), base, halves)
@@ -142,9 +147,9 @@ def plan(config: StudyConfig, layer_names: Sequence[str],
 
 def _group_by_size(name: str, structure: train.Structure, runs: list[Run],
                    halves: Sequence[splits_lib.Split]) -> list[Stack]:
-  sizes = sorted({len(halves[r.split][r.target == 'B']) for r in runs})
+  sizes = sorted({len(half_classes(halves, r.split, r.target)) for r in runs})
   return [Stack(f'{name}-k{k}', structure,
-                tuple(r for r in runs if len(halves[r.split][r.target == 'B']) == k))
+                tuple(r for r in runs if len(half_classes(halves, r.split, r.target)) == k))
           for k in sizes]
 
 
@@ -261,7 +266,7 @@ def run_study(config: StudyConfig, workdir: Workdir, model, data: train.DeviceDa
       if stack.structure.graft_layers:
         bases = bases or _restore_bases(workdir, stacks)
         sources = _stacked_sources(bases, stack.runs, stack.structure.graft_layers)
-      classes = [halves[r.split][r.target == 'B'] for r in stack.runs]
+      classes = [half_classes(halves, r.split, r.target) for r in stack.runs]
       members = _members(stack.runs, classes, train_labels, test_labels, per_class, sources)
       stack_model = model(len(classes[0]))
       if log:
@@ -384,12 +389,12 @@ def similarity(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], h
     if condition == 'base':
       continue
     base_key = lambda half: (s, half, 'base', 0, seed)
-    model = make(len(halves[s][t == 'B']))
+    model = make(len(half_classes(halves, s, t)))
     images = features[(s, t)]
     reference = cka.layer_features(model, nets[base_key(t)], images)
     other = 'A' if t == 'B' else 'B'
     if depth == config.depths[0]:  # once per (split, target, seed)
-      other_model = make(len(halves[s][other == 'B']))
+      other_model = make(len(half_classes(halves, s, other)))
       rows.setdefault('other base', []).append(cka.per_layer_cka(
           cka.layer_features(other_model, nets[base_key(other)], images), reference))
     rows.setdefault(f'{condition} n={depth}', []).append(

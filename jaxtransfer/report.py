@@ -25,16 +25,16 @@ def _fmt(values: Sequence[float]) -> str:
   return f'{mean:.3f}{ci} (n={len(values)})'
 
 
+def _side(mean: float, half: float) -> str:
+  """'above' / 'below' zero when the 95% CI (mean ± half) excludes zero, else 'within noise'."""
+  return 'above' if mean - half > 0 else 'below' if mean + half < 0 else 'within noise'
+
+
 def _sign(values: Sequence[float]) -> str:
-  """'above' / 'below' zero when the 95% CI excludes zero, else 'within noise'."""
   mean, half = results.mean_ci(values)
   if math.isnan(half):
     return 'within noise' if mean == 0 else ('above' if mean > 0 else 'below') + ' (one run, no CI)'
-  if mean - half > 0:
-    return 'above'
-  if mean + half < 0:
-    return 'below'
-  return 'within noise'
+  return _side(mean, half)
 
 
 def table(rows: Sequence[dict]) -> str:
@@ -199,7 +199,5 @@ def render_sweep(summary: dict, param: str, figures: Sequence[str] = ()) -> str:
 
 
 def _sign_of(mean_ci: tuple[float, float]) -> str:
-  mean, half = mean_ci
-  if math.isnan(half):
-    return 'one run'
-  return 'above 0' if mean - half > 0 else 'below 0' if mean + half < 0 else 'within noise'
+  side = 'one run' if math.isnan(mean_ci[1]) else _side(*mean_ci)
+  return side + ' 0' if side in ('above', 'below') else side

@@ -121,36 +121,31 @@ def structure_for(run: Run, layer_names: Sequence[str], batchnorm: str) -> train
 
 def plan(config: StudyConfig, layer_names: Sequence[str],
          halves: Sequence[splits_lib.Split]) -> list[Stack]:
-  """All runs, grouped into stacks: the base models first (every later stack grafts from them)."""
+  """All runs, grouped into stacks by (structure, target size): the base models first (every
+  later stack grafts from them)."""
   targets = ('B',) if config.directions == 'AtoB' else ('A', 'B')
   seeds = range(config.seeds)
-  base = [Run(s, half, 'base', 0, seed) for s in range(len(halves)) for half in ('A', 'B')
+  runs = [Run(s, half, 'base', 0, seed) for s in range(len(halves)) for half in ('A', 'B')
           for seed in seeds]
+  runs += [Run(s, target, condition, depth, seed) for depth in config.depths
+           for condition in config.conditions for s in range(len(halves))
+           for target in targets for seed in seeds]
   groups: dict[tuple, list[Run]] = {}
-  for depth in config.depths:
-    for condition in config.conditions:
-      for s in range(len(halves)):
-        for target in targets:
-          for seed in seeds:
-            run = Run(s, target, condition, depth, seed)
-            size = len(half_classes(halves, s, target))
-            key = (structure_for(run, layer_names, config.frozen_batchnorm), size)
-            groups.setdefault(key, []).append(run)
-  stacks = _group_by_size('base', train.Structure(), base, halves)
-  for (structure, size), runs in groups.items():
-    kind = 'frozen' if structure.frozen_layers else 'finetune'
-    graft = 'graft' if structure.graft_layers else 'random'
-    depth = max(len(structure.graft_layers), len(structure.frozen_layers))
-    stacks.append(Stack(f'{kind}-{graft}-n{depth}-k{size}', structure, tuple(runs)))
-  return stacks
+  for run in runs:
+    key = (structure_for(run, layer_names, config.frozen_batchnorm),
+           len(half_classes(halves, run.split, run.target)))
+    groups.setdefault(key, []).append(run)
+  return [Stack(_stack_name(structure, size), structure, tuple(group))
+          for (structure, size), group in groups.items()]
 
 
-def _group_by_size(name: str, structure: train.Structure, runs: list[Run],
-                   halves: Sequence[splits_lib.Split]) -> list[Stack]:
-  sizes = sorted({len(half_classes(halves, r.split, r.target)) for r in runs})
-  return [Stack(f'{name}-k{k}', structure,
-                tuple(r for r in runs if len(half_classes(halves, r.split, r.target)) == k))
-          for k in sizes]
+def _stack_name(structure: train.Structure, size: int) -> str:
+  if structure == train.Structure():
+    return f'base-k{size}'
+  kind = 'frozen' if structure.frozen_layers else 'finetune'
+  graft = 'graft' if structure.graft_layers else 'random'
+  depth = max(len(structure.graft_layers), len(structure.frozen_layers))
+  return f'{kind}-{graft}-n{depth}-k{size}'
 
 
 def run_key(run: Run, purpose: str) -> jax.Array:
@@ -377,7 +372,7 @@ def similarity(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], h
     for t, classes in zip('AB', pair):
       idx = splits_lib.class_indices(test_ds.labels, classes)
       idx = np.concatenate([idx[test_ds.labels[idx] == c][:per_class] for c in classes])
-      features[(s, t)] = ((test_ds.images[idx] / 255.0 - mean) / std).astype(np.float32)
+      features[(s, t)] = np.asarray(train.normalize(test_ds.images[idx], mean, std))
   nets = {}  # (split, target, condition, depth, seed) -> variables
   for stack in stacks:
     variables = workdir.restore(stack)

@@ -103,8 +103,9 @@ def to_device(train, test, mean, std) -> DeviceData:
                     jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
 
 
-def normalize(images_u8: jax.Array, data: DeviceData) -> jax.Array:
-  return (images_u8.astype(jnp.float32) / 255.0 - data.mean) / data.std
+def normalize(images_u8: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+  """uint8 images -> float32, per channel (x / 255 - mean) / std."""
+  return (jnp.asarray(images_u8).astype(jnp.float32) / 255.0 - mean) / std
 
 
 class Trainer:
@@ -136,7 +137,7 @@ class Trainer:
   def step(self, state, batch_idx, label_map, data: DeviceData):
     """One optimiser step on the examples `batch_idx`; gradients only w.r.t. trainable leaves,
     so no backward pass runs through a frozen prefix."""
-    images = normalize(data.train_images[batch_idx], data)
+    images = normalize(data.train_images[batch_idx], data.mean, data.std)
     labels = label_map[data.train_labels[batch_idx]]
     trainable, frozen = transfer.partition(state['params'], self.labels)
     (loss, (model_state, correct)), grads = jax.value_and_grad(self.loss, has_aux=True)(
@@ -179,7 +180,8 @@ class Trainer:
 
     def correct(args):
       idx, ok = args
-      logits = self.model.apply(variables, normalize(data.test_images[idx], data), train=False)
+      logits = self.model.apply(variables, normalize(data.test_images[idx], data.mean, data.std),
+                                train=False)
       return ((logits.argmax(-1) == label_map[data.test_labels[idx]]) & ok).sum()
 
     hits = lax.map(correct, (padded.reshape(batches, eb), valid.reshape(batches, eb)))

@@ -24,6 +24,11 @@ STYLE = {
 }
 
 
+# Below this many runs per point a Student-t band (1 degree of freedom at 2 runs: mean ± 12.7 sd)
+# says nothing and hides the points, so it is left out and the figure says so.
+MIN_BAND_RUNS = 3
+
+
 def _save(fig, stem: str) -> list[str]:
   paths = []
   for ext in ('png', 'pdf'):
@@ -37,8 +42,15 @@ def _save(fig, stem: str) -> list[str]:
 
 def transfer_figure(rows: Sequence[dict], stem: str, relative: bool = False,
                     title: str = '') -> list[str]:
-  """Every run as a point, the mean as a line, the 95% CI as a band; written as PNG and PDF."""
+  """`draw_transfer` on a new figure, written as PNG and PDF."""
   fig, ax = plt.subplots(figsize=(7, 4.5))
+  draw_transfer(ax, rows, relative, title)
+  return _save(fig, stem)
+
+
+def draw_transfer(ax, rows: Sequence[dict], relative: bool = False, title: str = '') -> None:
+  """Every run as a point, the mean as a line, the 95% CI as a band (from MIN_BAND_RUNS runs per
+  point)."""
   rng = np.random.default_rng(0)  # jitter only, fixed so figures are reproducible
   base = [r['test_accuracy'] for r in results.select(rows, condition='base')]
   if base and not relative:
@@ -48,6 +60,7 @@ def transfer_figure(rows: Sequence[dict], stem: str, relative: bool = False,
     ax.axhline(0, color='black', lw=1, label='base')
   conditions = [c for c in STYLE if results.select(rows, condition=c)]
   shown = list(base) if not relative else [0.0]  # y-limits follow the runs, not the CI bands
+  bands, fewest = [], np.inf
   for k, condition in enumerate(conditions):
     color, marker, label = STYLE[condition]
     depths = sorted({r['depth'] for r in results.select(rows, condition=condition)})
@@ -65,8 +78,15 @@ def transfer_figure(rows: Sequence[dict], stem: str, relative: bool = False,
       means.append(mean)
       lows.append(mean - half)
       highs.append(mean + half)
+      fewest = min(fewest, len(values))
     ax.plot(depths, means, color=color, lw=2, label=label, zorder=4)
-    ax.fill_between(depths, lows, highs, color=color, alpha=.15, lw=0)
+    bands.append((depths, lows, highs, color))
+  if fewest >= MIN_BAND_RUNS:
+    for depths, lows, highs, color in bands:
+      ax.fill_between(depths, lows, highs, color=color, alpha=.15, lw=0)
+  elif bands:
+    ax.text(0.01, 0.01, f'no CI bands: {fewest} run(s) per point', transform=ax.transAxes,
+            fontsize=7, color='dimgrey', va='bottom')
   # With few splits the t-based bands can be very wide; keep every run in view instead.
   low, high = min(shown), max(shown)
   pad = 0.1 * (high - low) or 0.01
@@ -78,7 +98,6 @@ def transfer_figure(rows: Sequence[dict], stem: str, relative: bool = False,
     ax.set_title(title)
   ax.grid(alpha=.3)
   ax.legend(fontsize=8, loc='best')
-  return _save(fig, stem)
 
 
 def write_all(rows: Sequence[dict], directory: str) -> list[str]:

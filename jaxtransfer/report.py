@@ -49,6 +49,51 @@ def table(rows: Sequence[dict]) -> str:
   return f'base (n = 0): {_fmt(base)}\n\n' + '\n'.join(lines)
 
 
+def _diff(values: Sequence[float]) -> str:
+  mean, half = results.mean_ci(values)
+  return f'{mean:+.3f}' + ('' if math.isnan(half) else f' ± {half:.3f}')
+
+
+def relative_table(columns: Sequence[tuple[str, Sequence[dict], str]]) -> str:
+  """Columns (label, rows, condition) of `condition` − base, paired per (split, target, seed).
+
+  The table to read the claims from: the spread of absolute accuracy between halves and splits
+  cancels in the pairing. Each column pairs within its own rows, so columns may come from
+  different studies (e.g. two BatchNorm policies) without mixing their base nets."""
+  depths = sorted({r['depth'] for _, rows, c in columns
+                   for r in results.select(rows, condition=c)})
+  lines = ['| n | ' + ' | '.join(label for label, _, _ in columns) + ' |',
+           '|---' * (len(columns) + 1) + '|']
+  cells = {(d, i): results.paired_to_base(rows, c, d)
+           for d in depths for i, (_, rows, c) in enumerate(columns)}
+  counts = {len(v) for v in cells.values() if v}
+  show_n = len(counts) > 1  # else said once, below the table
+  for d in depths:
+    line = [_diff(v) + (f' (n={len(v)})' if show_n else '') if (v := cells[(d, i)]) else ''
+            for i in range(len(columns))]
+    lines.append(f'| {d} | ' + ' | '.join(line) + ' |')
+  if len(counts) == 1:
+    lines += ['', f'n = {counts.pop()} paired differences per cell.']
+  return '\n'.join(lines)
+
+
+def base_by_target(rows: Sequence[dict]) -> str:
+  """'A 0.631 (n=1), B 0.770 (n=1)': the halves differ in difficulty, so say each."""
+  base = results.select(rows, condition='base')
+  return ', '.join(f'{t} {_fmt([r["test_accuracy"] for r in results.select(base, target=t)])}'
+                   for t in sorted({r['target'] for r in base}))
+
+
+def _seminar_baseline(rows: Sequence[dict]) -> str:
+  base = [r['test_accuracy'] for r in results.select(rows, condition='base')]
+  mean, half = results.mean_ci(base)
+  inside = abs(mean - SEMINAR_BASELINE) <= half
+  where = ('one base net, no CI' if math.isnan(half) else
+           f'the seminar\'s value lies {"inside" if inside else "outside"} our 95% CI')
+  return (f'Base accuracy: ours {_fmt(base)}, the seminar\'s {SEMINAR_BASELINE} '
+          f'({mean - SEMINAR_BASELINE:+.3f}; {where}).')
+
+
 def claims(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
   """(claim, verdict, evidence) for the three claims the seminar checked."""
   depths = sorted({r['depth'] for r in rows if r['condition'] != 'base'})
@@ -131,13 +176,20 @@ def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = (),
       *_halves(rows, class_names), '',
       '## Test accuracy: mean ± 95% CI over splits × directions × seeds', '',
       table(rows), '',
+      f'Base nets by target half: {base_by_target(rows)}.', '',
+      '## Difference from the base net of the same target', '',
+      'Each cell: mean ± 95% CI of (model − base net of the same split, target half and seed).',
+      '',
+      relative_table([(c, rows, c) for c in ORDER if c != 'base'
+                      and results.select(rows, condition=c)]), '',
       '## The seminar\'s claims', '',
       'A difference counts only when its 95% confidence interval (Student t, paired on split, '
       'target half and seed) excludes zero; otherwise it is reported as within noise.', '']
   seminar = config.get('dataset') == 'cifar10' and config.get('model') == 'final'
   if seminar:
     parts += [f'The seminar (PyTorch, same net, 10 epochs) reported a base accuracy of '
-              f'{SEMINAR_BASELINE} and the verdicts quoted after each claim.', '']
+              f'{SEMINAR_BASELINE} and the verdicts quoted after each claim.', '',
+              _seminar_baseline(rows), '']
   for claim, verdict, evidence in claims(rows):
     quoted = next((v for k, v in SEMINAR_VERDICTS.items() if claim.startswith(k)), None)
     parts += [f'- **{claim}**: {verdict}.  ', f'  {evidence}  ']

@@ -1,0 +1,47 @@
+r"""Prints finished studies' difference-from-base tables side by side, as one markdown table.
+
+  python -m experiments.compare results/cifar10/seed-1split-update \
+      results/cifar10/seed-1split-fixed=fixed
+
+Each argument is a study folder holding results.csv, optionally `=LABEL`; a label is appended to
+that study's column names. Each study is paired against its own base nets.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+
+from jaxtransfer import report, results
+
+
+def table(studies: list[tuple[str, str]]) -> str:
+  """studies: (folder, label) pairs -> the base accuracies and one relative table."""
+  columns, bases = [], []
+  for folder, label in studies:
+    path = os.path.join(folder, 'results.csv')
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{path}: no such file (is {folder} a finished study?)')
+    rows = results.read_csv(path)
+    suffix = f' ({label})' if label else ''
+    columns += [(c + suffix, rows, c) for c in report.ORDER
+                if c != 'base' and results.select(rows, condition=c)]
+    bases.append(f'- base nets{suffix or f" ({folder})"}: {report.base_by_target(rows)}')
+  return '\n'.join(bases) + '\n\n' + report.relative_table(columns)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) < 2:
+    raise app.UsageError('give at least one study folder: FOLDER[=LABEL] ...')
+  studies = [tuple(a.partition('=')[::2]) for a in argv[1:]]
+  try:
+    print(table(studies))
+  except (FileNotFoundError, KeyError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

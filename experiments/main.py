@@ -42,6 +42,9 @@ flags.DEFINE_enum('halves', 'random', ['random', 'dissimilar'], "How classes spl
                   'classes of CIFAR-10 (4 vs 6) or CIFAR-100 (by superclass, 30 vs 70).')
 flags.DEFINE_integer('num_splits', 5, 'Random class splits into halves A and B.')
 flags.DEFINE_integer('split_seed', 0, 'Seed of the random class splits.')
+flags.DEFINE_list('splits', [], 'Train only these splits (0-based indices into the '
+                  '--num_splits splits; default all): one shard of a study, e.g. per machine or '
+                  'session. experiments/pool.py pools shards into the whole study.')
 flags.DEFINE_list('depths', [], 'Transferred depths n (layers copied from a base net); default '
                   '1..L-1 for a net of L layers.')
 flags.DEFINE_list('conditions', list(_DEFAULTS.conditions), 'Any of BnB (selffer, frozen), BnB+ '
@@ -111,13 +114,21 @@ def config_from_flags(num_layers_of) -> study.StudyConfig:
   for name in ('num_splits', 'seeds', 'epochs', 'batch_size'):
     if getattr(FLAGS, name) < 1:
       raise UsageError(f'--{name} must be at least 1, got {getattr(FLAGS, name)}')
-  if FLAGS.cka_images < 0 or FLAGS.train_per_class < 0 or FLAGS.learning_rate <= 0 or FLAGS.weight_decay < 0:
-    raise UsageError('--cka_images, --train_per_class and --weight_decay must be >= 0, --learning_rate > 0')
+  if (FLAGS.cka_images < 0 or FLAGS.train_per_class < 0 or FLAGS.learning_rate <= 0
+      or FLAGS.weight_decay < 0):
+    raise UsageError('--cka_images, --train_per_class and --weight_decay must be >= 0, '
+                     '--learning_rate > 0')
+  chosen = tuple(sorted(set(_ints('splits', FLAGS.splits))))
+  if any(not 0 <= s < FLAGS.num_splits for s in chosen):
+    raise UsageError(f'--splits {",".join(FLAGS.splits)}: indices must be in 0..'
+                     f'{FLAGS.num_splits - 1} (--num_splits={FLAGS.num_splits})')
+  if chosen == tuple(range(FLAGS.num_splits)):
+    chosen = ()  # all of them: the same study as no --splits
   return study.StudyConfig(
       dataset=FLAGS.dataset,
       image_folder=os.path.abspath(FLAGS.image_folder) if FLAGS.image_folder else '',
       model=FLAGS.model, widths=widths, halves=FLAGS.halves, num_splits=FLAGS.num_splits,
-      split_seed=FLAGS.split_seed,
+      split_seed=FLAGS.split_seed, splits=chosen,
       depths=tuple(sorted(set(depths))), conditions=conditions, directions=FLAGS.directions,
       seeds=FLAGS.seeds, frozen_batchnorm=FLAGS.frozen_batchnorm, epochs=FLAGS.epochs,
       batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,

@@ -49,6 +49,7 @@ class StudyConfig:
   halves: str = 'random'  # 'random' | 'dissimilar' (man-made vs natural, one split)
   num_splits: int = 5
   split_seed: int = 0
+  splits: tuple[int, ...] = ()  # () = all; a subset runs one shard of the study (see pool)
   depths: tuple[int, ...] = ()  # () = 1..L-1
   conditions: tuple[str, ...] = ('BnB', 'BnB+', 'AnB', 'AnB+')
   directions: str = 'both'
@@ -125,10 +126,10 @@ def plan(config: StudyConfig, layer_names: Sequence[str],
   later stack grafts from them)."""
   targets = ('B',) if config.directions == 'AtoB' else ('A', 'B')
   seeds = range(config.seeds)
-  runs = [Run(s, half, 'base', 0, seed) for s in range(len(halves)) for half in ('A', 'B')
-          for seed in seeds]
+  chosen = config.splits or range(len(halves))
+  runs = [Run(s, half, 'base', 0, seed) for s in chosen for half in ('A', 'B') for seed in seeds]
   runs += [Run(s, target, condition, depth, seed) for depth in config.depths
-           for condition in config.conditions for s in range(len(halves))
+           for condition in config.conditions for s in chosen
            for target in targets for seed in seeds]
   groups: dict[tuple, list[Run]] = {}
   for run in runs:
@@ -176,13 +177,19 @@ class Workdir:
         raise ValueError(f'workdir {self.path} holds a study with other flags ({changes}); '
                          'use a new --workdir')
 
-  def claim(self, config: StudyConfig) -> None:
-    """Record `config` as this workdir's study (after `check`)."""
+  def claim(self, config: StudyConfig, class_names: Sequence[str] = ()) -> None:
+    """Record `config` as this workdir's study (after `check`), with the dataset's class names
+    so that the results can be read (and pooled) without the data."""
     self.check(config)
     os.makedirs(self.file('stacks'), exist_ok=True)
-    if not os.path.exists(self.file('study.json')):
-      results.atomic_write_json(self.file('study.json'),
-                                {'config': config.to_json(), 'config_hash': config.hash()})
+    meta = self.file('study.json')
+    record = {'config': config.to_json(), 'config_hash': config.hash()}
+    if os.path.exists(meta):
+      with open(meta) as f:
+        record = json.load(f)
+      if record.get('class_names') or not class_names:
+        return
+    results.atomic_write_json(meta, {**record, 'class_names': list(class_names)})
 
   def rows(self, stack: Stack) -> list[dict] | None:
     path = self.file('stacks', f'{stack.name}.json')
@@ -338,7 +345,7 @@ def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
   example = np.zeros((1,) + train_ds.images.shape[1:], np.float32)
   layer_names = transfer.layer_order(make(2), example, train=False)
   stacks = plan(config, layer_names, halves)
-  workdir.claim(config)
+  workdir.claim(config, train_ds.class_names)
   if log:
     log(f'study {config.hash()}: {sum(len(s.runs) for s in stacks)} models in {len(stacks)} '
         f'stacks, {len(train_ds)} train / {len(test_ds)} test images, '
@@ -368,8 +375,8 @@ def similarity(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], h
   from jaxtransfer import cka  # matplotlib-heavy, only when asked
   per_class = max(1, config.cka_images // len(halves[0][1]))
   features = {}  # (split, target) -> normalised test images
-  for s, pair in enumerate(halves):
-    for t, classes in zip('AB', pair):
+  for s in sorted({r.split for stack in stacks for r in stack.runs}):
+    for t, classes in zip('AB', halves[s]):
       idx = splits_lib.class_indices(test_ds.labels, classes)
       idx = np.concatenate([idx[test_ds.labels[idx] == c][:per_class] for c in classes])
       features[(s, t)] = np.asarray(train.normalize(test_ds.images[idx], mean, std))
@@ -438,4 +445,57 @@ def run_sweep(config: StudyConfig, workdir: Workdir, **kwargs) -> str:
   path = workdir.file('sweep.md')
   results.atomic_write_text(path, report.render_sweep(summary, param, [
       os.path.relpath(f, workdir.path) for f in figures]))
+  return path
+
+
+SHARD_FIELDS = ('num_splits', 'splits')
+
+
+def pool(shards: Sequence[str], out: str) -> str:
+  """Pool finished shards of one study into `out`: results, figures and report as if a single
+  run had trained all their splits.
+
+  Shards are workdirs of studies with the same flags except --num_splits and --splits, and
+  disjoint splits. Splits are a prefix-stable sequence of `split_seed` and every model's keys
+  come from its run's identity, so a shard trains exactly the models the whole study would."""
+  if len(shards) < 2:
+    raise ValueError('pooling needs at least two shard workdirs')
+  records, shard_rows = [], []
+  for path in shards:
+    meta, csv = os.path.join(path, 'study.json'), os.path.join(path, 'results.csv')
+    if not (os.path.isfile(meta) and os.path.isfile(csv)):
+      raise ValueError(f'{path} is not a finished study (no study.json and results.csv)')
+    with open(meta) as f:
+      records.append(json.load(f))
+    shard_rows.append(results.read_csv(csv))
+  configs = [{**StudyConfig().to_json(), **r['config']} for r in records]
+  for path, config in zip(shards[1:], configs[1:]):
+    diff = sorted(k for k in config if k not in SHARD_FIELDS and config[k] != configs[0][k])
+    if diff:
+      changes = ', '.join(f'{k}: {configs[0][k]!r} vs {config[k]!r}' for k in diff)
+      raise ValueError(f'{path} is not a shard of the same study as {shards[0]} ({changes})')
+  owner: dict[int, str] = {}
+  for path, rows in zip(shards, shard_rows):
+    for split in sorted({r['split'] for r in rows}):
+      if split in owner:
+        raise ValueError(f'split {split} is in both {owner[split]} and {path}')
+      owner[split] = path
+  if (os.path.realpath(out) in map(os.path.realpath, shards)
+      or os.path.exists(os.path.join(out, 'study.json'))):
+    raise ValueError(f'{out} holds a study; pool into a new directory')
+  rows = sorted((r for rows in shard_rows for r in rows), key=lambda r: r['split'])
+  num_splits = max(c['num_splits'] for c in configs)
+  chosen = sorted(owner)
+  config = {**configs[0], 'num_splits': num_splits,
+            'splits': [] if chosen == list(range(num_splits)) else chosen}
+  results.write(out, rows)
+  results.atomic_write_json(os.path.join(out, 'pool.json'),
+                            {'config': config, 'shards': [os.path.abspath(p) for p in shards]})
+  figures = [os.path.relpath(p, out) for p in plots.write_all(rows, out)]
+  text = report.render(rows, config, figures, class_names=records[0].get('class_names') or None)
+  parts = [f'`{p}` (split {", ".join(str(s) for s in chosen if owner[s] == p)})' for p in shards]
+  note = (f'Pooled from the shards {", ".join(parts)}; their layer-similarity (CKA) figures '
+          'stay in each shard.')
+  path = os.path.join(out, 'report.md')
+  results.atomic_write_text(path, text.replace('\n\n', f'\n\n{note}\n\n', 1))
   return path

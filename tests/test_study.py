@@ -112,6 +112,7 @@ def test_workdir_with_other_flags_is_refused(finished, image_folder, capsys):
     (('--conditions=BnB,XnB',), "unknown ['XnB']"),
     (('--widths=2,x,2',), 'list of integers'),
     (('--epochs=0',), '--epochs must be at least 1'),
+    (('--splits=1,2',), '--splits 1,2: indices must be in 0..1'),
 ])
 def test_bad_input_is_one_line_and_destroys_nothing(finished, image_folder, capsys, extra,
                                                     message):
@@ -134,6 +135,59 @@ def test_missing_data_unwritable_workdir_too_many_splits(image_folder, tmp_path,
   blocker.write_text('')
   assert run_cli(*tiny_args(tmp_path / 'nowhere', blocker / 'wd')) == 2
   assert 'not writable' in capsys.readouterr().err
+
+
+def test_a_shard_plans_exactly_its_splits_runs():
+  layers = ('conv1', 'conv2', 'head')
+  halves = splits.random_halves(10, 3, seed=0)
+  whole = study.StudyConfig(num_splits=3, depths=(1, 2), conditions=('BnB', 'AnB+'))
+  shard = study.StudyConfig(num_splits=3, depths=(1, 2), conditions=('BnB', 'AnB+'), splits=(0, 2))
+  runs = lambda config: [r for s in study.plan(config, layers, halves) for r in s.runs]
+  assert runs(shard) == [r for r in runs(whole) if r.split != 1]
+  assert len(runs(shard)) == 2 * 2 + 2 * 2 * 2 * 2
+  # A shard's splits are those of the whole study (the sequence is prefix-stable).
+  assert splits.random_halves(10, 2, seed=0) == halves[:2]
+
+
+def _shard(finished, path, split):
+  """A finished one-split shard of the `finished` study, as `--splits=<split>` would leave it."""
+  os.makedirs(path)
+  meta = __import__('json').load(open(os.path.join(finished, 'study.json')))
+  meta['config']['splits'] = [split]
+  results.atomic_write_json(os.path.join(path, 'study.json'), meta)
+  rows = results.read_csv(os.path.join(finished, 'results.csv'))
+  results.write(path, results.select(rows, split=split))
+
+
+def test_pooled_shards_equal_the_whole_study(finished, tmp_path):
+  one, two, out = (str(tmp_path / n) for n in ('one', 'two', 'out'))
+  _shard(finished, one, 1)
+  _shard(finished, two, 0)
+  assert __import__('json').load(open(os.path.join(one, 'study.json')))['class_names']
+  pool = lambda *argv: subprocess.run([sys.executable, '-m', 'experiments.pool', *argv],
+                                      cwd=ROOT, capture_output=True, text=True)
+  assert pool(f'--out={out}', one, two).returncode == 0
+  key = lambda r: (r['split'], r['target'], r['condition'], r['depth'], r['seed'])
+  rows = lambda d: sorted(results.read_csv(os.path.join(d, 'results.csv')), key=key)
+  assert rows(out) == rows(finished)
+  text = open(os.path.join(out, 'report.md')).read()
+  whole = open(os.path.join(finished, 'report.md')).read()
+  tables = lambda t: t[t.index('## Test accuracy'):t.index('## Figures')]
+  assert tables(text) == tables(whole)  # tables, claims and verdicts
+  assert f'Pooled from the shards `{one}` (split 1), `{two}` (split 0)' in text
+  assert os.path.getsize(os.path.join(out, 'figures', 'transfer_relative.png')) > 1000
+  proc = pool(f'--out={finished}', one, two)
+  assert proc.returncode == 2
+  assert proc.stderr == f'error: {finished} holds a study; pool into a new directory\n'
+  for shards, message in (([one, one], 'split 1 is in both'), ([one, finished], 'split 1 is in'),
+                          ([one, str(tmp_path / 'none')], 'not a finished study')):
+    with pytest.raises(ValueError, match=message):
+      study.pool(shards, out)
+  meta = __import__('json').load(open(os.path.join(two, 'study.json')))
+  meta['config']['epochs'] = 3
+  results.atomic_write_json(os.path.join(two, 'study.json'), meta)
+  with pytest.raises(ValueError, match=r'not a shard of the same study .*\(epochs: 1 vs 3\)'):
+    study.pool([one, two], out)
 
 
 def test_cli_rejects_unknown_flag_value(tmp_path):

@@ -457,7 +457,7 @@ def pool(shards: Sequence[str], out: str) -> str:
 
   Shards are workdirs of studies with the same flags except --num_splits and --splits, and
   disjoint splits. Splits are a prefix-stable sequence of `split_seed` and every model's keys
-  come from its run's identity, so a shard trains exactly the models the whole study would."""
+  come from its run's identity, so a shard trains the same models the whole study would."""
   if len(shards) < 2:
     raise ValueError('pooling needs at least two shard workdirs')
   records, shard_rows = [], []

@@ -26,8 +26,7 @@ def table(studies: list[tuple[str, str]]) -> str:
       raise FileNotFoundError(f'{path}: no such file (is {folder} a finished study?)')
     rows = results.read_csv(path)
     suffix = f' ({label})' if label else ''
-    columns += [(c + suffix, rows, c) for c in report.ORDER
-                if c != 'base' and results.select(rows, condition=c)]
+    columns += [(c + suffix, rows, c) for c in report.conditions_in(rows)]
     bases.append(f'- base nets{suffix or f" ({folder})"}: {report.base_by_target(rows)}')
   return '\n'.join(bases) + '\n\n' + report.relative_table(columns)
 

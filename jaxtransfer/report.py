@@ -37,9 +37,14 @@ def _sign(values: Sequence[float]) -> str:
   return _side(mean, half)
 
 
+def conditions_in(rows: Sequence[dict]) -> list[str]:
+  """The non-base conditions that `rows` hold, in the paper's order."""
+  return [c for c in ORDER if c != 'base' and results.select(rows, condition=c)]
+
+
 def table(rows: Sequence[dict]) -> str:
   depths = sorted({r['depth'] for r in rows if r['condition'] != 'base'})
-  conditions = [c for c in ORDER if c != 'base' and results.select(rows, condition=c)]
+  conditions = conditions_in(rows)
   lines = ['| n | ' + ' | '.join(conditions) + ' |', '|---' * (len(conditions) + 1) + '|']
   for d in depths:
     cells = [_fmt([r['test_accuracy'] for r in results.select(rows, condition=c, depth=d)])
@@ -163,12 +168,13 @@ def _halves(rows: Sequence[dict], class_names: Sequence[str] | None) -> list[str
 
 
 def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = (),
-           class_names: Sequence[str] | None = None) -> str:
+           class_names: Sequence[str] | None = None, note: str = '') -> str:
+  """The whole report.md; `note`, if given, is a paragraph under the title."""
   seeds = len({r['seed'] for r in rows})
   splits = len({r['split'] for r in rows})
   targets = sorted({r['target'] for r in rows})
   parts = [
-      '# Transferability study report', '',
+      '# Transferability study report', '', *([note, ''] if note else []),
       f'{len(rows)} trained models: {splits} split(s), target halves {", ".join(targets)}, '
       f'{seeds} seed(s), {config.get("epochs")} epochs, model `{config.get("model")}`, '
       f'frozen BatchNorm policy `{config.get("frozen_batchnorm")}`, '
@@ -180,8 +186,7 @@ def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = (),
       '## Difference from the base net of the same target', '',
       'Each cell: mean ± 95% CI of (model − base net of the same split, target half and seed).',
       '',
-      relative_table([(c, rows, c) for c in ORDER if c != 'base'
-                      and results.select(rows, condition=c)]), '',
+      relative_table([(c, rows, c) for c in conditions_in(rows)]), '',
       '## The seminar\'s claims', '',
       'A difference counts only when its 95% confidence interval (Student t, paired on split, '
       'target half and seed) excludes zero; otherwise it is reported as within noise.', '']

@@ -108,6 +108,16 @@ class Stack:
     return self.runs[0].condition == 'base'
 
 
+def with_defaults(recorded: dict) -> dict:
+  """A config as recorded in a study.json, with the fields added since at their defaults."""
+  return {**StudyConfig().to_json(), **recorded}
+
+
+def differing(a: dict, b: dict, ignore: Sequence[str] = ()) -> list[str]:
+  """The config fields whose values differ between `a` and `b`, sorted."""
+  return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
+
+
 def half_classes(halves: Sequence[splits_lib.Split], split: int, half: str) -> tuple[int, ...]:
   """The classes of half 'A' or 'B' of split `split`."""
   return halves[split][half == 'B']
@@ -168,10 +178,9 @@ class Workdir:
     meta = self.file('study.json')
     if os.path.exists(meta):
       with open(meta) as f:
-        old = json.load(f)['config']
-      old = {**StudyConfig().to_json(), **old}  # fields added since: their defaults
+        old = with_defaults(json.load(f)['config'])
       new = config.to_json()
-      diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+      diff = differing(old, new)
       if diff:
         changes = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff)
         raise ValueError(f'workdir {self.path} holds a study with other flags ({changes}); '
@@ -468,9 +477,9 @@ def pool(shards: Sequence[str], out: str) -> str:
     with open(meta) as f:
       records.append(json.load(f))
     shard_rows.append(results.read_csv(csv))
-  configs = [{**StudyConfig().to_json(), **r['config']} for r in records]
+  configs = [with_defaults(r['config']) for r in records]
   for path, config in zip(shards[1:], configs[1:]):
-    diff = sorted(k for k in config if k not in SHARD_FIELDS and config[k] != configs[0][k])
+    diff = differing(configs[0], config, ignore=SHARD_FIELDS)
     if diff:
       changes = ', '.join(f'{k}: {configs[0][k]!r} vs {config[k]!r}' for k in diff)
       raise ValueError(f'{path} is not a shard of the same study as {shards[0]} ({changes})')
@@ -492,10 +501,10 @@ def pool(shards: Sequence[str], out: str) -> str:
   results.atomic_write_json(os.path.join(out, 'pool.json'),
                             {'config': config, 'shards': [os.path.abspath(p) for p in shards]})
   figures = [os.path.relpath(p, out) for p in plots.write_all(rows, out)]
-  text = report.render(rows, config, figures, class_names=records[0].get('class_names') or None)
   parts = [f'`{p}` (split {", ".join(str(s) for s in chosen if owner[s] == p)})' for p in shards]
   note = (f'Pooled from the shards {", ".join(parts)}; their layer-similarity (CKA) figures '
           'stay in each shard.')
   path = os.path.join(out, 'report.md')
-  results.atomic_write_text(path, text.replace('\n\n', f'\n\n{note}\n\n', 1))
+  results.atomic_write_text(path, report.render(
+      rows, config, figures, class_names=records[0].get('class_names') or None, note=note))
   return path

@@ -231,7 +231,7 @@ class InternalRunner:
       if v.frozen:
         full = self._member_state(dataclasses.replace(v, frozen=0), self._trainer(
             dataclasses.replace(v, frozen=0)))
-        source = {'params': full['params'], **full['model_state']}
+        source = full.variables()
       self._init_cache[key] = _compile_fast(trainer.init, jax.random.key(0), source)
     return self._init_cache[key]
 

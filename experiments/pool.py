@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags
 
-from jaxtransfer import study
+from jaxtransfer import campaigns
 
 flags.DEFINE_string('out', None, 'Directory for the pooled results.csv/json, figures and '
                     'report.md (not a study workdir).')
@@ -24,7 +24,7 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> None:
   try:
-    path = study.pool(argv[1:], FLAGS.out)
+    path = campaigns.pool(argv[1:], FLAGS.out)
   except (ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -17,7 +17,6 @@ unpickled. Unpickling is restricted to numpy arrays besides.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import os
@@ -29,78 +28,9 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxtransfer import data as data_lib
-
-DataError = data_lib.DataError
-
-CIFAR10_CLASSES = (
-    'airplane', 'automobile', 'bird', 'cat', 'deer',
-    'dog', 'frog', 'horse', 'ship', 'truck',
-)
-CIFAR100_CLASSES = (
-    'apple', 'aquarium_fish', 'baby', 'bear', 'beaver', 'bed', 'bee', 'beetle',
-    'bicycle', 'bottle', 'bowl', 'boy', 'bridge', 'bus', 'butterfly', 'camel',
-    'can', 'castle', 'caterpillar', 'cattle', 'chair', 'chimpanzee', 'clock',
-    'cloud', 'cockroach', 'couch', 'crab', 'crocodile', 'cup', 'dinosaur',
-    'dolphin', 'elephant', 'flatfish', 'forest', 'fox', 'girl', 'hamster',
-    'house', 'kangaroo', 'keyboard', 'lamp', 'lawn_mower', 'leopard', 'lion',
-    'lizard', 'lobster', 'man', 'maple_tree', 'motorcycle', 'mountain', 'mouse',
-    'mushroom', 'oak_tree', 'orange', 'orchid', 'otter', 'palm_tree', 'pear',
-    'pickup_truck', 'pine_tree', 'plain', 'plate', 'poppy', 'porcupine',
-    'possum', 'rabbit', 'raccoon', 'ray', 'road', 'rocket', 'rose', 'sea',
-    'seal', 'shark', 'shrew', 'skunk', 'skyscraper', 'snail', 'snake', 'spider',
-    'squirrel', 'streetcar', 'sunflower', 'sweet_pepper', 'table', 'tank',
-    'telephone', 'television', 'tiger', 'tractor', 'train', 'trout', 'tulip',
-    'turtle', 'wardrobe', 'whale', 'willow_tree', 'wolf', 'woman', 'worm',
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Archive:
-  """An official CIFAR python archive: where it is, its checksum, its layout."""
-
-  url: str
-  size: int
-  sha256: str
-  members: dict[str, tuple[str, ...]]  # split -> pickled batches in the tar
-  meta_member: str
-  labels_key: str
-  names_key: str
-  class_names: tuple[str, ...]
-
-  @property
-  def filename(self) -> str:
-    return self.url.rsplit('/', 1)[-1]
-
-
-# Checksums as published with the archives (keras.datasets pins the same).
-# TFDS registers only the *binary* archives' checksums, which we do not read.
-ARCHIVES = {
-    'cifar10': Archive(
-        url='https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz',
-        size=170_498_071,
-        sha256='6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce',
-        members={
-            'train': tuple(f'cifar-10-batches-py/data_batch_{i}' for i in range(1, 6)),
-            'test': ('cifar-10-batches-py/test_batch',),
-        },
-        meta_member='cifar-10-batches-py/batches.meta',
-        labels_key='labels',
-        names_key='label_names',
-        class_names=CIFAR10_CLASSES,
-    ),
-    'cifar100': Archive(
-        url='https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz',
-        size=169_001_437,
-        sha256='85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7',
-        members={'train': ('cifar-100-python/train',), 'test': ('cifar-100-python/test',)},
-        meta_member='cifar-100-python/meta',
-        labels_key='fine_labels',
-        names_key='fine_label_names',
-        class_names=CIFAR100_CLASSES,
-    ),
-}
-
+from jaxtransfer import imagefolder
+from jaxtransfer.cifar import ARCHIVES, BUILDER_VERSION, Archive
+from jaxtransfer.imagefolder import DataError
 
 # ----------------------------------------------------------------------------
 # Archive checking and parsing (plain functions, testable without TFDS).
@@ -213,8 +143,8 @@ _CITATION = """\
 class JaxtransferCifar10(tfds.core.GeneratorBasedBuilder):
   """CIFAR-10 from the official python archive, or any image-folder tree."""
 
-  VERSION = tfds.core.Version(data_lib.BUILDER_VERSION)
-  RELEASE_NOTES = {data_lib.BUILDER_VERSION: 'Initial release.'}
+  VERSION = tfds.core.Version(BUILDER_VERSION)
+  RELEASE_NOTES = {BUILDER_VERSION: 'Initial release.'}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(
           name='download', description='Official python archive, downloaded.'),
@@ -267,8 +197,8 @@ class JaxtransferCifar10(tfds.core.GeneratorBasedBuilder):
         raise DataError(f'image_folder={os.fspath(image_folder)} needs the '
                         f'image_folder config, not {config}')
       self._image_folder = os.fspath(image_folder)
-      self._folder_splits = data_lib.scan_image_folder(self._image_folder)
-      fingerprint = data_lib.folder_fingerprint(self._image_folder, self._folder_splits)
+      self._folder_splits = imagefolder.scan_image_folder(self._image_folder)
+      fingerprint = imagefolder.folder_fingerprint(self._image_folder, self._folder_splits)
       config = tfds.core.BuilderConfig(
           name=f'image_folder_{fingerprint[:16]}',
           description=f'Image folder {self._image_folder}.')
@@ -280,7 +210,7 @@ class JaxtransferCifar10(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     if self._folder_splits is not None:
-      class_names = data_lib.folder_class_names(self._folder_splits)
+      class_names = imagefolder.folder_class_names(self._folder_splits)
       shape = self._folder_image_shape()
     else:
       class_names, shape = self._archive().class_names, (32, 32, 3)
@@ -300,7 +230,7 @@ class JaxtransferCifar10(tfds.core.GeneratorBasedBuilder):
 
   def _folder_image_shape(self) -> tuple[int, ...]:
     # The first image fixes H x W x C for the whole tree (checked per image).
-    return data_lib.decode_image(self._folder_splits['train'][0][0]).shape
+    return imagefolder.decode_image(self._folder_splits['train'][0][0]).shape
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     if self._folder_splits is not None:
@@ -359,8 +289,8 @@ def _folder_examples(
     items: Sequence[tuple[str, int]], shape: Sequence[int]
 ) -> Iterator[tuple[np.ndarray, int]]:
   for path, label in items:
-    image = data_lib.decode_image(path)
-    data_lib.check_image_shape(image, shape, path)
+    image = imagefolder.decode_image(path)
+    imagefolder.check_image_shape(image, shape, path)
     yield image, label
 
 

@@ -9,8 +9,9 @@ representations of n <= p examples identical).
 
 - `linear_cka(x, y)`: similarity of two representations of the same n examples;
 - `layer_features(model, variables, images)`: each layer's output, flattened to [n, -1];
-- `cka_matrix` / `per_layer_cka`: every pair of layers / layer i against layer i;
-- `heatmap(...)`: an annotated CKA matrix figure, written as PNG and PDF.
+- `cka_matrix` / `per_layer_cka`: every pair of layers / layer i against layer i.
+
+`similarity` drives it over a study; `plots.heatmap` draws the result.
 """
 
 from __future__ import annotations
@@ -20,9 +21,6 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-
-from jaxtransfer.plots import _save  # also selects the Agg backend before pyplot loads
-import matplotlib.pyplot as plt  # noqa: E402  (after plots: Agg)
 
 FORMS = ('features', 'gram')
 
@@ -100,25 +98,3 @@ def per_layer_cka(feats_a: Sequence[np.ndarray], feats_b: Sequence[np.ndarray]) 
   if len(feats_a) != len(feats_b):
     raise ValueError(f'different layer counts: {len(feats_a)} and {len(feats_b)}')
   return np.array([linear_cka(x, y) for x, y in zip(feats_a, feats_b)])
-
-
-def heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], stem: str,
-            title: str, xlabel: str, ylabel: str) -> list[str]:
-  """Annotated CKA heat-map on a fixed 0..1 scale (comparable across figures); PNG and PDF."""
-  matrix = np.asarray(matrix, dtype=np.float64)
-  rows, cols = matrix.shape
-  fig, ax = plt.subplots(figsize=(1.5 + 0.75 * cols, 1.0 + 0.6 * rows))
-  image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap='viridis', aspect='auto')
-  fig.colorbar(image, ax=ax, label='linear CKA')
-  for i in range(rows):
-    for j in range(cols):
-      value = matrix[i, j]
-      # Dark text on the bright (yellow) end of viridis, white elsewhere.
-      color = 'black' if value > 0.6 else 'white'
-      ax.text(j, i, f'{value:.2f}', ha='center', va='center', fontsize=8, color=color)
-  ax.set_xticks(range(cols), list(col_labels), rotation=45, ha='right')
-  ax.set_yticks(range(rows), list(row_labels))
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  ax.set_title(title)
-  return _save(fig, stem)

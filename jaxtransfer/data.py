@@ -1,9 +1,9 @@
-"""CIFAR-style datasets as in-memory uint8 numpy arrays.
+"""Datasets as in-memory uint8 arrays, cached; their statistics and normalisation.
 
-Two sources give the same `ArrayDataset`:
+Two sources give the same `imagefolder.ArrayDataset`:
 
-* an image folder `root/{train,test}/<class>/*.{png,jpg,jpeg}`, decoded with PIL
-  alone (no TensorFlow, no TFDS), so any machine can train from a plain tree;
+* an image folder `root/{train,test}/<class>/*.{png,jpg,jpeg}` (`imagefolder`), decoded with PIL
+  alone (no TensorFlow, no TFDS);
 * a TFDS builder of our own (`jaxtransfer.cifar_builder`) that prepares the
   official CIFAR archive as array_record and is read with `as_data_source`.
 
@@ -15,298 +15,23 @@ imported inside the functions that use it.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import os
-import pathlib
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-SPLITS = ('train', 'test')
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
-# Single source of truth for the TFDS builder version and names: the cache key
-# of a TFDS source is computed from these without importing TFDS.
-BUILDER_VERSION = '1.0.0'
-TFDS_NAMES = {'cifar10': 'jaxtransfer_cifar10', 'cifar100': 'jaxtransfer_cifar100'}
+from jaxtransfer import cifar, imagefolder
+from jaxtransfer.imagefolder import ArrayDataset, DataError
+
 DEFAULT_CACHE_DIR = '~/.cache/jaxtransfer'
-# Bump when the cache layout or decoding changes, so old caches are not reused.
-_CACHE_FORMAT = 1
-# Below this many images, spawning decode workers costs more than it saves.
-_MIN_IMAGES_PER_WORKER = 4096
 # Examples fetched per `__getitems__` call when reading a TFDS data source.
 _READ_CHUNK = 2048
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ArrayDataset:
-  """One split held in memory: what every training/eval loop consumes."""
-
-  images: np.ndarray  # uint8 [N, H, W, C]
-  labels: np.ndarray  # int32 [N]
-  class_names: tuple[str, ...]
-
-  def __post_init__(self):
-    # Catch a malformed dataset here rather than deep inside a jitted step.
-    if self.images.dtype != np.uint8 or self.images.ndim != 4:
-      raise DataError(
-          f'images must be uint8 [N, H, W, C], got {self.images.dtype} '
-          f'{self.images.shape}'
-      )
-    if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
-      raise DataError(
-          f'labels must be int32 [{len(self.images)}], got {self.labels.dtype} '
-          f'{self.labels.shape}'
-      )
-
-  def __len__(self) -> int:
-    return len(self.labels)
-
-
-class DataError(ValueError):
-  """Bad input data: a one-line message naming the offending file or folder."""
-
-  def __init__(self, message: str):
-    # One line, so the cause shows up intact in logs and test assertions.
-    super().__init__(' '.join(str(message).split()))
-
-
-# ----------------------------------------------------------------------------
-# Image folders.
-
-
-def scan_image_folder(root: str | os.PathLike) -> dict[str, list[tuple[str, int]]]:
-  """Lists `{'train': [(path, label), ...], 'test': [...]}` of an image tree.
-
-  Classes are the sorted class folder names, which must be identical in train
-  and test: a class missing from one split would silently shift every label.
-  Paths are sorted within a class, so the order (and any cache) is stable.
-  """
-  root = os.fspath(root)
-  if not os.path.isdir(root):
-    raise DataError(f'image folder {root} does not exist or is not a directory')
-  class_names = {}
-  for split in SPLITS:
-    split_dir = os.path.join(root, split)
-    if not os.path.isdir(split_dir):
-      raise DataError(f'missing split folder {split_dir}')
-    class_names[split] = sorted(
-        e.name for e in os.scandir(split_dir)
-        if e.is_dir() and not e.name.startswith('.')
-    )
-    if not class_names[split]:
-      raise DataError(f'no class folders in {split_dir}')
-  train, test = set(class_names['train']), set(class_names['test'])
-  if train != test:
-    raise DataError(
-        f'class folders differ between {os.path.join(root, "train")} and '
-        f'{os.path.join(root, "test")}: only in train: {sorted(train - test)}, '
-        f'only in test: {sorted(test - train)}'
-    )
-  result = {}
-  for split in SPLITS:
-    items = []
-    for label, name in enumerate(class_names[split]):
-      class_dir = os.path.join(root, split, name)
-      files = sorted(
-          e.name for e in os.scandir(class_dir)
-          if e.is_file() and not e.name.startswith('.')
-          and e.name.lower().endswith(IMAGE_EXTENSIONS)
-      )
-      if not files:
-        raise DataError(f'no .png/.jpg/.jpeg images in {class_dir}')
-      items.extend((os.path.join(class_dir, f), label) for f in files)
-    result[split] = items
-  return result
-
-
-def folder_class_names(splits: dict[str, list[tuple[str, int]]]) -> tuple[str, ...]:
-  """Class names of a `scan_image_folder` result, indexed by label.
-
-  Read back from the class folder of each file, so the scan stays the one
-  place that lists and validates a folder.
-  """
-  names = {label: os.path.basename(os.path.dirname(path)) for path, label in splits['train']}
-  return tuple(names[label] for label in range(len(names)))
-
-
-def decode_image(path: str) -> np.ndarray:
-  """Decodes one image file to a uint8 RGB [H, W, 3] array with PIL."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
-  try:
-    with Image.open(path, formats=('PNG', 'JPEG')) as image:
-      image.load()
-      if image.mode != 'RGB':
-        image = image.convert('RGB')
-      return np.asarray(image, dtype=np.uint8)
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    raise DataError(f'cannot decode image {path}: {e}') from e
-
-
-def check_image_shape(image: np.ndarray, shape: Sequence[int], path: str) -> None:
-  """Refuses an image whose H x W x C differs from the dataset's (the first's)."""
-  if image.shape != tuple(shape):
-    raise DataError(
-        f'image {path} has shape {image.shape}, expected {tuple(shape)} like '
-        'the first image of the dataset'
-    )
-
-
-def _decode_serial(paths: Sequence[str], shape: Sequence[int]) -> np.ndarray:
-  out = np.empty((len(paths), *shape), np.uint8)
-  for i, path in enumerate(paths):
-    image = decode_image(path)
-    check_image_shape(image, shape, path)
-    out[i] = image
-  return out
-
-
-def _decode_worker(job_path: str, out_path: str) -> None:
-  """Entry point of a decode subprocess: a JSON job in, a .npy file out.
-
-  A DataError exits with status 3 and its one-line message on stderr.
-  """
-  with open(job_path) as f:
-    job = json.load(f)
-  try:
-    images = _decode_serial(job['paths'], job['shape'])
-  except DataError as e:
-    sys.stderr.write(str(e))
-    sys.exit(3)
-  np.save(out_path, images)
-
-
-_WORKER_CODE = (
-    'import sys; from jaxtransfer.data import _decode_worker; '
-    '_decode_worker(sys.argv[1], sys.argv[2])'
-)
-
-
-def _decode_parallel(
-    paths: Sequence[str], shape: Sequence[int], num_workers: int
-) -> np.ndarray | None:
-  """Decodes in fresh `python -c` subprocesses; None if they failed to run.
-
-  PIL decoding holds the GIL, so threads do not help. Subprocesses (not a
-  fork/spawn multiprocessing pool) are safe after JAX has started its threads
-  and never re-import the caller's `__main__`.
-  """
-  env = dict(os.environ)
-  package_parent = str(pathlib.Path(__file__).resolve().parent.parent)
-  env['PYTHONPATH'] = os.pathsep.join(
-      p for p in (package_parent, env.get('PYTHONPATH')) if p
-  )
-  chunks = np.array_split(np.arange(len(paths)), num_workers)
-  with tempfile.TemporaryDirectory(prefix='jaxtransfer-decode-') as tmp:
-    procs = []
-    try:
-      for w, chunk in enumerate(chunks):
-        job_path = os.path.join(tmp, f'{w}.json')
-        with open(job_path, 'w') as f:
-          json.dump({'paths': [paths[i] for i in chunk], 'shape': list(shape)}, f)
-        procs.append(subprocess.Popen(
-            [sys.executable, '-c', _WORKER_CODE, job_path,
-             os.path.join(tmp, f'{w}.npy')],
-            stderr=subprocess.PIPE, env=env, text=True,
-        ))
-      errors = [p.communicate()[1] for p in procs]
-    finally:  # e.g. KeyboardInterrupt: leave no orphan decoding on
-      for p in procs:
-        if p.poll() is None:
-          p.kill()
-          p.wait()
-    results = [(p.returncode, err) for p, err in zip(procs, errors)]
-    for code, err in results:
-      if code == 3:
-        raise DataError(err)
-    if any(code != 0 for code, _ in results):
-      logging.warning('Decode workers failed, decoding in-process: %s',
-                      next(err for code, err in results if code).strip()[-500:])
-      return None
-    out = np.empty((len(paths), *shape), np.uint8)
-    for w, chunk in enumerate(chunks):
-      if len(chunk):
-        out[chunk[0]:chunk[-1] + 1] = np.load(os.path.join(tmp, f'{w}.npy'))
-    return out
-
-
-def _decode_images(paths: Sequence[str], num_workers: int | None) -> np.ndarray:
-  """Decodes all images; every one must have the first image's shape."""
-  shape = decode_image(paths[0]).shape
-  if num_workers is None:
-    num_workers = min(os.cpu_count() or 1, 8)
-  num_workers = min(num_workers, len(paths) // _MIN_IMAGES_PER_WORKER)
-  if num_workers > 1:
-    images = _decode_parallel(paths, shape, num_workers)
-    if images is not None:
-      return images
-  return _decode_serial(paths, shape)
-
-
-def _folder_split(
-    splits: dict[str, list[tuple[str, int]]],
-    split: str,
-    class_names: tuple[str, ...],
-    num_workers: int | None,
-) -> ArrayDataset:
-  items = splits[split]
-  return ArrayDataset(
-      images=_decode_images([p for p, _ in items], num_workers),
-      labels=np.array([label for _, label in items], np.int32),
-      class_names=class_names,
-  )
-
-
-def _check_split(split: str) -> None:
-  if split not in SPLITS:
-    raise DataError(f'unknown split {split!r}, expected one of {SPLITS}')
-
-
-def load_image_folder(
-    root: str | os.PathLike, split: str, *, num_workers: int | None = None
-) -> ArrayDataset:
-  """Decodes one split of an image folder with PIL + numpy (no TFDS).
-
-  Every image must decode and have the H x W x C of the first one; grey or
-  RGBA images are converted to RGB. Large folders are decoded by
-  `num_workers` subprocesses (default: one per CPU, at most 8).
-  """
-  _check_split(split)
-  splits = scan_image_folder(root)
-  return _folder_split(splits, split, folder_class_names(splits), num_workers)
-
-
-# ----------------------------------------------------------------------------
-# Caching.
-
-
-def _fingerprint(obj: Any, files: Sequence[str] = (), root: str = '') -> str:
-  """sha256 over a JSON description plus (name, size, mtime) of `files` under `root`."""
-  h = hashlib.sha256(json.dumps(obj, sort_keys=True).encode())
-  prefix = len(os.path.join(root, ''))
-  for path in files:
-    st = os.stat(path)
-    h.update(f'\0{path[prefix:]}\0{st.st_size}\0{st.st_mtime_ns}'.encode())
-  return h.hexdigest()
-
-
-def folder_fingerprint(root: str, splits: dict[str, list[tuple[str, int]]]) -> str:
-  """Identity of an image tree: resolved root + file names, sizes and mtimes."""
-  resolved = str(pathlib.Path(root).resolve())
-  files = sorted(p for split in SPLITS for p, _ in splits[split])
-  return _fingerprint(
-      {'format': _CACHE_FORMAT, 'kind': 'image_folder', 'root': resolved},
-      files, root,
-  )
-
 
 def _read_cache(path: str) -> ArrayDataset | None:
   """The cached dataset, or None if absent or unreadable (then rebuilt)."""
@@ -419,25 +144,25 @@ def load(
   (default: `data_dir`, else ~/.cache/jaxtransfer) under a fingerprint of the
   source, so edits to the folder or a new builder version rebuild the cache.
   """
-  _check_split(split)
+  imagefolder.check_split(split)
   cache_dir = cache_dir or data_dir or DEFAULT_CACHE_DIR
   if image_folder is not None:
     root = os.fspath(image_folder)
-    splits = scan_image_folder(root)
+    splits = imagefolder.scan_image_folder(root)
     path = _cache_file(cache_dir, 'image_folder', split,
-                       folder_fingerprint(root, splits))
-    return _cached(path, lambda: _folder_split(
-        splits, split, folder_class_names(splits), num_workers=None))
-  if dataset not in TFDS_NAMES:
+                       imagefolder.folder_fingerprint(root, splits))
+    return _cached(path, lambda: imagefolder.folder_split(
+        splits, split, imagefolder.folder_class_names(splits), num_workers=None))
+  if dataset not in cifar.TFDS_NAMES:
     raise DataError(f'unknown dataset {dataset!r}, expected one of '
-                    f'{sorted(TFDS_NAMES)} or an image_folder')
+                    f'{sorted(cifar.TFDS_NAMES)} or an image_folder')
   config = 'download' if manual_dir is None else 'manual'
   data_dir = os.path.abspath(os.path.expanduser(data_dir or _default_tfds_data_dir()))
-  fingerprint = _fingerprint({
-      'format': _CACHE_FORMAT, 'kind': 'tfds', 'name': TFDS_NAMES[dataset],
-      'config': config, 'version': BUILDER_VERSION, 'data_dir': data_dir,
+  fingerprint = imagefolder.fingerprint({
+      'format': imagefolder.CACHE_FORMAT, 'kind': 'tfds', 'name': cifar.TFDS_NAMES[dataset],
+      'config': config, 'version': cifar.BUILDER_VERSION, 'data_dir': data_dir,
   })
-  path = _cache_file(cache_dir, TFDS_NAMES[dataset], split, fingerprint)
+  path = _cache_file(cache_dir, cifar.TFDS_NAMES[dataset], split, fingerprint)
   return _cached(path, lambda: _load_tfds(
       dataset, config, split, data_dir, manual_dir))
 
@@ -483,3 +208,8 @@ def channel_stats(
     var = total_sq / n - mean**2
   std = np.sqrt(np.maximum(var, 0.0))
   return mean.astype(np.float32), std.astype(np.float32)
+
+
+def normalize(images_u8: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+  """uint8 images -> float32, per channel (x / 255 - mean) / std."""
+  return (jnp.asarray(images_u8).astype(jnp.float32) / 255.0 - mean) / std

@@ -175,13 +175,19 @@ class FinalNet(_LayerStack):
     return specs + [('head', functools.partial(Head, self.num_classes))]
 
 
-def make_model(name: str, num_classes: int, widths: Sequence[int] = (8, 16, 32)) -> _LayerStack:
-  """Model by flag value: 'initial' or 'final'."""
-  if name == 'initial':
-    return InitialNet(num_classes)
-  if name == 'final':
-    return FinalNet(num_classes, tuple(widths))
-  raise ValueError(f"unknown model {name!r}: expected 'initial' or 'final'")
+# Model by flag value: (num_classes, widths) -> module. Only the final net has widths.
+MODELS: dict[str, Callable[[int, Sequence[int]], _LayerStack]] = {
+    'initial': lambda num_classes, widths: InitialNet(num_classes),
+    'final': lambda num_classes, widths: FinalNet(num_classes, tuple(widths)),
+}
+
+
+def make_model(name: str, num_classes: int,
+               widths: Sequence[int] = FinalNet.widths) -> _LayerStack:
+  """Model by flag value, one of MODELS."""
+  if name not in MODELS:
+    raise ValueError(f'unknown model {name!r}: expected one of {", ".join(MODELS)}')
+  return MODELS[name](num_classes, widths)
 
 
 def count_params(params) -> int:

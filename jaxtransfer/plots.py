@@ -1,5 +1,5 @@
-"""The paper's figures from result rows: accuracy against transferred depth n (Fig. 2) and the
-same relative to the base net (Fig. 3, lower panel)."""
+"""Every figure, written as PNG and PDF: accuracy against transferred depth n (the paper's Fig. 2),
+the same relative to the base net (Fig. 3, lower panel), sweeps and the CKA heat-map."""
 
 from __future__ import annotations
 
@@ -12,24 +12,15 @@ matplotlib.use('Agg')  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxtransfer import results  # noqa: E402
-
-# The paper's colours: selffer blue, transfer red, fine-tuned lighter; random frozen grey.
-STYLE = {
-    'BnB': ('tab:blue', 'o', 'BnB (selffer, frozen)'),
-    'BnB+': ('lightskyblue', 'o', 'BnB+ (selffer, fine-tuned)'),
-    'AnB': ('tab:red', 'D', 'AnB (transfer, frozen)'),
-    'AnB+': ('lightcoral', 'D', 'AnB+ (transfer, fine-tuned)'),
-    'random': ('grey', 's', 'random frozen'),
-}
-
+from jaxtransfer import conditions, results  # noqa: E402
 
 # Below this many runs per point a Student-t band (1 degree of freedom at 2 runs: mean ± 12.7 sd)
 # says nothing and hides the points, so it is left out and the figure says so.
 MIN_BAND_RUNS = 3
 
 
-def _save(fig, stem: str) -> list[str]:
+def save_figure(fig, stem: str) -> list[str]:
+  """`stem`.png and `stem`.pdf, each written atomically; closes `fig`."""
   paths = []
   for ext in ('png', 'pdf'):
     path = f'{stem}.{ext}'
@@ -45,31 +36,31 @@ def transfer_figure(rows: Sequence[dict], stem: str, relative: bool = False,
   """`draw_transfer` on a new figure, written as PNG and PDF."""
   fig, ax = plt.subplots(figsize=(7, 4.5))
   draw_transfer(ax, rows, relative, title)
-  return _save(fig, stem)
+  return save_figure(fig, stem)
 
 
 def draw_transfer(ax, rows: Sequence[dict], relative: bool = False, title: str = '') -> None:
   """Every run as a point, the mean as a line, the 95% CI as a band (from MIN_BAND_RUNS runs per
   point)."""
   rng = np.random.default_rng(0)  # jitter only, fixed so figures are reproducible
-  base = [r['test_accuracy'] for r in results.select(rows, condition='base')]
+  base = [r['test_accuracy'] for r in results.select(rows, condition=conditions.BASE.name)]
   if base and not relative:
     ax.scatter(np.zeros(len(base)) + rng.uniform(-.08, .08, len(base)), base, s=14,
                facecolors='white', edgecolors='black', zorder=3, label='base (n = 0)')
   if relative:
     ax.axhline(0, color='black', lw=1, label='base')
-  conditions = [c for c in STYLE if results.select(rows, condition=c)]
+  shown_conditions = [c for c in conditions.TRANSFER if results.select(rows, condition=c.name)]
   shown = list(base) if not relative else [0.0]  # y-limits follow the runs, not the CI bands
   bands, fewest = [], np.inf
-  for k, condition in enumerate(conditions):
-    color, marker, label = STYLE[condition]
+  for k, cond in enumerate(shown_conditions):
+    condition, color, marker = cond.name, cond.color, cond.marker
     depths = sorted({r['depth'] for r in results.select(rows, condition=condition)})
     means, lows, highs = [], [], []
     for depth in depths:
       values = (results.paired_to_base(rows, condition, depth) if relative else
                 [r['test_accuracy'] for r in results.select(rows, condition=condition,
                                                             depth=depth)])
-      x = depth + (k - (len(conditions) - 1) / 2) * 0.08
+      x = depth + (k - (len(shown_conditions) - 1) / 2) * 0.08
       shown += values
       ax.scatter(np.full(len(values), x) + rng.uniform(-.02, .02, len(values)), values, s=10,
                  color=color, marker=marker, alpha=.6, zorder=2)
@@ -79,7 +70,7 @@ def draw_transfer(ax, rows: Sequence[dict], relative: bool = False, title: str =
       lows.append(mean - half)
       highs.append(mean + half)
       fewest = min(fewest, len(values))
-    ax.plot(depths, means, color=color, lw=2, label=label, zorder=4)
+    ax.plot(depths, means, color=color, lw=2, label=cond.label, zorder=4)
     bands.append((depths, lows, highs, color))
   if fewest >= MIN_BAND_RUNS:
     for depths, lows, highs, color in bands:
@@ -120,8 +111,8 @@ def sweep_figure(summary: dict, param: str, stem: str) -> list[str]:
       marker='o', capsize=3, **kw)
   errorbar(top, 'base', color='black', label='base accuracy')
   top.set_ylabel('test accuracy')
-  errorbar(bottom, 'dip', color=STYLE['BnB'][0], label='BnB − base (deepest middle dip)')
-  errorbar(bottom, 'gain', color=STYLE['AnB+'][0], label='AnB+ − base (mean over n)')
+  errorbar(bottom, 'dip', color=conditions.BNB.color, label='BnB − base (deepest middle dip)')
+  errorbar(bottom, 'gain', color=conditions.ANB_PLUS.color, label='AnB+ − base (mean over n)')
   bottom.axhline(0, color='black', lw=1)
   bottom.set_ylabel('accuracy difference')
   bottom.set_xlabel(param)
@@ -131,4 +122,26 @@ def sweep_figure(summary: dict, param: str, stem: str) -> list[str]:
     ax.grid(alpha=.3)
     ax.legend(fontsize=8)
   top.set_title(f'Along {param}')
-  return _save(fig, stem)
+  return save_figure(fig, stem)
+
+
+def heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], stem: str,
+            title: str, xlabel: str, ylabel: str) -> list[str]:
+  """Annotated CKA heat-map on a fixed 0..1 scale (comparable across figures)."""
+  matrix = np.asarray(matrix, dtype=np.float64)
+  rows, cols = matrix.shape
+  fig, ax = plt.subplots(figsize=(1.5 + 0.75 * cols, 1.0 + 0.6 * rows))
+  image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap='viridis', aspect='auto')
+  fig.colorbar(image, ax=ax, label='linear CKA')
+  for i in range(rows):
+    for j in range(cols):
+      value = matrix[i, j]
+      # Dark text on the bright (yellow) end of viridis, white elsewhere.
+      color = 'black' if value > 0.6 else 'white'
+      ax.text(j, i, f'{value:.2f}', ha='center', va='center', fontsize=8, color=color)
+  ax.set_xticks(range(cols), list(col_labels), rotation=45, ha='right')
+  ax.set_yticks(range(rows), list(row_labels))
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  return save_figure(fig, stem)

@@ -7,7 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxtransfer import results
+from jaxtransfer import conditions, results
+from jaxtransfer.conditions import ANB, ANB_PLUS, BASE, BNB, RANDOM
 
 # What the 2022 seminar reported (PyTorch, CIFAR-10, final net, 10 epochs), for comparison.
 SEMINAR_BASELINE = 0.689
@@ -16,7 +17,6 @@ SEMINAR_VERDICTS = {
     'Performance drops through fragile co-adaptation': 'not supported (✗)',
     'Performance drops through representation specificity': 'supported (✓)',
 }
-ORDER = ('base', 'BnB', 'BnB+', 'AnB', 'AnB+', 'random')
 
 
 def _fmt(values: Sequence[float]) -> str:
@@ -39,18 +39,18 @@ def _sign(values: Sequence[float]) -> str:
 
 def conditions_in(rows: Sequence[dict]) -> list[str]:
   """The non-base conditions that `rows` hold, in the paper's order."""
-  return [c for c in ORDER if c != 'base' and results.select(rows, condition=c)]
+  return [c.name for c in conditions.TRANSFER if results.select(rows, condition=c.name)]
 
 
 def table(rows: Sequence[dict]) -> str:
-  depths = sorted({r['depth'] for r in rows if r['condition'] != 'base'})
+  depths = sorted({r['depth'] for r in rows if r['condition'] != BASE.name})
   conditions = conditions_in(rows)
   lines = ['| n | ' + ' | '.join(conditions) + ' |', '|---' * (len(conditions) + 1) + '|']
   for d in depths:
     cells = [_fmt([r['test_accuracy'] for r in results.select(rows, condition=c, depth=d)])
              if results.select(rows, condition=c, depth=d) else '' for c in conditions]
     lines.append(f'| {d} | ' + ' | '.join(cells) + ' |')
-  base = [r['test_accuracy'] for r in results.select(rows, condition='base')]
+  base = [r['test_accuracy'] for r in results.select(rows, condition=BASE.name)]
   return f'base (n = 0): {_fmt(base)}\n\n' + '\n'.join(lines)
 
 
@@ -84,13 +84,13 @@ def relative_table(columns: Sequence[tuple[str, Sequence[dict], str]]) -> str:
 
 def base_by_target(rows: Sequence[dict]) -> str:
   """'A 0.631 (n=1), B 0.770 (n=1)': the halves differ in difficulty, so say each."""
-  base = results.select(rows, condition='base')
+  base = results.select(rows, condition=BASE.name)
   return ', '.join(f'{t} {_fmt([r["test_accuracy"] for r in results.select(base, target=t)])}'
                    for t in sorted({r['target'] for r in base}))
 
 
 def _seminar_baseline(rows: Sequence[dict]) -> str:
-  base = [r['test_accuracy'] for r in results.select(rows, condition='base')]
+  base = [r['test_accuracy'] for r in results.select(rows, condition=BASE.name)]
   mean, half = results.mean_ci(base)
   inside = abs(mean - SEMINAR_BASELINE) <= half
   where = ('one base net, no CI' if math.isnan(half) else
@@ -101,13 +101,13 @@ def _seminar_baseline(rows: Sequence[dict]) -> str:
 
 def claims(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
   """(claim, verdict, evidence) for the three claims the seminar checked."""
-  depths = sorted({r['depth'] for r in rows if r['condition'] != 'base'})
+  depths = sorted({r['depth'] for r in rows if r['condition'] != BASE.name})
   out = []
   has = lambda c: bool(results.select(rows, condition=c))
 
-  if has('AnB+'):
-    per_depth = {d: results.paired_to_base(rows, 'AnB+', d) for d in depths}
-    pooled = results.pooled_over_depths(rows, 'AnB+')
+  if has(ANB_PLUS.name):
+    per_depth = {d: results.paired_to_base(rows, ANB_PLUS.name, d) for d in depths}
+    pooled = results.pooled_over_depths(rows, ANB_PLUS.name)
     sign = _sign(pooled)
     verdict = {'above': 'supported', 'below': 'contradicted'}.get(sign, 'not supported '
                                                                     '(within noise)')
@@ -117,9 +117,9 @@ def claims(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
     out.append(('Transfer plus fine-tuning improves generalisation (AnB+ above base)',
                 verdict, evidence))
 
-  if has('BnB'):
+  if has(BNB.name):
     middle = depths[1:-1] or depths
-    per_depth = {d: results.paired_to_base(rows, 'BnB', d) for d in middle}
+    per_depth = {d: results.paired_to_base(rows, BNB.name, d) for d in middle}
     below = [d for d, v in per_depth.items() if _sign(v) == 'below']
     verdict = (f'supported (BnB below base at n = {", ".join(map(str, below))})' if below
                else 'not supported (no middle depth where BnB is below base beyond noise)')
@@ -128,8 +128,8 @@ def claims(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
     out.append(('Performance drops through fragile co-adaptation (BnB below base at middle '
                 'depths)', verdict, evidence))
 
-  if has('AnB') and has('BnB'):
-    per_depth = {d: results.paired(rows, 'AnB', 'BnB', d) for d in depths}
+  if has(ANB.name) and has(BNB.name):
+    per_depth = {d: results.paired(rows, ANB.name, BNB.name, d) for d in depths}
     means = [np.mean(v) for v in per_depth.values()]
     slope = float(np.polyfit(depths, means, 1)[0]) if len(depths) > 1 else float('nan')
     below = [d for d, v in per_depth.items() if _sign(v) == 'below']
@@ -143,9 +143,9 @@ def claims(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
     out.append(('Performance drops through representation specificity (AnB falls with depth, '
                 'below BnB)', verdict, evidence))
 
-  if has('random'):
-    trained = 'AnB' if has('AnB') else 'BnB' if has('BnB') else None
-    per_depth = {d: results.paired_to_base(rows, 'random', d) for d in depths}
+  if has(RANDOM.name):
+    trained = ANB.name if has(ANB.name) else BNB.name if has(BNB.name) else None
+    per_depth = {d: results.paired_to_base(rows, RANDOM.name, d) for d in depths}
     below = [d for d, v in per_depth.items() if _sign(v) == 'below']
     verdict = (f'random frozen layers fall below base beyond noise at n = '
                f'{", ".join(map(str, below))}' if below else
@@ -153,7 +153,7 @@ def claims(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
     evidence = 'random − base: ' + ', '.join(f'n={d}: {_fmt(v)}' for d, v in per_depth.items())
     if trained:
       evidence += f'; {trained} − random: ' + ', '.join(
-          f'n={d}: {_fmt(results.paired(rows, trained, "random", d))}' for d in depths)
+          f'n={d}: {_fmt(results.paired(rows, trained, RANDOM.name, d))}' for d in depths)
     out.append(('Control: what trained lower layers are worth (random frozen layers, the '
                 "paper's Fig. 3)", verdict, evidence))
   return out
@@ -210,9 +210,9 @@ def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = (),
 
 def _dip(rows: Sequence[dict]) -> tuple[int, list[float]]:
   """The middle depth where BnB falls furthest below base, and its paired differences."""
-  depths = sorted({r['depth'] for r in results.select(rows, condition='BnB')})
+  depths = sorted({r['depth'] for r in results.select(rows, condition=BNB.name)})
   middle = depths[1:-1] or depths
-  per_depth = {d: results.paired_to_base(rows, 'BnB', d) for d in middle}
+  per_depth = {d: results.paired_to_base(rows, BNB.name, d) for d in middle}
   depth = min(per_depth, key=lambda d: np.mean(per_depth[d]))
   return depth, per_depth[depth]
 
@@ -223,12 +223,12 @@ def sweep_summary(rows_by_value: dict) -> dict:
   out = {}
   for value, rows in rows_by_value.items():
     entry = {'base': results.mean_ci([r['test_accuracy']
-                                      for r in results.select(rows, condition='base')])}
-    if results.select(rows, condition='BnB'):
+                                      for r in results.select(rows, condition=BASE.name)])}
+    if results.select(rows, condition=BNB.name):
       depth, dip = _dip(rows)
       entry['dip'], entry['dip_depth'] = results.mean_ci(dip), depth
-    if results.select(rows, condition='AnB+'):
-      entry['gain'] = results.mean_ci(results.pooled_over_depths(rows, 'AnB+'))
+    if results.select(rows, condition=ANB_PLUS.name):
+      entry['gain'] = results.mean_ci(results.pooled_over_depths(rows, ANB_PLUS.name))
     out[value] = entry
   return out
 

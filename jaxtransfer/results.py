@@ -12,6 +12,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from jaxtransfer import conditions
+
 FIELDS = ('split', 'classes_A', 'classes_B', 'source', 'target', 'condition', 'depth', 'frozen',
           'batchnorm', 'seed', 'epochs', 'test_accuracy', 'train_accuracy', 'final_loss',
           'wall_seconds', 'config_hash')
@@ -92,7 +94,7 @@ def paired_to_base(rows: Sequence[dict], condition: str, depth: int) -> list[flo
   """Test accuracy of `condition` at `depth` minus its target's base net (same split, half and
   seed): paired differences remove the split-to-split spread from the comparison."""
   base = {(r['split'], r['target'], r['seed']): r['test_accuracy']
-          for r in select(rows, condition='base')}
+          for r in select(rows, condition=conditions.BASE.name)}
   return [r['test_accuracy'] - base[(r['split'], r['target'], r['seed'])]
           for r in select(rows, condition=condition, depth=depth)]
 
@@ -102,7 +104,7 @@ def pooled_over_depths(rows: Sequence[dict], condition: str) -> list[float]:
   independent unit. Pooling the per-depth differences directly would count the same base net
   once per depth and give a falsely narrow confidence interval."""
   base = {(r['split'], r['target'], r['seed']): r['test_accuracy']
-          for r in select(rows, condition='base')}
+          for r in select(rows, condition=conditions.BASE.name)}
   diffs: dict[tuple, list[float]] = {}
   for r in select(rows, condition=condition):
     unit = (r['split'], r['target'], r['seed'])

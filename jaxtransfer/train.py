@@ -29,9 +29,11 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxtransfer import transfer
+from jaxtransfer.data import normalize
 
 PyTree = Any
 MODEL_AXIS = 'models'
+OPTIMIZERS = ('adam', 'sgd')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +42,7 @@ class TrainConfig:
 
   epochs: int = 10
   batch_size: int = 64
-  optimizer: str = 'adam'  # 'adam' | 'sgd' (with momentum)
+  optimizer: str = 'adam'  # one of OPTIMIZERS: 'adam' (AdamW) | 'sgd' (with momentum)
   learning_rate: float = 1e-3
   weight_decay: float = 0.0
   momentum: float = 0.9
@@ -79,6 +81,17 @@ class Members(NamedTuple):
   sources: PyTree | None = None  # stacked variables to graft from, or None
 
 
+class TrainState(NamedTuple):
+  """One member's training state (a leading model axis on every leaf when stacked)."""
+
+  params: PyTree
+  model_state: PyTree  # the other variable collections, e.g. {'batch_stats': ...}
+  opt_state: optax.OptState
+
+  def variables(self) -> dict:
+    return {'params': self.params, **self.model_state}
+
+
 class StackResult(NamedTuple):
   variables: PyTree  # stacked final variables (params, batch_stats, ...) on host
   train_accuracy: np.ndarray  # [K] running accuracy over the last epoch
@@ -93,7 +106,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
   if config.optimizer == 'sgd':
     return optax.chain(optax.add_decayed_weights(config.weight_decay),
                        optax.sgd(config.learning_rate, momentum=config.momentum))
-  raise ValueError(f"unknown optimizer {config.optimizer!r}: expected 'adam' or 'sgd'")
+  raise ValueError(f'unknown optimizer {config.optimizer!r}: expected one of {OPTIMIZERS}')
 
 
 def to_device(train, test, mean, std) -> DeviceData:
@@ -101,11 +114,6 @@ def to_device(train, test, mean, std) -> DeviceData:
   return DeviceData(jnp.asarray(train.images), jnp.asarray(train.labels, jnp.int32),
                     jnp.asarray(test.images), jnp.asarray(test.labels, jnp.int32),
                     jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
-
-
-def normalize(images_u8: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
-  """uint8 images -> float32, per channel (x / 255 - mean) / std."""
-  return (jnp.asarray(images_u8).astype(jnp.float32) / 255.0 - mean) / std
 
 
 class Trainer:
@@ -118,12 +126,12 @@ class Trainer:
     self.labels = transfer.freeze_labels(shapes['params'], structure.frozen_layers)
     self.tx = transfer.masked_optimizer(make_optimizer(config), self.labels)
 
-  def init(self, key: jax.Array, source: PyTree | None) -> PyTree:
+  def init(self, key: jax.Array, source: PyTree | None) -> TrainState:
     variables = dict(self.model.init(key, self.example, train=False))
     if self.structure.graft_layers:
       variables = transfer.graft(source, variables, self.structure.graft_layers)
     params = variables.pop('params')
-    return {'params': params, 'model_state': variables, 'opt_state': self.tx.init(params)}
+    return TrainState(params, variables, self.tx.init(params))
 
   def loss(self, trainable, frozen, model_state, images, labels):
     params = transfer.combine(trainable, frozen)
@@ -134,26 +142,25 @@ class Trainer:
     correct = (logits.argmax(-1) == labels).sum()
     return loss, (model_state, correct)
 
-  def step(self, state, batch_idx, label_map, data: DeviceData):
+  def step(self, state: TrainState, batch_idx, label_map, data: DeviceData):
     """One optimiser step on the examples `batch_idx`; gradients only w.r.t. trainable leaves,
     so no backward pass runs through a frozen prefix."""
     images = normalize(data.train_images[batch_idx], data.mean, data.std)
     labels = label_map[data.train_labels[batch_idx]]
-    trainable, frozen = transfer.partition(state['params'], self.labels)
+    trainable, frozen = transfer.partition(state.params, self.labels)
     (loss, (model_state, correct)), grads = jax.value_and_grad(self.loss, has_aux=True)(
-        trainable, frozen, state['model_state'], images, labels)
+        trainable, frozen, state.model_state, images, labels)
     n = batch_idx.shape[0]
     grads = transfer.combine(jax.tree.map(lambda g: g / n, grads),
                              jax.tree.map(jnp.zeros_like, frozen))
-    updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
-    new_trainable, _ = transfer.partition(optax.apply_updates(state['params'], updates),
-                                          self.labels)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    new_trainable, _ = transfer.partition(optax.apply_updates(state.params, updates), self.labels)
     # Frozen leaves are carried over as they were: bit-for-bit, whatever the optimizer does.
     params = transfer.combine(new_trainable, frozen)
-    state = {'params': params, 'model_state': model_state, 'opt_state': opt_state}
-    return state, jnp.stack([loss, correct.astype(jnp.float32)])
+    return TrainState(params, model_state, opt_state), jnp.stack(
+        [loss, correct.astype(jnp.float32)])
 
-  def epoch(self, state, key, train_idx, label_map, data: DeviceData):
+  def epoch(self, state: TrainState, key, train_idx, label_map, data: DeviceData):
     """A shuffled pass over `train_idx`: full batches in a scan, then the partial remainder."""
     b = self.config.batch_size
     n = train_idx.shape[0]
@@ -169,14 +176,14 @@ class Trainer:
       totals += sums
     return state, totals / n  # (mean loss, accuracy)
 
-  def evaluate(self, state, test_idx, label_map, data: DeviceData):
+  def evaluate(self, state: TrainState, test_idx, label_map, data: DeviceData):
     """Accuracy on `test_idx`, in padded batches (eval mode: padding cannot leak into stats)."""
     m = test_idx.shape[0]
     eb = min(self.config.eval_batch_size, m)
     batches = -(-m // eb)
     padded = jnp.pad(test_idx, (0, batches * eb - m))
     valid = jnp.arange(batches * eb) < m
-    variables = {'params': state['params'], **state['model_state']}
+    variables = state.variables()
 
     def correct(args):
       idx, ok = args
@@ -274,7 +281,6 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
     if on_epoch is not None:
       on_epoch(epoch, metrics)
   test_acc = compile_(trainer.evaluate, 3)(state, members.test_idx, members.label_map, data)
-  variables = jax.tree.map(lambda x: _to_host(x)[:k],
-                           {'params': state['params'], **state['model_state']})
+  variables = jax.tree.map(lambda x: _to_host(x)[:k], state.variables())
   return StackResult(variables, metrics[:, 1], metrics[:, 0], _to_host(test_acc)[:k],
                      time.perf_counter() - start)

@@ -1,12 +1,18 @@
-"""Shared fixtures: a persistent XLA compilation cache (tests compile the same small steps
-many times) and a tiny generated image-folder dataset."""
+"""Shared fixtures: a persistent XLA compilation cache (tests compile the same small steps many
+times), the one generator of fake image folders, and the driver's command line in-process."""
 
 import os
 
 import jax
 import numpy as np
 import pytest
+from absl import flags
 from PIL import Image
+
+from experiments import main as cli
+
+FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -20,19 +26,85 @@ def compilation_cache(tmp_path_factory):
   return path
 
 
-def make_image_folder(root, num_classes=4, train_per_class=8, test_per_class=4, size=8, seed=0):
-  """{train,test}/class<k>/*.png with class-dependent brightness, so classes are learnable."""
+def make_image_folder(root, classes=4, train_per_class=8, test_per_class=4, size=8, seed=0,
+                      jpeg_last=False) -> dict:
+  """root/{train,test}/<class>/NNNN.png with class-dependent brightness, so classes are learnable.
+
+  `classes`: a count (folders class0, class1, ...) or the folder names, in creation order.
+  `jpeg_last`: the last image of every class is a JPEG (mixed formats in one folder).
+  Returns {path: pixels} of the (lossless) PNG files.
+  """
+  names = [f'class{c}' for c in range(classes)] if isinstance(classes, int) else list(classes)
   rng = np.random.default_rng(seed)
+  pngs = {}
   for split, n in (('train', train_per_class), ('test', test_per_class)):
-    for c in range(num_classes):
-      folder = os.path.join(root, split, f'class{c}')
+    for c, name in enumerate(names):
+      folder = os.path.join(root, split, name)
       os.makedirs(folder, exist_ok=True)
       for i in range(n):
-        pixels = rng.integers(0, 80, (size, size, 3)) + 40 * c
-        Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f'{i:04d}.png'))
-  return str(root)
+        pixels = (rng.integers(0, 80, (size, size, 3)) + 40 * c).astype(np.uint8)
+        ext = 'jpg' if jpeg_last and i == n - 1 else 'png'
+        path = os.path.join(folder, f'{i:04d}.{ext}')
+        Image.fromarray(pixels).save(path)
+        if ext == 'png':
+          pngs[path] = pixels
+  return pngs
+
+
+# A small mixed PNG/JPEG tree for the data tests.
+TREE_CLASSES = ('cat', 'ant', 'bee')  # deliberately not sorted on disk creation
+N_TRAIN, N_TEST, SIZE = 3, 2, 8
+
+
+@pytest.fixture
+def tree(tmp_path):
+  """(root, {png path: pixels}) of a fresh small tree, free to damage."""
+  root = tmp_path / 'images'
+  return root, make_image_folder(root, TREE_CLASSES, N_TRAIN, N_TEST, SIZE, jpeg_last=True)
 
 
 @pytest.fixture(scope='session')
 def image_folder(tmp_path_factory):
-  return make_image_folder(tmp_path_factory.mktemp('folder'))
+  root = tmp_path_factory.mktemp('folder')
+  make_image_folder(root)
+  return str(root)
+
+
+def run_cli(*argv: str) -> int:
+  """`python -m experiments.main ARGV` in this process; returns the exit status."""
+  FLAGS.unparse_flags()
+  FLAGS(['main', *map(str, argv)])
+  try:
+    cli.main(['main'])
+  except SystemExit as e:
+    return e.code
+  return 0
+
+
+def tiny_args(image_folder, workdir, *extra):
+  """A whole study in seconds: 2 splits of 4 classes, widths 2, depths 1 and 2, one epoch."""
+  return (f'--image_folder={image_folder}', f'--workdir={workdir}', '--widths=2,2,2',
+          '--num_splits=2', '--depths=1,2', '--epochs=1', '--batch_size=8',
+          f'--cache_dir={workdir}-cache', '--quiet', *extra)
+
+
+@pytest.fixture(scope='session')
+def finished(image_folder, tmp_path_factory):
+  """A finished tiny study (every condition at depths 1, 2 over 2 splits): 36 models."""
+  workdir = str(tmp_path_factory.mktemp('study') / 'wd')
+  assert run_cli(*tiny_args(image_folder, workdir)) == 0
+  return workdir
+
+
+# Result rows of a made-up study: 3 splits x 2 targets, base and BnB at n = 1, with BnB paired
+# 0.05 (target B) or 0.06 (target A) below its base net.
+def row(split, target, condition, depth, acc, seed=0):
+  return {'split': split, 'classes_A': '0 1', 'classes_B': '2 3', 'source': '',
+          'target': target, 'condition': condition, 'depth': depth, 'frozen': condition == 'BnB',
+          'batchnorm': 'update', 'seed': seed, 'epochs': 1, 'test_accuracy': acc,
+          'train_accuracy': 0.5, 'final_loss': 0.25, 'wall_seconds': 1.5, 'config_hash': 'abc'}
+
+
+ROWS = [row(s, t, 'base', 0, 0.6 + 0.1 * s) for s in range(3) for t in 'AB'] + [
+    row(s, t, 'BnB', 1, 0.6 + 0.1 * s - 0.05 - 0.01 * (t == 'A')) for s in range(3)
+    for t in 'AB']

@@ -16,17 +16,14 @@ from PIL import Image
 tfds = pytest.importorskip('tensorflow_datasets')
 
 from jaxtransfer import cifar_builder  # pylint: disable=g-import-not-at-top
-from jaxtransfer import data
+from jaxtransfer import cifar, data, imagefolder
+from jaxtransfer.imagefolder import DataError
+from tests.conftest import make_image_folder
 
 
-def make_tree(root, classes=('b', 'a'), n=3, size=8, seed=0):
-  rng = np.random.default_rng(seed)
-  for split in ('train', 'test'):
-    for c in classes:
-      os.makedirs(root / split / c)
-      for i in range(n):
-        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / split / c / f'{i}.{"jpg" if i else "png"}')
+def make_tree(root):
+  """Classes 'b' and 'a' (created unsorted), 3 images each per split, the last a JPEG."""
+  make_image_folder(root, ('b', 'a'), 3, 3, jpeg_last=True)
   return root
 
 
@@ -34,7 +31,7 @@ def _pickled(obj) -> bytes:
   return pickle.dumps(obj, protocol=2)  # the archives are Python 2 pickles
 
 
-def make_archive(path, archive: cifar_builder.Archive, n_per_batch=4, seed=0,
+def make_archive(path, archive: cifar.Archive, n_per_batch=4, seed=0,
                  class_names=None):
   """A tiny tar.gz with the official layout; returns {split: (images, labels)}."""
   rng = np.random.default_rng(seed)
@@ -65,10 +62,10 @@ def fake_cifar10(tmp_path, monkeypatch):
   """A fake official archive in a manual dir, registered with its own checksum."""
   manual = tmp_path / 'manual'
   manual.mkdir()
-  archive = cifar_builder.ARCHIVES['cifar10']
+  archive = cifar.ARCHIVES['cifar10']
   path = manual / archive.filename
   expected = make_archive(path, archive)
-  monkeypatch.setitem(cifar_builder.ARCHIVES, 'cifar10', dataclasses.replace(
+  monkeypatch.setitem(cifar.ARCHIVES, 'cifar10', dataclasses.replace(
       archive, sha256=cifar_builder.file_sha256(path), size=os.path.getsize(path)))
   return manual, expected
 
@@ -88,7 +85,7 @@ def test_wrong_manual_archive_is_refused_by_checksum(tmp_path):
   manual.mkdir()
   bad = manual / 'cifar-10-python.tar.gz'
   bad.write_bytes(b'certainly not the CIFAR-10 archive')
-  with pytest.raises(data.DataError) as excinfo:
+  with pytest.raises(DataError) as excinfo:
     cifar_builder.prepare(config='manual', manual_dir=manual, data_dir=tmp_path / 'tfds')
   message = str(excinfo.value)
   assert 'checksum' in message and str(bad) in message and '\n' not in message
@@ -98,14 +95,14 @@ def test_wrong_manual_archive_is_refused_by_checksum(tmp_path):
 def test_missing_manual_archive(tmp_path):
   (tmp_path / 'manual').mkdir()
   (tmp_path / 'manual' / 'other.txt').write_text('x')
-  with pytest.raises(data.DataError, match='cifar-10-python.tar.gz'):
+  with pytest.raises(DataError, match='cifar-10-python.tar.gz'):
     cifar_builder.prepare(config='manual', manual_dir=tmp_path / 'manual',
                           data_dir=tmp_path / 'tfds')
 
 
 @pytest.mark.parametrize('dataset', ['cifar10', 'cifar100'])
 def test_read_archive_official_layout(tmp_path, dataset):
-  archive = cifar_builder.ARCHIVES[dataset]
+  archive = cifar.ARCHIVES[dataset]
   path = tmp_path / archive.filename
   expected = make_archive(path, archive, n_per_batch=3)
   for split, (images, labels) in expected.items():
@@ -116,25 +113,25 @@ def test_read_archive_official_layout(tmp_path, dataset):
 
 
 def test_verify_archive(tmp_path):
-  archive = cifar_builder.ARCHIVES['cifar10']
+  archive = cifar.ARCHIVES['cifar10']
   path = tmp_path / 'a.tar.gz'
   path.write_bytes(b'abc')
   ok = dataclasses.replace(archive, sha256=cifar_builder.file_sha256(path))
   cifar_builder.verify_archive(path, ok)
-  with pytest.raises(data.DataError, match='checksum'):
+  with pytest.raises(DataError, match='checksum'):
     cifar_builder.verify_archive(path, archive)
 
 
 def test_archive_with_other_class_names_is_refused(tmp_path):
-  archive = cifar_builder.ARCHIVES['cifar10']
+  archive = cifar.ARCHIVES['cifar10']
   path = tmp_path / archive.filename
   make_archive(path, archive, class_names=[f'c{i}' for i in range(10)])
-  with pytest.raises(data.DataError, match='batches.meta'):
+  with pytest.raises(DataError, match='batches.meta'):
     cifar_builder.read_archive(path, archive, 'test')
 
 
 def test_unpickling_refuses_code(tmp_path):
-  archive = cifar_builder.ARCHIVES['cifar10']
+  archive = cifar.ARCHIVES['cifar10']
   path = tmp_path / archive.filename
   with tarfile.open(path, 'w:gz') as tar:
     blob = b'cos\nsystem\n(S"echo pwned"\ntR.'  # the classic os.system payload
@@ -142,7 +139,7 @@ def test_unpickling_refuses_code(tmp_path):
       info = tarfile.TarInfo(member)
       info.size = len(blob)
       tar.addfile(info, io.BytesIO(blob))
-  with pytest.raises(data.DataError, match='refusing to unpickle'):
+  with pytest.raises(DataError, match='refusing to unpickle'):
     cifar_builder.read_archive(path, archive, 'test')
 
 
@@ -158,7 +155,7 @@ def test_manual_config_end_to_end(fake_cifar10, tmp_path, monkeypatch):
     ds = data.load(split, **kwargs)
     np.testing.assert_array_equal(ds.images, images)  # source order kept
     np.testing.assert_array_equal(ds.labels, labels)
-    assert ds.class_names == cifar_builder.CIFAR10_CLASSES
+    assert ds.class_names == cifar.CIFAR10_CLASSES
   builder = cifar_builder.builder(config='manual', data_dir=tmp_path / 'tfds')
   assert builder.info.splits['train'].num_examples == len(expected['train'][1])
 
@@ -180,7 +177,7 @@ def test_image_folder_config_matches_pil_loader(tmp_path):
         'jaxtransfer_cifar10/image_folder', split=split, data_dir=data_dir,
         builder_kwargs={'image_folder': root}, download=False)
     from_tfds = data.data_source_to_arrays(source, builder.info.features['label'].names)
-    from_pil = data.load_image_folder(root, split)
+    from_pil = imagefolder.load_image_folder(root, split)
     np.testing.assert_array_equal(from_tfds.images, from_pil.images)
     np.testing.assert_array_equal(from_tfds.labels, from_pil.labels)
     assert from_tfds.class_names == from_pil.class_names
@@ -189,7 +186,7 @@ def test_image_folder_config_matches_pil_loader(tmp_path):
 def test_changed_image_folder_is_prepared_afresh(tmp_path):
   root = make_tree(tmp_path / 'images')
   first = cifar_builder.prepare(image_folder=root, data_dir=tmp_path / 'tfds')
-  Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(root / 'train' / 'a' / '0.png')
+  Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(root / 'train' / 'a' / '0000.png')
   second = cifar_builder.prepare(image_folder=root, data_dir=tmp_path / 'tfds')
   assert second.data_path != first.data_path
   source = second.as_data_source(split='train')
@@ -198,16 +195,16 @@ def test_changed_image_folder_is_prepared_afresh(tmp_path):
 
 def test_corrupt_image_leaves_no_prepared_dataset(tmp_path):
   root = make_tree(tmp_path / 'images')
-  bad = root / 'test' / 'b' / '1.jpg'
+  bad = root / 'test' / 'b' / '0002.jpg'
   bad.write_bytes(b'\xff\xd8 truncated garbage')
   data_dir = tmp_path / 'tfds'
-  with pytest.raises(data.DataError) as excinfo:
+  with pytest.raises(DataError) as excinfo:
     cifar_builder.prepare(image_folder=root, data_dir=data_dir)
   assert str(bad) in str(excinfo.value)
   assert prepared_leftovers(data_dir) == []
   builder = cifar_builder.builder(image_folder=root, data_dir=data_dir)
   assert not builder.data_path.exists()
-  with pytest.raises(data.DataError):  # a retry fails the same way, not silently
+  with pytest.raises(DataError):  # a retry fails the same way, not silently
     cifar_builder.prepare(image_folder=root, data_dir=data_dir)
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(bad, format='JPEG')
   fixed = cifar_builder.prepare(image_folder=root, data_dir=data_dir)
@@ -215,16 +212,16 @@ def test_corrupt_image_leaves_no_prepared_dataset(tmp_path):
 
 
 def test_image_folder_config_needs_a_folder(tmp_path):
-  with pytest.raises(data.DataError, match='image_folder'):
+  with pytest.raises(DataError, match='image_folder'):
     cifar_builder.builder(config='image_folder', data_dir=tmp_path)
-  with pytest.raises(data.DataError, match='image_folder'):
+  with pytest.raises(DataError, match='image_folder'):
     cifar_builder.builder(config='manual', image_folder=make_tree(tmp_path / 'x'),
                           data_dir=tmp_path)
 
 
 def test_download_config_registers_the_archive_checksum(tmp_path):
   infos = cifar_builder.JaxtransferCifar10.url_infos
-  archive = cifar_builder.ARCHIVES['cifar10']
+  archive = cifar.ARCHIVES['cifar10']
   assert infos[archive.url].checksum == archive.sha256
   assert int(infos[archive.url].size) == 170_498_071
   assert cifar_builder.builder(data_dir=tmp_path).builder_config.name == 'download'

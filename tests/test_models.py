@@ -1,7 +1,19 @@
+"""The seed's two nets: layers, shapes, parameter count; and the CPU-friendly ConvBlock.
+
+`models.ConvBlock` runs flax's `nn.Conv` with `models.conv_general_dilated`, whose hand-written
+VJP keeps the backward convolutions in a form XLA:CPU runs fast inside `lax.scan`. The second
+half compares it with a reference FinalNet written with stock flax layers (same parameter names),
+on initialisation, forward values, BatchNorm statistics and gradients, also inside a scan and vmap.
+"""
+
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from jaxtransfer import models
 from jaxtransfer.transfer import layer_order
@@ -66,3 +78,150 @@ def test_train_mode_uses_batch_statistics():
 def test_unknown_model_name():
   with pytest.raises(ValueError, match='unknown model'):
     models.make_model('resnet', 5)
+
+
+# ----------------------------------------------------------------------------
+# The CPU-friendly ConvBlock against stock flax.
+
+
+class RefBlock(nn.Module):
+  features: int
+  pool: bool = False
+
+  @nn.compact
+  def __call__(self, x, train):
+    x = nn.Conv(self.features, (3, 3), padding=1, name='conv')(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name='bn')(x)
+    x = nn.relu(x)
+    return nn.max_pool(x, (2, 2), (2, 2)) if self.pool else x
+
+
+class RefHead(nn.Module):
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(self.num_classes, name='dense')(x.reshape(x.shape[0], -1))
+
+
+class RefNet(nn.Module):
+  num_classes: int
+  widths: tuple = (8, 16, 32)
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    for b, w in enumerate(self.widths):
+      x = RefBlock(w, name=f'conv{2 * b + 1}')(x, train)
+      x = RefBlock(w, pool=True, name=f'conv{2 * b + 2}')(x, train)
+    return RefHead(self.num_classes, name='head')(x)
+
+
+def _jit(fn, *args):
+  """jit-compile and call `fn(*args)` at LLVM -O1: the same values, compiled several times faster
+  (random-number code dominates compile time here)."""
+  compiled = jax.jit(fn).lower(*args).compile({'xla_backend_optimization_level': 1})
+  return compiled(*args)
+
+
+def _close(a, b, rtol=1e-5, atol=1e-5):
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=rtol, atol=atol), a, b)
+
+
+_RNG = np.random.default_rng(0)  # numpy inputs: jax.random would compile (slowly) per shape
+XR = jnp.asarray(_RNG.normal(0.5, 2.0, (8, 32, 32, 3)), jnp.float32)  # random inputs
+Y = jnp.arange(8) % 5
+
+
+def _loss(apply, params, state, x, y=Y):
+  logits, new_state = apply({'params': params, **state}, x, train=True, mutable=['batch_stats'])
+  loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1).mean()
+  return loss, (logits, new_state)
+
+
+@pytest.fixture(scope='module')
+def nets():
+  model, ref = models.FinalNet(5), RefNet(5)
+  variables = _jit(lambda k: model.init(k, XR), jax.random.key(0))
+  return model, ref, variables
+
+
+def test_init_is_identical_to_flax(nets):
+  model, ref, variables = nets
+  ref_vars = _jit(lambda k: ref.init(k, XR), jax.random.key(0))
+  jax.tree.map(np.testing.assert_array_equal, variables, ref_vars)
+
+
+def test_forward_and_statistics_match(nets):
+  model, ref, variables = nets
+  rv = variables
+  _close(model.apply(variables, XR), ref.apply(rv, XR))
+  out, state = model.apply(variables, XR, train=True, mutable=['batch_stats'])
+  ref_out, ref_state = ref.apply(rv, XR, train=True, mutable=['batch_stats'])
+  _close(out, ref_out)
+  _close(state, ref_state)
+
+
+def test_gradients_match(nets):
+  model, ref, variables = nets
+  params, state = variables['params'], {'batch_stats': variables['batch_stats']}
+  rv = variables
+  grad = lambda apply, *args: jax.grad(functools.partial(_loss, apply), (0, 2), has_aux=True)(*args)
+  (g, gx), _ = _jit(functools.partial(grad, model.apply), params, state, XR)
+  (rg, rgx), _ = _jit(functools.partial(grad, ref.apply), rv['params'], state, XR)
+  _close(g, rg)
+  _close(gx, rgx)
+
+
+def test_sgd_steps_in_a_scan_match(nets):
+  """The trainer's setting: steps inside lax.scan (where the two formulations compile apart)."""
+  model, ref, variables = nets
+
+  def run(apply, params, state, x):
+    def step(carry, _):
+      params, state = carry
+      (loss, (_, new_state)), g = jax.value_and_grad(
+          functools.partial(_loss, apply), has_aux=True)(params, state, x)
+      return (jax.tree.map(lambda p, d: p - 0.05 * d, params, g), new_state), loss
+    return lax.scan(step, (params, state), None, length=3)
+
+  state = {'batch_stats': variables['batch_stats']}
+  (p, s), losses = _jit(functools.partial(run, model.apply), variables['params'], state, XR)
+  (rp, rs), ref_losses = _jit(functools.partial(run, ref.apply), variables['params'], state, XR)
+  _close(losses, ref_losses)
+  _close(p, rp, rtol=1e-4)
+  _close(s, rs, rtol=1e-4)
+
+
+@pytest.mark.parametrize('shape, features, kernel', [
+    ((2, 9, 7, 3), 5, 3), ((3, 8, 8, 16), 4, 3), ((2, 6, 5, 2), 3, 1), ((2, 7, 6, 3), 4, 5)])
+def test_conv_same_vjp_equals_autodiff(shape, features, kernel):
+  x, k, ct = (jnp.asarray(_RNG.normal(size=s), jnp.float32) for s in (
+      shape, (kernel, kernel, shape[-1], features), shape[:-1] + (features,)))
+  pad = kernel // 2
+  ref = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), ((pad, pad), (pad, pad)),
+                                              dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  fast = lambda x, k: models.conv_same(x, k, pad)
+
+  def outputs(conv, x, k, ct):
+    grads = jax.grad(lambda x, k: (conv(x, k) * ct).sum(), (0, 1))(x, k)
+    # Under vmap (the trainer's member_map='vmap'): a stack of two kernels.
+    stacked = jax.vmap(jax.grad(lambda k, x: (conv(x, k) * ct).sum()), (0, None))(
+        jnp.stack([k, 2 * k]), x)
+    return conv(x, k), grads, stacked
+
+  values, grads, stacked = jax.jit(functools.partial(outputs, fast))(x, k, ct)
+  ref_values, ref_grads, ref_stacked = jax.jit(functools.partial(outputs, ref))(x, k, ct)
+  np.testing.assert_array_equal(values, ref_values)
+  _close(grads, ref_grads, rtol=1e-5, atol=1e-4)
+  _close(stacked, ref_stacked, rtol=1e-5, atol=1e-4)
+
+
+def test_other_convolutions_fall_back_to_lax():
+  x = jnp.asarray(_RNG.normal(size=(2, 8, 8, 4)), jnp.float32)
+  k = jnp.asarray(_RNG.normal(size=(3, 3, 4, 6)), jnp.float32)
+  dn = lax.conv_dimension_numbers(x.shape, k.shape, ('NHWC', 'HWIO', 'NHWC'))
+  for strides, padding in [((2, 2), [(1, 1), (1, 1)]), ((1, 1), [(0, 0), (0, 0)]),
+                           ((1, 1), 'SAME')]:
+    np.testing.assert_array_equal(
+        models.conv_general_dilated(x, k, strides, padding, dimension_numbers=dn),
+        lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=dn))

@@ -101,7 +101,7 @@ def test_partial_last_batch_is_trained_on():
   state, metrics = jax.jit(trainer.epoch)(state, m.shuffle_keys[0], m.train_idx[0],
                                           m.label_map[0], DATA)
   assert seen == [16, 8]  # traced once in the scan body, once for the remainder
-  count = [x for x in jax.tree.leaves(state['opt_state']) if x.dtype == jnp.int32]
+  count = [x for x in jax.tree.leaves(state.opt_state) if x.dtype == jnp.int32]
   assert int(count[0]) == 3  # Adam took 3 steps: ceil(40 / 16)
 
 

@@ -1,0 +1,91 @@
+"""Campaigns built on whole studies: a sweep over one flag, and pooling a study's shards."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+from jaxtransfer import plots, report, results, study
+from jaxtransfer import plan as plan_lib
+from jaxtransfer.plan import StudyConfig
+from jaxtransfer.progress import Progress
+from jaxtransfer.workdir import Workdir
+
+
+def run_sweep(config: StudyConfig, workdir: Workdir, *, progress: Progress | None = None,
+              **kwargs) -> str:
+  """One full (resumable) study per value of the swept flag in `workdir/<param>-<value>/`,
+  then a figure and `sweep.md` of how the co-adaptation dip and fine-tuning gain move."""
+  config = plan_lib.validate(config)
+  progress = progress or Progress(None)
+  param, values = plan_lib.parse_sweep(config.sweep)
+  workdir.claim(config)
+  rows_by_value = {}
+  for value in values:
+    sub_config = dataclasses.replace(config, sweep='', **{param: value})
+    sub = Workdir(workdir.file(f'{param}-{value}'))
+    sub.check(sub_config)
+    progress.log(f'sweep {param}={value}')
+    study.run(sub_config, sub, progress=progress, **kwargs)
+    rows_by_value[value] = results.read_csv(sub.file('results.csv'))
+  summary = report.sweep_summary(rows_by_value)
+  figures = plots.sweep_figure(summary, param, workdir.file('figures', f'sweep_{param}'))
+  path = workdir.file('sweep.md')
+  results.atomic_write_text(path, report.render_sweep(summary, param, [
+      os.path.relpath(f, workdir.path) for f in figures]))
+  return path
+
+
+SHARD_FIELDS = ('num_splits', 'splits')
+
+
+def pool(shards: Sequence[str], out: str) -> str:
+  """Pool finished shards of one study into `out`: results, figures and report as if a single
+  run had trained all their splits.
+
+  Shards are workdirs of studies with the same flags except --num_splits and --splits, and
+  disjoint splits. Splits are a prefix-stable sequence of `split_seed` and every model's keys
+  come from its run's identity, so a shard trains the same models the whole study would."""
+  if len(shards) < 2:
+    raise ValueError('pooling needs at least two shard workdirs')
+  records, shard_rows = [], []
+  for path in shards:
+    meta, csv = os.path.join(path, 'study.json'), os.path.join(path, 'results.csv')
+    if not (os.path.isfile(meta) and os.path.isfile(csv)):
+      raise ValueError(f'{path} is not a finished study (no study.json and results.csv)')
+    with open(meta) as f:
+      records.append(json.load(f))
+    shard_rows.append(results.read_csv(csv))
+  configs = [plan_lib.with_defaults(r['config']) for r in records]
+  for path, config in zip(shards[1:], configs[1:]):
+    diff = plan_lib.differing(configs[0], config, ignore=SHARD_FIELDS)
+    if diff:
+      changes = ', '.join(f'{k}: {configs[0][k]!r} vs {config[k]!r}' for k in diff)
+      raise ValueError(f'{path} is not a shard of the same study as {shards[0]} ({changes})')
+  owner: dict[int, str] = {}
+  for path, rows in zip(shards, shard_rows):
+    for split in sorted({r['split'] for r in rows}):
+      if split in owner:
+        raise ValueError(f'split {split} is in both {owner[split]} and {path}')
+      owner[split] = path
+  if (os.path.realpath(out) in map(os.path.realpath, shards)
+      or os.path.exists(os.path.join(out, 'study.json'))):
+    raise ValueError(f'{out} holds a study; pool into a new directory')
+  rows = sorted((r for rows in shard_rows for r in rows), key=lambda r: r['split'])
+  num_splits = max(c['num_splits'] for c in configs)
+  chosen = sorted(owner)
+  config = {**configs[0], 'num_splits': num_splits,
+            'splits': [] if chosen == list(range(num_splits)) else chosen}
+  results.write(out, rows)
+  results.atomic_write_json(os.path.join(out, 'pool.json'),
+                            {'config': config, 'shards': [os.path.abspath(p) for p in shards]})
+  figures = [os.path.relpath(p, out) for p in plots.write_all(rows, out)]
+  parts = [f'`{p}` (split {", ".join(str(s) for s in chosen if owner[s] == p)})' for p in shards]
+  note = (f'Pooled from the shards {", ".join(parts)}; their layer-similarity (CKA) figures '
+          'stay in each shard.')
+  path = os.path.join(out, 'report.md')
+  results.atomic_write_text(path, report.render(
+      rows, config, figures, class_names=records[0].get('class_names') or None, note=note))
+  return path

@@ -1,0 +1,289 @@
+"""The plan of a study: its config (every default and every check), its runs and their stacks.
+
+A `Run` is one trained model: a split, the half it is trained on (target), a condition (see
+`conditions`) and a grafted/frozen depth n. Runs sharing static structure (grafted and frozen
+layers) and target size form a `Stack`, trained in one call of `train.train_stack`. Every
+run's PRNG keys come from its identity alone, so a stack's composition, the order of stacks
+and a study's shards never change what a model learns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import zlib
+from typing import Any, Sequence
+
+import jax
+
+from jaxtransfer import cifar, conditions, models, train, transfer
+from jaxtransfer import splits as splits_lib
+
+HALVINGS = ('random', 'dissimilar')
+DIRECTIONS = ('AtoB', 'both')
+SWEEPABLE = ('epochs', 'train_per_class')
+_TRAIN = train.TrainConfig()
+
+
+def _opt(default: Any, help: str, choices: Sequence[str] = ()) -> Any:  # pylint: disable=redefined-builtin
+  """A config field with the help text (and choices) its command-line flag shows."""
+  return dataclasses.field(default=default, metadata={'help': help, 'choices': tuple(choices)})
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """Everything that changes a study's results; its hash names the study.
+
+  The one source of every default: `experiments/main.py` defines a flag per field from these
+  defaults, help texts and choices, and `validate` checks a config for the CLI and the Python
+  API alike.
+  """
+
+  # Data.
+  dataset: str = _opt('cifar10', 'TFDS dataset name (our TF-free builder). Ignored when '
+                      '--image_folder is given.', tuple(cifar.TFDS_NAMES))
+  image_folder: str = _opt('', 'A {train,test}/<class>/*.png|jpg tree to use instead of TFDS '
+                           '(offline copies, your own datasets).')
+  # Model.
+  model: str = _opt('final', "The seed's network: 'initial' (8 convs of 3 filters, no "
+                    "pooling) or 'final' (3 conv-BN blocks + pools).", tuple(models.MODELS))
+  widths: tuple[int, ...] = _opt(tuple(models.FinalNet.widths), "Filters of the final net's three blocks; the "
+                                 "default 8,16,32 gives the seed's 512 features into the head.")
+  # Protocol.
+  halves: str = _opt('random', "How classes split into A and B: 'random' halves, or "
+                     "'dissimilar': man-made (A) against natural (B) classes of CIFAR-10 (4 vs 6) "
+                     'or CIFAR-100 (by superclass, 30 vs 70).', HALVINGS)
+  num_splits: int = _opt(5, 'Random class splits into halves A and B.')
+  split_seed: int = _opt(0, 'Seed of the random class splits.')
+  splits: tuple[int, ...] = _opt((), 'Train only these splits (0-based indices into the '
+                                 '--num_splits splits; default all): one shard of a study, e.g. '
+                                 'per machine or session. experiments/pool.py pools shards.')
+  depths: tuple[int, ...] = _opt((), 'Transferred depths n (layers copied from a base net); '
+                                 'default 1..L-1 for a net of L layers.')
+  conditions: tuple[str, ...] = _opt(
+      tuple(c.name for c in conditions.SEMINAR),
+      'Any of ' + ', '.join(c.label for c in conditions.TRANSFER) + '.', conditions.CHOICES)
+  directions: str = _opt('both', 'AtoB: only B is the target half; both: each half is the '
+                         'target in turn (the paper pooled AnB and BnA).', DIRECTIONS)
+  seeds: int = _opt(1, 'Independent runs (init and data order) per condition.')
+  frozen_batchnorm: str = _opt('update', "BatchNorm in frozen layers: 'update' keeps tracking "
+                               "batch statistics (the seed's PyTorch behaviour); 'fixed' uses the "
+                               'transferred running statistics.', transfer.BATCHNORM_POLICIES)
+  # Training.
+  epochs: int = _opt(_TRAIN.epochs, 'Training epochs for every model.')
+  batch_size: int = _opt(_TRAIN.batch_size, 'Minibatch size.')
+  optimizer: str = _opt(_TRAIN.optimizer, 'adam (AdamW) or sgd with momentum 0.9.',
+                        train.OPTIMIZERS)
+  learning_rate: float = _opt(_TRAIN.learning_rate, 'Learning rate.')
+  weight_decay: float = _opt(_TRAIN.weight_decay, 'Decoupled weight decay.')
+  train_per_class: int = _opt(0, 'Use only the first N training images of each class (0 = '
+                              'all). For quick runs and data-size sweeps.')
+  # Campaigns and analysis.
+  sweep: str = _opt('', 'Repeat the study for several values of one flag, e.g. epochs=10,30,100 '
+                    'or train_per_class=500,1000,2500,5000: one sub-study per value in '
+                    'WORKDIR/<flag>-<value>/, plus sweep.md and a sweep figure.')
+  cka_images: int = _opt(500, 'Target test images for the layer-similarity (linear CKA) '
+                         'heat-map; 0 skips it.')
+
+  def to_json(self) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+  def hash(self) -> str:
+    return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:12]
+
+  def train_config(self) -> train.TrainConfig:
+    """The optimisation settings, field by field (TrainConfig's other fields at its defaults)."""
+    names = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    return train.TrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+class ConfigError(ValueError):
+  """A study config that cannot run; one line naming the flag."""
+
+
+def _ints(name: str, values: Sequence) -> tuple[int, ...]:
+  try:
+    return tuple(int(v) for v in values)
+  except (TypeError, ValueError):
+    raise ConfigError(f'--{name} must be a list of integers, got '
+                      f'{",".join(map(str, values))}') from None
+
+
+def _choice(name: str, value: str, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise ConfigError(f'--{name} {value!r}: expected one of {", ".join(choices)}')
+
+
+def validate(config: StudyConfig) -> StudyConfig:
+  """The config with every check of the CLI applied and its values normalised: depths default
+  to 1..L-1 and are sorted, `splits` naming every split becomes () (the same study), the image
+  folder is absolute. Raises ConfigError (one line) on anything that cannot run."""
+  for f in dataclasses.fields(StudyConfig):
+    if f.metadata['choices'] and not isinstance(f.default, tuple):
+      _choice(f.name, getattr(config, f.name), f.metadata['choices'])
+  widths = _ints('widths', config.widths)
+  if config.model == 'final' and (len(widths) != 3 or min(widths) < 1):
+    raise ConfigError(f'--widths needs three positive integers, got '
+                      f'{",".join(map(str, config.widths))}')
+  layers = num_layers(config.model, widths)
+  depths = _ints('depths', config.depths) or tuple(range(1, layers))
+  bad = [d for d in depths if not 1 <= d < layers]
+  if bad:
+    raise ConfigError(f'--depths {bad} out of range: the {config.model} net has {layers} '
+                      f'layers, so n must be in 1..{layers - 1}')
+  chosen = tuple(config.conditions)
+  if not chosen:
+    raise ConfigError('--conditions is empty: give at least one of ' +
+                      ','.join(conditions.CHOICES))
+  unknown = [c for c in chosen if c not in conditions.CHOICES]
+  if unknown:
+    raise ConfigError(f'--conditions: unknown {unknown}; expected any of '
+                      f'{list(conditions.CHOICES)}')
+  for name in ('num_splits', 'seeds', 'epochs', 'batch_size'):
+    if getattr(config, name) < 1:
+      raise ConfigError(f'--{name} must be at least 1, got {getattr(config, name)}')
+  if (config.cka_images < 0 or config.train_per_class < 0 or config.learning_rate <= 0
+      or config.weight_decay < 0):
+    raise ConfigError('--cka_images, --train_per_class and --weight_decay must be >= 0, '
+                      '--learning_rate > 0')
+  split_ids = tuple(sorted(set(_ints('splits', config.splits))))
+  if any(not 0 <= s < config.num_splits for s in split_ids):
+    raise ConfigError(f'--splits {",".join(map(str, config.splits))}: indices must be in 0..'
+                      f'{config.num_splits - 1} (--num_splits={config.num_splits})')
+  if split_ids == tuple(range(config.num_splits)):
+    split_ids = ()  # all of them: the same study as no --splits
+  if config.sweep:
+    parse_sweep(config.sweep)
+  return dataclasses.replace(
+      config, widths=widths, depths=tuple(sorted(set(depths))), conditions=chosen,
+      splits=split_ids,
+      image_folder=os.path.abspath(config.image_folder) if config.image_folder else '')
+
+
+def parse_sweep(sweep: str) -> tuple[str, tuple[int, ...]]:
+  """'epochs=10,30,100' -> ('epochs', (10, 30, 100))."""
+  param, _, values = sweep.partition('=')
+  if param not in SWEEPABLE or not values:
+    raise ConfigError(f'--sweep {sweep!r}: expected PARAM=V1,V2,... with PARAM one of '
+                      f'{SWEEPABLE}')
+  try:
+    parsed = tuple(int(v) for v in values.split(','))
+  except ValueError:
+    raise ConfigError(f'--sweep {sweep!r}: values must be integers') from None
+  if min(parsed) < 1:
+    raise ConfigError(f'--sweep {sweep!r}: values must be at least 1')
+  return param, parsed
+
+
+def with_defaults(recorded: dict) -> dict:
+  """A config as recorded in a study.json, with the fields added since at their defaults."""
+  return {**StudyConfig().to_json(), **recorded}
+
+
+def differing(a: dict, b: dict, ignore: Sequence[str] = ()) -> list[str]:
+  """The config fields whose values differ between `a` and `b`, sorted."""
+  return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
+
+
+def num_layers(model: str, widths: Sequence[int]) -> int:
+  return models.make_model(model, 2, widths).num_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  split: int
+  target: str  # 'A' | 'B'
+  condition: str  # a name in `conditions.TABLE`
+  depth: int
+  seed: int
+
+  @property
+  def source(self) -> str:
+    """The half whose base net gives the grafted layers ('' for none)."""
+    return conditions.get(self.condition).source_half(self.target)
+
+  @property
+  def frozen(self) -> bool:
+    return conditions.get(self.condition).frozen
+
+  @property
+  def name(self) -> str:
+    return f'split{self.split}-{self.target}-{self.condition}-n{self.depth}-seed{self.seed}'
+
+  def source_base(self) -> Run:
+    """The base run whose net gives this run's grafted layers."""
+    return Run(self.split, self.source, conditions.BASE.name, 0, self.seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+  name: str
+  structure: train.Structure
+  runs: tuple[Run, ...]
+
+  @property
+  def is_base(self) -> bool:
+    return self.runs[0].condition == conditions.BASE.name
+
+
+def half_classes(halves: Sequence[splits_lib.Split], split: int, half: str) -> tuple[int, ...]:
+  """The classes of half 'A' or 'B' of split `split`."""
+  return halves[split][half == 'B']
+
+
+def make_halves(config: StudyConfig, class_names: Sequence[str]) -> list[splits_lib.Split]:
+  if config.halves == 'dissimilar':
+    if config.num_splits != 1:
+      raise ConfigError('--halves=dissimilar is one fixed split: use --num_splits=1')
+    return [splits_lib.dissimilar_halves(class_names)]
+  return splits_lib.random_halves(len(class_names), config.num_splits, config.split_seed)
+
+
+def structure_for(run: Run, layer_names: Sequence[str], batchnorm: str) -> train.Structure:
+  prefix = tuple(layer_names[:run.depth])
+  graft = prefix if run.source else ()
+  frozen = prefix if run.frozen else ()
+  return train.Structure(graft, frozen, batchnorm if frozen else 'update')
+
+
+def plan(config: StudyConfig, layer_names: Sequence[str],
+         halves: Sequence[splits_lib.Split]) -> list[Stack]:
+  """All runs, grouped into stacks by (structure, target size): the base models first (every
+  later stack grafts from them)."""
+  targets = ('B',) if config.directions == 'AtoB' else ('A', 'B')
+  seeds = range(config.seeds)
+  chosen = config.splits or range(len(halves))
+  base = conditions.BASE.name
+  runs = [Run(s, half, base, 0, seed) for s in chosen for half in ('A', 'B') for seed in seeds]
+  runs += [Run(s, target, condition, depth, seed) for depth in config.depths
+           for condition in config.conditions for s in chosen
+           for target in targets for seed in seeds]
+  groups: dict[tuple, list[Run]] = {}
+  for run in runs:
+    key = (structure_for(run, layer_names, config.frozen_batchnorm),
+           len(half_classes(halves, run.split, run.target)))
+    groups.setdefault(key, []).append(run)
+  return [Stack(_stack_name(structure, size), structure, tuple(group))
+          for (structure, size), group in groups.items()]
+
+
+def _stack_name(structure: train.Structure, size: int) -> str:
+  if structure == train.Structure():
+    return f'base-k{size}'
+  kind = 'frozen' if structure.frozen_layers else 'finetune'
+  graft = 'graft' if structure.graft_layers else 'random'
+  depth = max(len(structure.graft_layers), len(structure.frozen_layers))
+  return f'{kind}-{graft}-n{depth}-k{size}'
+
+
+def run_key(run: Run, purpose: str) -> jax.Array:
+  """A PRNG key from the run's identity alone, so results do not depend on stack order."""
+  return jax.random.fold_in(jax.random.key(run.seed), zlib.crc32(f'{run.name}/{purpose}'.encode()))
+
+
+def run_fields(run: Run) -> dict:
+  """The columns that identify a run in results and metrics files."""
+  return {'split': run.split, 'target': run.target, 'condition': run.condition,
+          'depth': run.depth, 'seed': run.seed}

@@ -1,0 +1,41 @@
+"""Progress output of a long run: stage and stack lines, per-epoch metrics and an ETA."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+import numpy as np
+
+
+class Progress:
+  """Writes progress lines to `stream` (stderr by default); `Progress(None)` is silent.
+
+  The ETA counts model-epochs: `plan` sets the total, `skip` removes finished stacks, `epoch`
+  adds the members of a stack as each epoch ends.
+  """
+
+  def __init__(self, stream: TextIO | None = sys.stderr):
+    self.stream = stream
+    self.total = self.done = 0
+    self.start = time.perf_counter()
+
+  def log(self, message: str) -> None:
+    if self.stream is not None:
+      print(message, file=self.stream, flush=True)
+
+  def plan(self, model_epochs: int) -> None:
+    self.total, self.done, self.start = model_epochs, 0, time.perf_counter()
+
+  def skip(self, model_epochs: int) -> None:
+    self.total -= model_epochs
+
+  def epoch(self, label: str, epoch: int, epochs: int, metrics: np.ndarray) -> None:
+    """`metrics`: [K, 2] (mean loss, train accuracy) of the stack's K members."""
+    self.done += len(metrics)
+    elapsed = time.perf_counter() - self.start
+    eta = elapsed / self.done * max(self.total - self.done, 0)
+    self.log(f'{label} epoch {epoch + 1}/{epochs}: loss {metrics[:, 0].mean():.3f} '
+             f'train acc {metrics[:, 1].mean():.3f} | ETA {eta / 60:.1f} min')
+

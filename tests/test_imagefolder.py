@@ -1,0 +1,137 @@
+"""Image folders decoded with PIL alone (tiny generated trees; no TFDS, no real data)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxtransfer import imagefolder
+from tests.conftest import N_TEST, N_TRAIN, SIZE
+
+def assert_one_line_naming(excinfo, name):
+  message = str(excinfo.value)
+  assert '\n' not in message
+  assert str(name) in message, message
+
+
+# ----------------------------------------------------------------------------
+# scan_image_folder / load_image_folder.
+
+
+def test_scan_lists_sorted_classes_and_files(tree):
+  root, _ = tree
+  splits = imagefolder.scan_image_folder(root)
+  assert set(splits) == {'train', 'test'}
+  assert len(splits['train']) == 3 * N_TRAIN and len(splits['test']) == 3 * N_TEST
+  assert [label for _, label in splits['train']] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+  assert os.path.basename(os.path.dirname(splits['train'][0][0])) == 'ant'
+  assert imagefolder.folder_class_names(splits) == ('ant', 'bee', 'cat')
+
+
+def test_load_image_folder_shapes_labels_pixels(tree):
+  root, pngs = tree
+  for split, n in (('train', N_TRAIN), ('test', N_TEST)):
+    ds = imagefolder.load_image_folder(root, split)
+    assert ds.images.shape == (3 * n, SIZE, SIZE, 3) and ds.images.dtype == np.uint8
+    assert ds.labels.dtype == np.int32 and len(ds) == 3 * n
+    assert ds.class_names == ('ant', 'bee', 'cat')  # sorted folder names
+    np.testing.assert_array_equal(ds.labels, np.repeat([0, 1, 2], n))
+  train = imagefolder.load_image_folder(root, 'train')
+  paths = [p for p, _ in imagefolder.scan_image_folder(root)['train']]
+  for i, path in enumerate(paths):
+    if path in pngs:  # PNG is lossless: exact pixels
+      np.testing.assert_array_equal(train.images[i], pngs[path])
+
+
+def test_grey_image_is_converted_to_rgb(tree):
+  root, _ = tree
+  Image.fromarray(np.full((SIZE, SIZE), 7, np.uint8)).save(root / 'train' / 'ant' / '0000.png')
+  ds = imagefolder.load_image_folder(root, 'train')
+  np.testing.assert_array_equal(ds.images[0], 7)
+
+
+def test_parallel_decode_matches_serial(tree, monkeypatch):
+  root, _ = tree
+  serial = imagefolder.load_image_folder(root, 'train', num_workers=1)
+  monkeypatch.setattr(imagefolder, '_MIN_IMAGES_PER_WORKER', 1)
+  parallel = imagefolder.load_image_folder(root, 'train', num_workers=2)
+  np.testing.assert_array_equal(parallel.images, serial.images)
+  np.testing.assert_array_equal(parallel.labels, serial.labels)
+
+
+def test_parallel_decode_reports_bad_file(tree, monkeypatch):
+  root, _ = tree
+  bad = root / 'train' / 'cat' / '0001.png'
+  bad.write_bytes(b'not an image')
+  monkeypatch.setattr(imagefolder, '_MIN_IMAGES_PER_WORKER', 1)
+  with pytest.raises(imagefolder.DataError) as excinfo:
+    imagefolder.load_image_folder(root, 'train', num_workers=2)
+  assert_one_line_naming(excinfo, bad)
+
+
+# ----------------------------------------------------------------------------
+# Bad inputs: one-line DataError naming the file or folder.
+
+
+def test_missing_root(tmp_path):
+  with pytest.raises(imagefolder.DataError) as excinfo:
+    imagefolder.load_image_folder(tmp_path / 'nope', 'train')
+  assert_one_line_naming(excinfo, tmp_path / 'nope')
+
+
+def test_missing_split_folder(tmp_path):
+  (tmp_path / 'train' / 'a').mkdir(parents=True)
+  with pytest.raises(imagefolder.DataError) as excinfo:
+    imagefolder.scan_image_folder(tmp_path)
+  assert_one_line_naming(excinfo, tmp_path / 'test')
+
+
+def test_empty_class_folder(tree):
+  root, _ = tree
+  (root / 'test' / 'dog').mkdir()
+  (root / 'train' / 'dog').mkdir()
+  (root / 'train' / 'dog' / 'notes.txt').write_text('not an image')
+  with pytest.raises(imagefolder.DataError) as excinfo:
+    imagefolder.load_image_folder(root, 'test')
+  assert_one_line_naming(excinfo, root / 'train' / 'dog')
+
+
+def test_train_test_classes_differ(tree):
+  root, _ = tree
+  (root / 'test' / 'bee').rename(root / 'test' / 'wasp')
+  with pytest.raises(imagefolder.DataError) as excinfo:
+    imagefolder.scan_image_folder(root)
+  assert_one_line_naming(excinfo, root / 'train')
+  assert "only in train: ['bee']" in str(excinfo.value)
+  assert "only in test: ['wasp']" in str(excinfo.value)
+
+
+def test_unreadable_image(tree):
+  root, _ = tree
+  bad = root / 'test' / 'bee' / '0001.jpg'
+  bad.write_bytes(b'\xff\xd8 garbage, not a jpeg')
+  with pytest.raises(imagefolder.DataError) as excinfo:
+    imagefolder.load_image_folder(root, 'test')
+  assert_one_line_naming(excinfo, bad)
+
+
+def test_wrongly_sized_image(tree):
+  root, _ = tree
+  bad = root / 'train' / 'bee' / '0001.png'
+  Image.fromarray(np.zeros((SIZE, SIZE + 1, 3), np.uint8)).save(bad)
+  with pytest.raises(imagefolder.DataError) as excinfo:
+    imagefolder.load_image_folder(root, 'train')
+  assert_one_line_naming(excinfo, bad)
+  assert '(8, 9, 3)' in str(excinfo.value)
+
+
+def test_array_dataset_checks_dtypes():
+  images = np.zeros((2, 4, 4, 3), np.uint8)
+  with pytest.raises(imagefolder.DataError):
+    imagefolder.ArrayDataset(images.astype(np.float32), np.zeros(2, np.int32), ('a',))
+  with pytest.raises(imagefolder.DataError):
+    imagefolder.ArrayDataset(images, np.zeros(3, np.int32), ('a',))
+  assert len(imagefolder.ArrayDataset(images, np.zeros(2, np.int32), ('a',))) == 2

@@ -1,0 +1,79 @@
+"""The plan: config validation (shared by CLI and Python API), runs, stacks, flagfiles."""
+
+import dataclasses
+import os
+
+import pytest
+from absl import flags
+
+from experiments import main as cli
+from jaxtransfer import conditions, plan, splits, train
+from tests.conftest import ROOT
+
+FLAGS = flags.FLAGS
+
+
+def test_a_shard_plans_exactly_its_splits_runs():
+  layers = ('conv1', 'conv2', 'head')
+  halves = splits.random_halves(10, 3, seed=0)
+  whole = plan.StudyConfig(num_splits=3, depths=(1, 2), conditions=('BnB', 'AnB+'))
+  shard = plan.StudyConfig(num_splits=3, depths=(1, 2), conditions=('BnB', 'AnB+'), splits=(0, 2))
+  runs = lambda config: [r for s in plan.plan(config, layers, halves) for r in s.runs]
+  assert runs(shard) == [r for r in runs(whole) if r.split != 1]
+  assert len(runs(shard)) == 2 * 2 + 2 * 2 * 2 * 2
+  # A shard's splits are those of the whole study (the sequence is prefix-stable).
+  assert splits.random_halves(10, 2, seed=0) == halves[:2]
+
+
+@pytest.mark.parametrize('flagfile', sorted(os.listdir(os.path.join(ROOT, 'experiments',
+                                                                     'configs'))))
+def test_every_flagfile_parses_to_a_valid_study(flagfile, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  FLAGS.unparse_flags()
+  FLAGS(['main', f'--flagfile=experiments/configs/{flagfile}', '--workdir=unused'])
+  config = cli.config_from_flags()
+  assert config.epochs >= 1 and config.depths and config.conditions
+  if config.sweep:
+    plan.parse_sweep(config.sweep)
+  if flagfile == 'seed.flags':
+    assert (config.num_splits, config.epochs, config.depths) == (5, 10, (1, 2, 3, 4, 5, 6))
+    assert config.conditions == ('BnB', 'BnB+', 'AnB', 'AnB+') and config.directions == 'both'
+
+
+def test_flags_take_their_defaults_and_choices_from_the_config():
+  FLAGS.unparse_flags()
+  FLAGS(['main', '--workdir=unused'])
+  for field in dataclasses.fields(plan.StudyConfig):
+    value = FLAGS[field.name].value
+    default = field.default
+    assert (tuple(value) if isinstance(value, list) else value) == (
+        tuple(map(str, default)) if isinstance(default, tuple) else default), field.name
+    if field.metadata['choices'] and not isinstance(default, tuple):
+      assert FLAGS[field.name].parser.enum_values == list(field.metadata['choices'])
+  config = plan.StudyConfig(epochs=3, batch_size=8, learning_rate=0.1)
+  assert config.train_config() == train.TrainConfig(epochs=3, batch_size=8, learning_rate=0.1)
+
+
+def test_validate_normalises_like_the_cli(tmp_path):
+  config = plan.validate(plan.StudyConfig(num_splits=2, splits=('1', '0', '1'), widths=('2', '2',
+                                                                                       '2'),
+                                          image_folder='rel/folder'))
+  assert config.depths == (1, 2, 3, 4, 5, 6)  # 1..L-1 of the 7-layer final net
+  assert config.splits == () and config.widths == (2, 2, 2)  # every split: the whole study
+  assert config.image_folder == os.path.abspath('rel/folder')
+  assert plan.validate(config) == config
+  with pytest.raises(plan.ConfigError, match="--frozen_batchnorm 'frozen': expected one of"):
+    plan.validate(plan.StudyConfig(frozen_batchnorm='frozen'))
+
+
+@pytest.mark.parametrize('name, source_of_B, frozen', [
+    ('BnB', 'B', True), ('BnB+', 'B', False), ('AnB', 'A', True), ('AnB+', 'A', False),
+    ('random', '', True)])
+def test_runs_read_the_conditions_table(name, source_of_B, frozen):
+  run = plan.Run(0, 'B', name, 2, 0)
+  assert (run.source, run.frozen) == (source_of_B, frozen)
+  structure = plan.structure_for(run, ('conv1', 'conv2', 'head'), 'fixed')
+  assert structure.graft_layers == (('conv1', 'conv2') if source_of_B else ())
+  assert structure.frozen_layers == (('conv1', 'conv2') if frozen else ())
+  assert structure.batchnorm == ('fixed' if frozen else 'update')
+  assert name in conditions.CHOICES and conditions.get(name).label.startswith(name)

@@ -47,16 +47,18 @@ def parse_args(argv=None):
                  help='training images per member per timed epoch (default 1280; quick 640)')
   p.add_argument('--ks', default=None, help='stacked K values (default 2,4,8; quick 2,4)')
   p.add_argument('--maps', default=None, help="member maps (default map,vmap; quick map)")
-  p.add_argument('--frozen', default=None,
-                 help='frozen prefix depths n (graft + freeze conv1..conv_n) (default 2,4,6; '
-                      'quick none); timed at K=1 and at the largest K with map')
+  p.add_argument(
+      '--frozen', default=None,
+      help='frozen prefix depths n (graft + freeze conv1..conv_n) (default 2,4,6; '
+      'quick none); timed at K=1 and at the largest K with map')
   p.add_argument('--rounds', type=int, default=None, help='interleaved timing rounds (default 3)')
   p.add_argument('--widths', default='8,16,32')
   p.add_argument('--num_classes', type=int, default=5)
   p.add_argument('--batch_size', type=int, default=64)
-  p.add_argument('--cpu_devices', type=int, default=0,
-                 help='set jax_num_cpu_devices (0: leave as is); with >1 devices, stacked variants '
-                      'are also timed with the model axis sharded over all devices')
+  p.add_argument(
+      '--cpu_devices', type=int, default=0,
+      help='set jax_num_cpu_devices (0: leave as is); with >1 devices, stacked variants '
+      'are also timed with the model axis sharded over all devices')
   p.add_argument('--baseline', action='store_true',
                  help='also time the same net with stock flax convolutions (autodiff VJP)')
   p.add_argument('--method', choices=('auto', 'internal', 'api'), default='auto')
@@ -81,6 +83,7 @@ def _ints(text: str) -> list[int]:
 
 # ----------------------------------------------------------------------------- FLOP count
 
+
 def layer_macs(widths=(8, 16, 32), num_classes=5, size=32, channels=3) -> list[int]:
   """Multiply-accumulates per image of each FinalNet layer (conv1..conv6, head), forward."""
   macs, h, cin = [], size, channels
@@ -100,6 +103,7 @@ def flops_per_image(widths=(8, 16, 32), num_classes=5, frozen=0) -> int:
 
 
 # ----------------------------------------------------------------------------- variants
+
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
@@ -130,12 +134,14 @@ def make_variants(args, n_devices: int) -> list[Variant]:
   if args.baseline:
     vs += [Variant(1, block='flax')] + [Variant(k, 'map', block='flax') for k in args.ks[:1]]
   if n_devices > 1:
-    vs += [Variant(k, m, devices=n_devices) for m in args.maps for k in args.ks
-           if k % n_devices == 0]
+    vs += [
+        Variant(k, m, devices=n_devices) for m in args.maps for k in args.ks if k % n_devices == 0
+    ]
   return vs
 
 
 # ----------------------------------------------------------------------------- setup
+
 
 def _make_model(args, block: str):
   from jaxtransfer import models
@@ -146,7 +152,6 @@ def _make_model(args, block: str):
 
   class FlaxConvBlock(models.ConvBlock):
     """The pre-change ConvBlock: stock nn.Conv, XLA's own convolution VJP."""
-
     @nn.compact
     def __call__(self, x, train):
       x = nn.Conv(self.features, (3, 3), padding=1, name='conv')(x)
@@ -204,9 +209,9 @@ def _compile_fast(fn, *args):
 
 # ----------------------------------------------------------------------------- internal method
 
+
 class InternalRunner:
   """Compiles the trainer's epoch function per variant as `train_stack` does, then times it."""
-
   def __init__(self, args, data, n_images):
     from jaxtransfer import train
     self.args, self.data, self.n_images = args, data, n_images
@@ -229,8 +234,8 @@ class InternalRunner:
     if key not in self._init_cache:
       source = None
       if v.frozen:
-        full = self._member_state(dataclasses.replace(v, frozen=0), self._trainer(
-            dataclasses.replace(v, frozen=0)))
+        full = self._member_state(dataclasses.replace(v, frozen=0),
+                                  self._trainer(dataclasses.replace(v, frozen=0)))
         source = full.variables()
       self._init_cache[key] = _compile_fast(trainer.init, jax.random.key(0), source)
     return self._init_cache[key]
@@ -247,8 +252,9 @@ class InternalRunner:
     train_idx, label_map = _member_inputs(v.k, self.args.n_per_member, self.n_images)
     mesh = Mesh(np.array(jax.devices()[:v.devices]), (self.axis,))
     mapped = self.over_members(trainer.epoch, v.member_map)
-    fn = jax.jit(jax.shard_map(mapped, mesh=mesh, in_specs=(P(self.axis),) * 4 + (P(),),
-                               out_specs=P(self.axis)))
+    fn = jax.jit(
+        jax.shard_map(mapped, mesh=mesh, in_specs=(P(self.axis),) * 4 + (P(),),
+                      out_specs=P(self.axis)))
     member_args = jax.device_put((state, keys, train_idx, label_map),
                                  NamedSharding(mesh, P(self.axis)))
     data = jax.device_put(self.data, NamedSharding(mesh, P()))
@@ -261,6 +267,7 @@ class InternalRunner:
       t = time.perf_counter()
       jax.block_until_ready(compiled(*member_args, data))
       return time.perf_counter() - t
+
     return run, compile_s
 
   def measure(self, variants, log):
@@ -277,9 +284,9 @@ class InternalRunner:
 
 # ----------------------------------------------------------------------------- api method
 
+
 class ApiRunner:
   """Times whole `train_stack` calls: epochs 2.. via `on_epoch` timestamps (epoch 1 compiles)."""
-
   def __init__(self, args, data, n_images):
     self.args, self.data, self.n_images = args, data, n_images
 
@@ -298,10 +305,10 @@ class ApiRunner:
           init = lambda k: model.init(k, np.zeros((1, 32, 32, 3), np.float32), train=False)
           sources[v.k] = _compile_fast(jax.vmap(init), jax.random.split(jax.random.key(3), v.k))
         source = sources[v.k]
-      members = train.Members(
-          init_keys=jax.random.split(jax.random.key(0), v.k),
-          shuffle_keys=jax.random.split(jax.random.key(1), v.k), train_idx=train_idx,
-          test_idx=train_idx[:, :64] % 256, label_map=label_map, sources=source)
+      members = train.Members(init_keys=jax.random.split(jax.random.key(0), v.k),
+                              shuffle_keys=jax.random.split(jax.random.key(1),
+                                                            v.k), train_idx=train_idx,
+                              test_idx=train_idx[:, :64] % 256, label_map=label_map, sources=source)
       stamps = []
       config = train.TrainConfig(epochs=1 + self.args.rounds, batch_size=self.args.batch_size)
       mesh = jax.make_mesh((v.devices,), (train.MODEL_AXIS,), devices=jax.devices()[:v.devices])
@@ -317,6 +324,7 @@ class ApiRunner:
 
 # ----------------------------------------------------------------------------- report
 
+
 def summarize(args, variants, times):
   import numpy as np
   rows = []
@@ -325,13 +333,15 @@ def summarize(args, variants, times):
     best, med = min(times[v]), float(np.median(times[v]))
     ips = imgs / best
     flops = flops_per_image(args.widths, args.num_classes, v.frozen)
-    rows.append(dict(variant=v.name, k=v.k, member_map=v.member_map, frozen=v.frozen,
-                     block=v.block, devices=v.devices, img_s=ips, img_s_median=imgs / med,
-                     s_per_model_epoch=MODEL_EPOCH / ips, gflop_s=ips * flops / 1e9,
-                     mflop_per_image=flops / 1e6))
+    rows.append(
+        dict(variant=v.name, k=v.k, member_map=v.member_map, frozen=v.frozen, block=v.block,
+             devices=v.devices, img_s=ips, img_s_median=imgs / med,
+             s_per_model_epoch=MODEL_EPOCH / ips, gflop_s=ips * flops / 1e9,
+             mflop_per_image=flops / 1e6))
   for r in rows:  # speed-up over K=1 of the same structure and block
-    base = [b for b in rows if b['k'] == 1 and b['frozen'] == r['frozen']
-            and b['block'] == r['block']]
+    base = [
+        b for b in rows if b['k'] == 1 and b['frozen'] == r['frozen'] and b['block'] == r['block']
+    ]
     r['vs_k1'] = r['img_s'] / base[0]['img_s'] if base else float('nan')
   return rows
 
@@ -364,7 +374,8 @@ def run_here(args) -> list[dict]:
   data = make_data(n_images)
   log(f'jax {jax.__version__} {jax.default_backend()} x{jax.device_count()}, '
       f'FinalNet{args.widths} batch {args.batch_size} Adam, {args.n_per_member} images per '
-      f'member per timed epoch, {args.rounds} rounds, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+      f'member per timed epoch, {args.rounds} rounds, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}'
+     )
   runner = None
   args.method_used = 'api'
   if args.method in ('auto', 'internal'):
@@ -392,8 +403,9 @@ def run_envs(args, argv) -> list[dict]:
       env = dict(os.environ)
       env.update(dict(kv.split('=', 1) for kv in shlex.split(env_text)))
       print(f'round {rnd + 1}: {env_text or "(no extra env)"}', flush=True)
-      out = subprocess.run([sys.executable, os.path.abspath(__file__), *child_argv, '--json'],
-                           env=env, capture_output=True, text=True, check=True).stdout
+      out = subprocess.run(
+          [sys.executable, os.path.abspath(__file__), *child_argv, '--json'], env=env,
+          capture_output=True, text=True, check=True).stdout
       for r in json.loads(out.strip().splitlines()[-1]):
         key = (env_text, r['variant'])
         if key not in best or r['img_s'] > best[key]['img_s']:
@@ -405,8 +417,9 @@ def run_envs(args, argv) -> list[dict]:
     sub = [r for r in rows if r['env'] == env_text]
     for r in sub:  # here: ratio to the same variant on one device under the first --env setting
       r['vs_k1'] = r['img_s'] / ref.get(same(r), float('nan'))
-    print_table(sub, f'env {env_text or "(none)"!s} (last column: img/s ratio to the same '
-                     f'variant on 1 device in the first env)')
+    print_table(
+        sub, f'env {env_text or "(none)"!s} (last column: img/s ratio to the same '
+        f'variant on 1 device in the first env)')
   return [r for r in rows if r['env'] == args.env[0]] if len(args.env) == 1 else rows
 
 
@@ -421,11 +434,12 @@ def main(argv=None):
     if args.json:
       print(json.dumps(rows))
       return
-    how = ('interleaved rounds' if args.method_used == 'internal'
-           else 'consecutive epochs of train_stack')
-    print_table(rows, f'steady-state training throughput (best of {args.rounds} {how}; analytic '
-                      f'{flops_per_image(args.widths, args.num_classes) / 1e6:.2f} MFLOP/image '
-                      f'fine-tuning all layers)')
+    how = ('interleaved rounds'
+           if args.method_used == 'internal' else 'consecutive epochs of train_stack')
+    print_table(
+        rows, f'steady-state training throughput (best of {args.rounds} {how}; analytic '
+        f'{flops_per_image(args.widths, args.num_classes) / 1e6:.2f} MFLOP/image '
+        f'fine-tuning all layers)')
   print(f'total {time.perf_counter() - t0:.0f} s')
   print(f'stacked_s_per_model_epoch={headline(rows):.4f}')
 

@@ -46,21 +46,26 @@ define_study_flags()
 # Where the data is (not part of a study's identity).
 flags.DEFINE_string('data_dir', None, 'Where TFDS datasets are prepared (default: ~/tensorflow_'
                     'datasets).')
-flags.DEFINE_string('manual_dir', None, 'Folder holding a local copy of the official archive '
-                    '(e.g. cifar-10-python.tar.gz); used instead of downloading.')
-flags.DEFINE_string('cache_dir', None, 'Where decoded arrays and compiled programs are cached '
-                    '(default: ~/.cache/jaxtransfer).')
+flags.DEFINE_string(
+    'manual_dir', None, 'Folder holding a local copy of the official archive '
+    '(e.g. cifar-10-python.tar.gz); used instead of downloading.')
+flags.DEFINE_string(
+    'cache_dir', None, 'Where decoded arrays and compiled programs are cached '
+    '(default: ~/.cache/jaxtransfer).')
 # How to run.
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, results, figures and report. '
-                    'Rerunning with the same flags resumes there.')
+flags.DEFINE_string(
+    'workdir', None, 'Directory for checkpoints, results, figures and report. '
+    'Rerunning with the same flags resumes there.')
 flags.DEFINE_bool('quiet', False, 'No progress output.')
-flags.DEFINE_integer('cpu_devices', min(os.cpu_count() or 1, 8), 'On the CPU backend, split '
-                     'the cores into this many JAX devices: a stack\'s members then train in '
-                     'parallel, one per device (faster than one model using all cores).')
-flags.DEFINE_bool('distributed', False, 'Span the model axis over several processes/hosts with '
-                  'jax.distributed.initialize(): run the same command on every host. Without '
-                  'the three flags below, the cluster is auto-detected (SLURM, Open MPI, TPU '
-                  'pod slices, ...).')
+flags.DEFINE_integer(
+    'cpu_devices', min(os.cpu_count() or 1, 8), 'On the CPU backend, split '
+    'the cores into this many JAX devices: a stack\'s members then train in '
+    'parallel, one per device (faster than one model using all cores).')
+flags.DEFINE_bool(
+    'distributed', False, 'Span the model axis over several processes/hosts with '
+    'jax.distributed.initialize(): run the same command on every host. Without '
+    'the three flags below, the cluster is auto-detected (SLURM, Open MPI, TPU '
+    'pod slices, ...).')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (with --distributed).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (with --distributed).')
 flags.DEFINE_integer('process_id', None, 'This process\'s index (with --distributed).')

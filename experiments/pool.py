@@ -16,8 +16,9 @@ from absl import app, flags
 
 from jaxtransfer import campaigns
 
-flags.DEFINE_string('out', None, 'Directory for the pooled results.csv/json, figures and '
-                    'report.md (not a study workdir).')
+flags.DEFINE_string(
+    'out', None, 'Directory for the pooled results.csv/json, figures and '
+    'report.md (not a study workdir).')
 flags.mark_flag_as_required('out')
 FLAGS = flags.FLAGS
 

@@ -33,8 +33,9 @@ def run_sweep(config: StudyConfig, workdir: Workdir, *, progress: Progress | Non
   summary = report.sweep_summary(rows_by_value)
   figures = plots.sweep_figure(summary, param, workdir.file('figures', f'sweep_{param}'))
   path = workdir.file('sweep.md')
-  results.atomic_write_text(path, report.render_sweep(summary, param, [
-      os.path.relpath(f, workdir.path) for f in figures]))
+  results.atomic_write_text(
+      path, report.render_sweep(summary, param,
+                                [os.path.relpath(f, workdir.path) for f in figures]))
   return path
 
 
@@ -70,14 +71,16 @@ def pool(shards: Sequence[str], out: str) -> str:
       if split in owner:
         raise ValueError(f'split {split} is in both {owner[split]} and {path}')
       owner[split] = path
-  if (os.path.realpath(out) in map(os.path.realpath, shards)
-      or os.path.exists(os.path.join(out, 'study.json'))):
+  if (os.path.realpath(out) in map(os.path.realpath, shards) or
+      os.path.exists(os.path.join(out, 'study.json'))):
     raise ValueError(f'{out} holds a study; pool into a new directory')
   rows = sorted((r for rows in shard_rows for r in rows), key=lambda r: r['split'])
   num_splits = max(c['num_splits'] for c in configs)
   chosen = sorted(owner)
-  config = {**configs[0], 'num_splits': num_splits,
-            'splits': [] if chosen == list(range(num_splits)) else chosen}
+  config = {
+      **configs[0], 'num_splits': num_splits,
+      'splits': [] if chosen == list(range(num_splits)) else chosen
+  }
   results.write(out, rows)
   results.atomic_write_json(os.path.join(out, 'pool.json'),
                             {'config': config, 'shards': [os.path.abspath(p) for p in shards]})
@@ -86,6 +89,8 @@ def pool(shards: Sequence[str], out: str) -> str:
   note = (f'Pooled from the shards {", ".join(parts)}; their layer-similarity (CKA) figures '
           'stay in each shard.')
   path = os.path.join(out, 'report.md')
-  results.atomic_write_text(path, report.render(
-      rows, config, figures, class_names=records[0].get('class_names') or None, note=note))
+  results.atomic_write_text(
+      path,
+      report.render(rows, config, figures, class_names=records[0].get('class_names') or None,
+                    note=note))
   return path

@@ -49,19 +49,19 @@ def verify_archive(path: str | os.PathLike, archive: Archive) -> None:
   """Refuses any file but the official archive, before anything is unpickled."""
   digest = file_sha256(path)
   if digest != archive.sha256:
-    raise DataError(
-        f'{os.fspath(path)} ({os.path.getsize(path)} bytes) has sha256 {digest}, '
-        f'which does not match the registered checksum {archive.sha256} of '
-        f'{archive.filename} ({archive.size} bytes); get it from {archive.url}'
-    )
+    raise DataError(f'{os.fspath(path)} ({os.path.getsize(path)} bytes) has sha256 {digest}, '
+                    f'which does not match the registered checksum {archive.sha256} of '
+                    f'{archive.filename} ({archive.size} bytes); get it from {archive.url}')
 
 
 class _NumpyUnpickler(pickle.Unpickler):
   """Unpickles dicts/lists/strings and numpy arrays only, nothing executable."""
 
   _ALLOWED = {
-      ('numpy', 'ndarray'), ('numpy', 'dtype'),
-      ('numpy._core.multiarray', '_reconstruct'), ('numpy._core.multiarray', 'scalar'),
+      ('numpy', 'ndarray'),
+      ('numpy', 'dtype'),
+      ('numpy._core.multiarray', '_reconstruct'),
+      ('numpy._core.multiarray', 'scalar'),
       ('numpy._core.numeric', '_frombuffer'),
       ('_codecs', 'encode'),  # how Python 3 writes bytes into protocol-2 pickles
   }
@@ -85,9 +85,8 @@ def _unpickle(blob: bytes, where: str) -> dict[str, Any]:
   return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-def read_archive(
-    path: str | os.PathLike, archive: Archive, split: str
-) -> tuple[np.ndarray, np.ndarray]:
+def read_archive(path: str | os.PathLike, archive: Archive,
+                 split: str) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 [N, 32, 32, 3] images, int32 [N] labels) of one split, in file order.
 
   Also checks that the archive's class names are the ones the builder declares.
@@ -107,8 +106,8 @@ def read_archive(
     raise DataError(f'archive {os.fspath(path)} lacks {missing}')
   where = lambda m: f'{os.fspath(path)}:{m}'
   meta = _unpickle(blobs[archive.meta_member], where(archive.meta_member))
-  names = tuple(n.decode() if isinstance(n, bytes) else str(n)
-                for n in meta.get(archive.names_key, ()))
+  names = tuple(
+      n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(archive.names_key, ()))
   if names != archive.class_names:
     raise DataError(f'{where(archive.meta_member)} lists classes {names}, '
                     f'expected {archive.class_names}')
@@ -146,14 +145,12 @@ class JaxtransferCifar10(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version(BUILDER_VERSION)
   RELEASE_NOTES = {BUILDER_VERSION: 'Initial release.'}
   BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(
-          name='download', description='Official python archive, downloaded.'),
-      tfds.core.BuilderConfig(
-          name='manual', description='Official python archive in manual_dir.'),
+      tfds.core.BuilderConfig(name='download', description='Official python archive, downloaded.'),
+      tfds.core.BuilderConfig(name='manual', description='Official python archive in manual_dir.'),
       tfds.core.BuilderConfig(
           name='image_folder',
           description='{train,test}/<class>/*.png|jpg tree given as image_folder=; '
-                      'prepared under image_folder_<fingerprint of the tree>.'),
+          'prepared under image_folder_<fingerprint of the tree>.'),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = f'Place {ARCHIVES["cifar10"].filename} in the manual dir.'
   _DATASET = 'cifar10'
@@ -167,9 +164,11 @@ class JaxtransferCifar10(tfds.core.GeneratorBasedBuilder):
   def url_infos(cls) -> dict[str, Any]:
     # Lets tfds's download manager check the download too (no checksums.tsv).
     archive = cls._archive()
-    return {archive.url: tfds.core.download.checksums.UrlInfo(
-        size=tfds.core.utils.Size(archive.size), checksum=archive.sha256,
-        filename=archive.filename)}
+    return {
+        archive.url: tfds.core.download.checksums.UrlInfo(size=tfds.core.utils.Size(archive.size),
+                                                          checksum=archive.sha256,
+                                                          filename=archive.filename)
+    }
 
   def __init__(
       self,
@@ -187,11 +186,8 @@ class JaxtransferCifar10(tfds.core.GeneratorBasedBuilder):
     """
     self._image_folder = None
     self._folder_splits = None
-    is_folder_config = (
-        config == 'image_folder'
-        or (isinstance(config, tfds.core.BuilderConfig)
-            and config.name.startswith('image_folder'))
-    )
+    is_folder_config = (config == 'image_folder' or (isinstance(config, tfds.core.BuilderConfig) and
+                                                     config.name.startswith('image_folder')))
     if image_folder is not None:
       if config is not None and not is_folder_config:
         raise DataError(f'image_folder={os.fspath(image_folder)} needs the '
@@ -199,9 +195,8 @@ class JaxtransferCifar10(tfds.core.GeneratorBasedBuilder):
       self._image_folder = os.fspath(image_folder)
       self._folder_splits = imagefolder.scan_image_folder(self._image_folder)
       fingerprint = imagefolder.folder_fingerprint(self._image_folder, self._folder_splits)
-      config = tfds.core.BuilderConfig(
-          name=f'image_folder_{fingerprint[:16]}',
-          description=f'Image folder {self._image_folder}.')
+      config = tfds.core.BuilderConfig(name=f'image_folder_{fingerprint[:16]}',
+                                       description=f'Image folder {self._image_folder}.')
     elif is_folder_config:
       raise DataError(f'{self.name}/image_folder needs the image_folder= argument')
     super().__init__(config=config, file_format=file_format or 'array_record', **kwargs)
@@ -235,20 +230,23 @@ class JaxtransferCifar10(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     if self._folder_splits is not None:
       shape = self._folder_image_shape()
-      return {split: self._generate_examples(_folder_examples(items, shape))
-              for split, items in self._folder_splits.items()}
+      return {
+          split: self._generate_examples(_folder_examples(items, shape))
+          for split, items in self._folder_splits.items()
+      }
     archive = self._archive()
     if self.builder_config.name == 'manual':
       path = _manual_archive_path(dl_manager, archive)
     else:
       path = dl_manager.download(archive.url)
     verify_archive(path, archive)
-    return {split: self._generate_examples(_archive_examples(path, archive, split))
-            for split in archive.members}
+    return {
+        split: self._generate_examples(_archive_examples(path, archive, split))
+        for split in archive.members
+    }
 
   def _generate_examples(
-      self, examples: Iterator[tuple[np.ndarray, int]]
-  ) -> Iterator[tuple[int, dict[str, Any]]]:
+      self, examples: Iterator[tuple[np.ndarray, int]]) -> Iterator[tuple[int, dict[str, Any]]]:
     # Integer keys + disable_shuffling: records are written in source order.
     for i, (image, label) in enumerate(examples):
       yield i, {'image': image, 'label': label}
@@ -258,8 +256,7 @@ class JaxtransferCifar100(JaxtransferCifar10):
   """CIFAR-100 (fine labels) from the official python archive."""
 
   BUILDER_CONFIGS = [
-      config for config in JaxtransferCifar10.BUILDER_CONFIGS
-      if config.name != 'image_folder'
+      config for config in JaxtransferCifar10.BUILDER_CONFIGS if config.name != 'image_folder'
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = f'Place {ARCHIVES["cifar100"].filename} in the manual dir.'
   _DATASET = 'cifar100'
@@ -285,9 +282,8 @@ def _archive_examples(path, archive: Archive, split: str) -> Iterator[tuple[np.n
   yield from zip(images, labels.tolist())
 
 
-def _folder_examples(
-    items: Sequence[tuple[str, int]], shape: Sequence[int]
-) -> Iterator[tuple[np.ndarray, int]]:
+def _folder_examples(items: Sequence[tuple[str, int]],
+                     shape: Sequence[int]) -> Iterator[tuple[np.ndarray, int]]:
   for path, label in items:
     image = imagefolder.decode_image(path)
     imagefolder.check_image_shape(image, shape, path)

@@ -50,7 +50,7 @@ def linear_cka(x: jax.Array | np.ndarray, y: jax.Array | np.ndarray, *,
   if form is None:
     form = 'features' if p * p + q * q + p * q <= n * (p + q) else 'gram'
   if form == 'features':
-    cross = np.sum((y.T @ x) ** 2)
+    cross = np.sum((y.T @ x)**2)
     norm_x, norm_y = np.linalg.norm(x.T @ x), np.linalg.norm(y.T @ y)
   elif form == 'gram':
     k, l = x @ x.T, y @ y.T

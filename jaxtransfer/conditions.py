@@ -59,4 +59,3 @@ SEMINAR = (BNB, BNB_PLUS, ANB, ANB_PLUS)  # what the 2022 seminar trained: the d
 
 def get(name: str) -> Condition:
   return BY_NAME[name]
-

@@ -33,6 +33,7 @@ DEFAULT_CACHE_DIR = '~/.cache/jaxtransfer'
 # Examples fetched per `__getitems__` call when reading a TFDS data source.
 _READ_CHUNK = 2048
 
+
 def _read_cache(path: str) -> ArrayDataset | None:
   """The cached dataset, or None if absent or unreadable (then rebuilt)."""
   if not os.path.exists(path):
@@ -76,8 +77,7 @@ def _cached(path: str, build: Callable[[], ArrayDataset]) -> ArrayDataset:
 
 
 def _cache_file(cache_dir: str, name: str, split: str, fingerprint: str) -> str:
-  return os.path.join(os.path.expanduser(cache_dir),
-                      f'{name}-{split}-{fingerprint[:20]}.npz')
+  return os.path.join(os.path.expanduser(cache_dir), f'{name}-{split}-{fingerprint[:20]}.npz')
 
 
 # ----------------------------------------------------------------------------
@@ -94,9 +94,7 @@ def _read_chunk(source: Sequence[Any], indices: list[int]) -> list[Any]:
   return source.__getitems__(indices)
 
 
-def data_source_to_arrays(
-    source: Sequence[Any], class_names: Sequence[str]
-) -> ArrayDataset:
+def data_source_to_arrays(source: Sequence[Any], class_names: Sequence[str]) -> ArrayDataset:
   """Reads a TFDS data source of {'image', 'label'} examples into numpy."""
   n = len(source)
   images = labels = None
@@ -114,17 +112,13 @@ def data_source_to_arrays(
   return ArrayDataset(images=images, labels=labels, class_names=tuple(class_names))
 
 
-def _load_tfds(
-    dataset: str, config: str, split: str, data_dir: str, manual_dir: str | None
-) -> ArrayDataset:
+def _load_tfds(dataset: str, config: str, split: str, data_dir: str,
+               manual_dir: str | None) -> ArrayDataset:
   from jaxtransfer import cifar_builder  # pylint: disable=g-import-not-at-top
 
-  builder = cifar_builder.prepare(
-      dataset, config=config, data_dir=data_dir, manual_dir=manual_dir
-  )
-  return data_source_to_arrays(
-      builder.as_data_source(split=split), builder.info.features['label'].names
-  )
+  builder = cifar_builder.prepare(dataset, config=config, data_dir=data_dir, manual_dir=manual_dir)
+  return data_source_to_arrays(builder.as_data_source(split=split),
+                               builder.info.features['label'].names)
 
 
 def load(
@@ -151,29 +145,31 @@ def load(
     splits = imagefolder.scan_image_folder(root)
     path = _cache_file(cache_dir, 'image_folder', split,
                        imagefolder.folder_fingerprint(root, splits))
-    return _cached(path, lambda: imagefolder.folder_split(
-        splits, split, imagefolder.folder_class_names(splits), num_workers=None))
+    return _cached(
+        path, lambda: imagefolder.folder_split(splits, split, imagefolder.folder_class_names(
+            splits), num_workers=None))
   if dataset not in cifar.TFDS_NAMES:
     raise DataError(f'unknown dataset {dataset!r}, expected one of '
                     f'{sorted(cifar.TFDS_NAMES)} or an image_folder')
   config = 'download' if manual_dir is None else 'manual'
   data_dir = os.path.abspath(os.path.expanduser(data_dir or _default_tfds_data_dir()))
   fingerprint = imagefolder.fingerprint({
-      'format': imagefolder.CACHE_FORMAT, 'kind': 'tfds', 'name': cifar.TFDS_NAMES[dataset],
-      'config': config, 'version': cifar.BUILDER_VERSION, 'data_dir': data_dir,
+      'format': imagefolder.CACHE_FORMAT,
+      'kind': 'tfds',
+      'name': cifar.TFDS_NAMES[dataset],
+      'config': config,
+      'version': cifar.BUILDER_VERSION,
+      'data_dir': data_dir,
   })
   path = _cache_file(cache_dir, cifar.TFDS_NAMES[dataset], split, fingerprint)
-  return _cached(path, lambda: _load_tfds(
-      dataset, config, split, data_dir, manual_dir))
+  return _cached(path, lambda: _load_tfds(dataset, config, split, data_dir, manual_dir))
 
 
 # ----------------------------------------------------------------------------
 # Statistics.
 
 
-def channel_stats(
-    images: np.ndarray, chunk_size: int = 1024
-) -> tuple[np.ndarray, np.ndarray]:
+def channel_stats(images: np.ndarray, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
   """Per-channel mean and std of images/255 over all pixels, as float32.
 
   Works through `chunk_size` images at a time, so no float copy of the whole

@@ -28,6 +28,7 @@ CACHE_FORMAT = 1
 # Below this many images, spawning decode workers costs more than it saves.
 _MIN_IMAGES_PER_WORKER = 4096
 
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ArrayDataset:
   """One split held in memory: what every training/eval loop consumes."""
@@ -39,15 +40,11 @@ class ArrayDataset:
   def __post_init__(self):
     # Catch a malformed dataset here rather than deep inside a jitted step.
     if self.images.dtype != np.uint8 or self.images.ndim != 4:
-      raise DataError(
-          f'images must be uint8 [N, H, W, C], got {self.images.dtype} '
-          f'{self.images.shape}'
-      )
+      raise DataError(f'images must be uint8 [N, H, W, C], got {self.images.dtype} '
+                      f'{self.images.shape}')
     if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
-      raise DataError(
-          f'labels must be int32 [{len(self.images)}], got {self.labels.dtype} '
-          f'{self.labels.shape}'
-      )
+      raise DataError(f'labels must be int32 [{len(self.images)}], got {self.labels.dtype} '
+                      f'{self.labels.shape}')
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -55,7 +52,6 @@ class ArrayDataset:
 
 class DataError(ValueError):
   """Bad input data: a one-line message naming the offending file or folder."""
-
   def __init__(self, message: str):
     # One line, so the cause shows up intact in logs and test assertions.
     super().__init__(' '.join(str(message).split()))
@@ -81,28 +77,21 @@ def scan_image_folder(root: str | os.PathLike) -> dict[str, list[tuple[str, int]
     if not os.path.isdir(split_dir):
       raise DataError(f'missing split folder {split_dir}')
     class_names[split] = sorted(
-        e.name for e in os.scandir(split_dir)
-        if e.is_dir() and not e.name.startswith('.')
-    )
+        e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith('.'))
     if not class_names[split]:
       raise DataError(f'no class folders in {split_dir}')
   train, test = set(class_names['train']), set(class_names['test'])
   if train != test:
-    raise DataError(
-        f'class folders differ between {os.path.join(root, "train")} and '
-        f'{os.path.join(root, "test")}: only in train: {sorted(train - test)}, '
-        f'only in test: {sorted(test - train)}'
-    )
+    raise DataError(f'class folders differ between {os.path.join(root, "train")} and '
+                    f'{os.path.join(root, "test")}: only in train: {sorted(train - test)}, '
+                    f'only in test: {sorted(test - train)}')
   result = {}
   for split in SPLITS:
     items = []
     for label, name in enumerate(class_names[split]):
       class_dir = os.path.join(root, split, name)
-      files = sorted(
-          e.name for e in os.scandir(class_dir)
-          if e.is_file() and not e.name.startswith('.')
-          and e.name.lower().endswith(IMAGE_EXTENSIONS)
-      )
+      files = sorted(e.name for e in os.scandir(class_dir) if e.is_file() and
+                     not e.name.startswith('.') and e.name.lower().endswith(IMAGE_EXTENSIONS))
       if not files:
         raise DataError(f'no .png/.jpg/.jpeg images in {class_dir}')
       items.extend((os.path.join(class_dir, f), label) for f in files)
@@ -137,10 +126,8 @@ def decode_image(path: str) -> np.ndarray:
 def check_image_shape(image: np.ndarray, shape: Sequence[int], path: str) -> None:
   """Refuses an image whose H x W x C differs from the dataset's (the first's)."""
   if image.shape != tuple(shape):
-    raise DataError(
-        f'image {path} has shape {image.shape}, expected {tuple(shape)} like '
-        'the first image of the dataset'
-    )
+    raise DataError(f'image {path} has shape {image.shape}, expected {tuple(shape)} like '
+                    'the first image of the dataset')
 
 
 def _decode_serial(paths: Sequence[str], shape: Sequence[int]) -> np.ndarray:
@@ -167,15 +154,12 @@ def _decode_worker(job_path: str, out_path: str) -> None:
   np.save(out_path, images)
 
 
-_WORKER_CODE = (
-    'import sys; from jaxtransfer.imagefolder import _decode_worker; '
-    '_decode_worker(sys.argv[1], sys.argv[2])'
-)
+_WORKER_CODE = ('import sys; from jaxtransfer.imagefolder import _decode_worker; '
+                '_decode_worker(sys.argv[1], sys.argv[2])')
 
 
-def _decode_parallel(
-    paths: Sequence[str], shape: Sequence[int], num_workers: int
-) -> np.ndarray | None:
+def _decode_parallel(paths: Sequence[str], shape: Sequence[int],
+                     num_workers: int) -> np.ndarray | None:
   """Decodes in fresh `python -c` subprocesses; None if they failed to run.
 
   PIL decoding holds the GIL, so threads do not help. Subprocesses (not a
@@ -184,9 +168,7 @@ def _decode_parallel(
   """
   env = dict(os.environ)
   package_parent = str(pathlib.Path(__file__).resolve().parent.parent)
-  env['PYTHONPATH'] = os.pathsep.join(
-      p for p in (package_parent, env.get('PYTHONPATH')) if p
-  )
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (package_parent, env.get('PYTHONPATH')) if p)
   chunks = np.array_split(np.arange(len(paths)), num_workers)
   with tempfile.TemporaryDirectory(prefix='jaxtransfer-decode-') as tmp:
     procs = []
@@ -195,11 +177,14 @@ def _decode_parallel(
         job_path = os.path.join(tmp, f'{w}.json')
         with open(job_path, 'w') as f:
           json.dump({'paths': [paths[i] for i in chunk], 'shape': list(shape)}, f)
-        procs.append(subprocess.Popen(
-            [sys.executable, '-c', _WORKER_CODE, job_path,
-             os.path.join(tmp, f'{w}.npy')],
-            stderr=subprocess.PIPE, env=env, text=True,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, '-c', _WORKER_CODE, job_path,
+                 os.path.join(tmp, f'{w}.npy')],
+                stderr=subprocess.PIPE,
+                env=env,
+                text=True,
+            ))
       errors = [p.communicate()[1] for p in procs]
     finally:  # e.g. KeyboardInterrupt: leave no orphan decoding on
       for p in procs:
@@ -253,9 +238,8 @@ def check_split(split: str) -> None:
     raise DataError(f'unknown split {split!r}, expected one of {SPLITS}')
 
 
-def load_image_folder(
-    root: str | os.PathLike, split: str, *, num_workers: int | None = None
-) -> ArrayDataset:
+def load_image_folder(root: str | os.PathLike, split: str, *,
+                      num_workers: int | None = None) -> ArrayDataset:
   """Decodes one split of an image folder with PIL + numpy (no TFDS).
 
   Every image must decode and have the H x W x C of the first one; grey or
@@ -283,5 +267,6 @@ def folder_fingerprint(root: str, splits: dict[str, list[tuple[str, int]]]) -> s
   files = sorted(p for split in SPLITS for p, _ in splits[split])
   return fingerprint(
       {'format': CACHE_FORMAT, 'kind': 'image_folder', 'root': resolved},
-      files, root,
+      files,
+      root,
   )

@@ -80,14 +80,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                 precision=precision)
   kh, kw = rhs.shape[:2] if rhs.ndim == 4 else (0, 0)
   pad = kh // 2
-  fast = (lhs.ndim == 4 and kh == kw and kh % 2 == 1
-          and tuple(window_strides) == (1, 1)
-          and not isinstance(padding, str) and [tuple(p) for p in padding] == [(pad, pad)] * 2
-          and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
-          and feature_group_count == 1 and precision is None
-          and kwargs.get('batch_group_count', 1) == 1
-          and kwargs.get('preferred_element_type') is None
-          and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+  fast = (lhs.ndim == 4 and kh == kw and kh % 2 == 1 and tuple(window_strides) == (1, 1) and
+          not isinstance(padding, str) and [tuple(p) for p in padding] == [(pad, pad)] * 2 and
+          all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation)) and
+          feature_group_count == 1 and precision is None and
+          kwargs.get('batch_group_count', 1) == 1 and
+          kwargs.get('preferred_element_type') is None and
+          dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
   if not fast:
     return lax.conv_general_dilated(*args, **kwargs)
   # CPU only: elsewhere (GPU/TPU) the compiler's own backward convolutions are kept as they were.
@@ -128,7 +127,6 @@ class Head(nn.Module):
 
 class _LayerStack(nn.Module):
   """Runs `self.layer_specs()` in order: (name, module factory) pairs that subclasses define."""
-
   def layer_specs(self) -> list[tuple[str, Callable[..., nn.Module]]]:
     raise NotImplementedError
 
@@ -182,8 +180,7 @@ MODELS: dict[str, Callable[[int, Sequence[int]], _LayerStack]] = {
 }
 
 
-def make_model(name: str, num_classes: int,
-               widths: Sequence[int] = FinalNet.widths) -> _LayerStack:
+def make_model(name: str, num_classes: int, widths: Sequence[int] = FinalNet.widths) -> _LayerStack:
   """Model by flag value, one of MODELS."""
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}: expected one of {", ".join(MODELS)}')

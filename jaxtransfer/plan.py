@@ -42,19 +42,24 @@ class StudyConfig:
   """
 
   # Data.
-  dataset: str = _opt('cifar10', 'TFDS dataset name (our TF-free builder). Ignored when '
-                      '--image_folder is given.', tuple(cifar.TFDS_NAMES))
-  image_folder: str = _opt('', 'A {train,test}/<class>/*.png|jpg tree to use instead of TFDS '
-                           '(offline copies, your own datasets).')
+  dataset: str = _opt(
+      'cifar10', 'TFDS dataset name (our TF-free builder). Ignored when '
+      '--image_folder is given.', tuple(cifar.TFDS_NAMES))
+  image_folder: str = _opt(
+      '', 'A {train,test}/<class>/*.png|jpg tree to use instead of TFDS '
+      '(offline copies, your own datasets).')
   # Model.
-  model: str = _opt('final', "The seed's network: 'initial' (8 convs of 3 filters, no "
-                    "pooling) or 'final' (3 conv-BN blocks + pools).", tuple(models.MODELS))
-  widths: tuple[int, ...] = _opt(tuple(models.FinalNet.widths), "Filters of the final net's three blocks; the "
-                                 "default 8,16,32 gives the seed's 512 features into the head.")
+  model: str = _opt(
+      'final', "The seed's network: 'initial' (8 convs of 3 filters, no "
+      "pooling) or 'final' (3 conv-BN blocks + pools).", tuple(models.MODELS))
+  widths: tuple[int, ...] = _opt(
+      tuple(models.FinalNet.widths), "Filters of the final net's three blocks; the "
+      "default 8,16,32 gives the seed's 512 features into the head.")
   # Protocol.
-  halves: str = _opt('random', "How classes split into A and B: 'random' halves, or "
-                     "'dissimilar': man-made (A) against natural (B) classes of CIFAR-10 (4 vs 6) "
-                     'or CIFAR-100 (by superclass, 30 vs 70).', HALVINGS)
+  halves: str = _opt(
+      'random', "How classes split into A and B: 'random' halves, or "
+      "'dissimilar': man-made (A) against natural (B) classes of CIFAR-10 (4 vs 6) "
+      'or CIFAR-100 (by superclass, 30 vs 70).', HALVINGS)
   num_splits: int = _opt(5, 'Random class splits into halves A and B.')
   split_seed: int = _opt(0, 'Seed of the random class splits.')
   splits: tuple[int, ...] = _opt((), 'Train only these splits (0-based indices into the '
@@ -62,15 +67,18 @@ class StudyConfig:
                                  'per machine or session. experiments/pool.py pools shards.')
   depths: tuple[int, ...] = _opt((), 'Transferred depths n (layers copied from a base net); '
                                  'default 1..L-1 for a net of L layers.')
-  conditions: tuple[str, ...] = _opt(
-      tuple(c.name for c in conditions.SEMINAR),
-      'Any of ' + ', '.join(c.label for c in conditions.TRANSFER) + '.', conditions.CHOICES)
-  directions: str = _opt('both', 'AtoB: only B is the target half; both: each half is the '
-                         'target in turn (the paper pooled AnB and BnA).', DIRECTIONS)
+  conditions: tuple[str,
+                    ...] = _opt(tuple(c.name for c in conditions.SEMINAR),
+                                'Any of ' + ', '.join(c.label for c in conditions.TRANSFER) + '.',
+                                conditions.CHOICES)
+  directions: str = _opt(
+      'both', 'AtoB: only B is the target half; both: each half is the '
+      'target in turn (the paper pooled AnB and BnA).', DIRECTIONS)
   seeds: int = _opt(1, 'Independent runs (init and data order) per condition.')
-  frozen_batchnorm: str = _opt('update', "BatchNorm in frozen layers: 'update' keeps tracking "
-                               "batch statistics (the seed's PyTorch behaviour); 'fixed' uses the "
-                               'transferred running statistics.', transfer.BATCHNORM_POLICIES)
+  frozen_batchnorm: str = _opt(
+      'update', "BatchNorm in frozen layers: 'update' keeps tracking "
+      "batch statistics (the seed's PyTorch behaviour); 'fixed' uses the "
+      'transferred running statistics.', transfer.BATCHNORM_POLICIES)
   # Training.
   epochs: int = _opt(_TRAIN.epochs, 'Training epochs for every model.')
   batch_size: int = _opt(_TRAIN.batch_size, 'Minibatch size.')
@@ -78,14 +86,17 @@ class StudyConfig:
                         train.OPTIMIZERS)
   learning_rate: float = _opt(_TRAIN.learning_rate, 'Learning rate.')
   weight_decay: float = _opt(_TRAIN.weight_decay, 'Decoupled weight decay.')
-  train_per_class: int = _opt(0, 'Use only the first N training images of each class (0 = '
-                              'all). For quick runs and data-size sweeps.')
+  train_per_class: int = _opt(
+      0, 'Use only the first N training images of each class (0 = '
+      'all). For quick runs and data-size sweeps.')
   # Campaigns and analysis.
-  sweep: str = _opt('', 'Repeat the study for several values of one flag, e.g. epochs=10,30,100 '
-                    'or train_per_class=500,1000,2500,5000: one sub-study per value in '
-                    'WORKDIR/<flag>-<value>/, plus sweep.md and a sweep figure.')
-  cka_images: int = _opt(500, 'Target test images for the layer-similarity (linear CKA) '
-                         'heat-map; 0 skips it.')
+  sweep: str = _opt(
+      '', 'Repeat the study for several values of one flag, e.g. epochs=10,30,100 '
+      'or train_per_class=500,1000,2500,5000: one sub-study per value in '
+      'WORKDIR/<flag>-<value>/, plus sweep.md and a sweep figure.')
+  cka_images: int = _opt(
+      500, 'Target test images for the layer-similarity (linear CKA) '
+      'heat-map; 0 skips it.')
 
   def to_json(self) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -135,8 +146,7 @@ def validate(config: StudyConfig) -> StudyConfig:
                       f'layers, so n must be in 1..{layers - 1}')
   chosen = tuple(config.conditions)
   if not chosen:
-    raise ConfigError('--conditions is empty: give at least one of ' +
-                      ','.join(conditions.CHOICES))
+    raise ConfigError('--conditions is empty: give at least one of ' + ','.join(conditions.CHOICES))
   unknown = [c for c in chosen if c not in conditions.CHOICES]
   if unknown:
     raise ConfigError(f'--conditions: unknown {unknown}; expected any of '
@@ -144,8 +154,8 @@ def validate(config: StudyConfig) -> StudyConfig:
   for name in ('num_splits', 'seeds', 'epochs', 'batch_size'):
     if getattr(config, name) < 1:
       raise ConfigError(f'--{name} must be at least 1, got {getattr(config, name)}')
-  if (config.cka_images < 0 or config.train_per_class < 0 or config.learning_rate <= 0
-      or config.weight_decay < 0):
+  if (config.cka_images < 0 or config.train_per_class < 0 or config.learning_rate <= 0 or
+      config.weight_decay < 0):
     raise ConfigError('--cka_images, --train_per_class and --weight_decay must be >= 0, '
                       '--learning_rate > 0')
   split_ids = tuple(sorted(set(_ints('splits', config.splits))))
@@ -157,8 +167,7 @@ def validate(config: StudyConfig) -> StudyConfig:
   if config.sweep:
     parse_sweep(config.sweep)
   return dataclasses.replace(
-      config, widths=widths, depths=tuple(sorted(set(depths))), conditions=chosen,
-      splits=split_ids,
+      config, widths=widths, depths=tuple(sorted(set(depths))), conditions=chosen, splits=split_ids,
       image_folder=os.path.abspath(config.image_folder) if config.image_folder else '')
 
 
@@ -257,16 +266,23 @@ def plan(config: StudyConfig, layer_names: Sequence[str],
   chosen = config.splits or range(len(halves))
   base = conditions.BASE.name
   runs = [Run(s, half, base, 0, seed) for s in chosen for half in ('A', 'B') for seed in seeds]
-  runs += [Run(s, target, condition, depth, seed) for depth in config.depths
-           for condition in config.conditions for s in chosen
-           for target in targets for seed in seeds]
+  runs += [
+      Run(s, target, condition, depth, seed)
+      for depth in config.depths
+      for condition in config.conditions
+      for s in chosen
+      for target in targets
+      for seed in seeds
+  ]
   groups: dict[tuple, list[Run]] = {}
   for run in runs:
-    key = (structure_for(run, layer_names, config.frozen_batchnorm),
-           len(half_classes(halves, run.split, run.target)))
+    key = (structure_for(run, layer_names,
+                         config.frozen_batchnorm), len(half_classes(halves, run.split, run.target)))
     groups.setdefault(key, []).append(run)
-  return [Stack(_stack_name(structure, size), structure, tuple(group))
-          for (structure, size), group in groups.items()]
+  return [
+      Stack(_stack_name(structure, size), structure, tuple(group))
+      for (structure, size), group in groups.items()
+  ]
 
 
 def _stack_name(structure: train.Structure, size: int) -> str:
@@ -285,5 +301,7 @@ def run_key(run: Run, purpose: str) -> jax.Array:
 
 def run_fields(run: Run) -> dict:
   """The columns that identify a run in results and metrics files."""
-  return {'split': run.split, 'target': run.target, 'condition': run.condition,
-          'depth': run.depth, 'seed': run.seed}
+  return {
+      'split': run.split, 'target': run.target, 'condition': run.condition, 'depth': run.depth,
+      'seed': run.seed
+  }

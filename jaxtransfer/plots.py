@@ -45,8 +45,9 @@ def draw_transfer(ax, rows: Sequence[dict], relative: bool = False, title: str =
   rng = np.random.default_rng(0)  # jitter only, fixed so figures are reproducible
   base = [r['test_accuracy'] for r in results.select(rows, condition=conditions.BASE.name)]
   if base and not relative:
-    ax.scatter(np.zeros(len(base)) + rng.uniform(-.08, .08, len(base)), base, s=14,
-               facecolors='white', edgecolors='black', zorder=3, label='base (n = 0)')
+    ax.scatter(
+        np.zeros(len(base)) + rng.uniform(-.08, .08, len(base)), base, s=14, facecolors='white',
+        edgecolors='black', zorder=3, label='base (n = 0)')
   if relative:
     ax.axhline(0, color='black', lw=1, label='base')
   shown_conditions = [c for c in conditions.TRANSFER if results.select(rows, condition=c.name)]
@@ -57,13 +58,14 @@ def draw_transfer(ax, rows: Sequence[dict], relative: bool = False, title: str =
     depths = sorted({r['depth'] for r in results.select(rows, condition=condition)})
     means, lows, highs = [], [], []
     for depth in depths:
-      values = (results.paired_to_base(rows, condition, depth) if relative else
-                [r['test_accuracy'] for r in results.select(rows, condition=condition,
-                                                            depth=depth)])
+      values = (results.paired_to_base(rows, condition, depth) if relative else [
+          r['test_accuracy'] for r in results.select(rows, condition=condition, depth=depth)
+      ])
       x = depth + (k - (len(shown_conditions) - 1) / 2) * 0.08
       shown += values
-      ax.scatter(np.full(len(values), x) + rng.uniform(-.02, .02, len(values)), values, s=10,
-                 color=color, marker=marker, alpha=.6, zorder=2)
+      ax.scatter(
+          np.full(len(values), x) + rng.uniform(-.02, .02, len(values)), values, s=10, color=color,
+          marker=marker, alpha=.6, zorder=2)
       mean, half = results.mean_ci(values)
       half = 0.0 if np.isnan(half) else half
       means.append(mean)
@@ -104,11 +106,11 @@ def sweep_figure(summary: dict, param: str, stem: str) -> list[str]:
   """Base accuracy, co-adaptation dip and fine-tuning gain along a swept flag, with 95% CIs."""
   fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
   values = list(summary)
-  errorbar = lambda ax, key, **kw: ax.errorbar(
-      [v for v in values if key in summary[v]],
-      [summary[v][key][0] for v in values if key in summary[v]],
-      yerr=[np.nan_to_num(summary[v][key][1]) for v in values if key in summary[v]],
-      marker='o', capsize=3, **kw)
+  errorbar = lambda ax, key, **kw: ax.errorbar([v for v in values if key in summary[v]], [
+      summary[v][key][0] for v in values if key in summary[v]
+  ], yerr=[np.nan_to_num(summary[v][key][1])
+           for v in values
+           if key in summary[v]], marker='o', capsize=3, **kw)
   errorbar(top, 'base', color='black', label='base accuracy')
   top.set_ylabel('test accuracy')
   errorbar(bottom, 'dip', color=conditions.BNB.color, label='BnB − base (deepest middle dip)')

@@ -15,7 +15,6 @@ class Progress:
   The ETA counts model-epochs: `plan` sets the total, `skip` removes finished stacks, `epoch`
   adds the members of a stack as each epoch ends.
   """
-
   def __init__(self, stream: TextIO | None = sys.stderr):
     self.stream = stream
     self.total = self.done = 0
@@ -38,4 +37,3 @@ class Progress:
     eta = elapsed / self.done * max(self.total - self.done, 0)
     self.log(f'{label} epoch {epoch + 1}/{epochs}: loss {metrics[:, 0].mean():.3f} '
              f'train acc {metrics[:, 1].mean():.3f} | ETA {eta / 60:.1f} min')
-

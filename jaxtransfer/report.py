@@ -47,8 +47,10 @@ def table(rows: Sequence[dict]) -> str:
   conditions = conditions_in(rows)
   lines = ['| n | ' + ' | '.join(conditions) + ' |', '|---' * (len(conditions) + 1) + '|']
   for d in depths:
-    cells = [_fmt([r['test_accuracy'] for r in results.select(rows, condition=c, depth=d)])
-             if results.select(rows, condition=c, depth=d) else '' for c in conditions]
+    cells = [
+        _fmt([r['test_accuracy'] for r in results.select(rows, condition=c, depth=d)])
+        if results.select(rows, condition=c, depth=d) else '' for c in conditions
+    ]
     lines.append(f'| {d} | ' + ' | '.join(cells) + ' |')
   base = [r['test_accuracy'] for r in results.select(rows, condition=BASE.name)]
   return f'base (n = 0): {_fmt(base)}\n\n' + '\n'.join(lines)
@@ -65,17 +67,20 @@ def relative_table(columns: Sequence[tuple[str, Sequence[dict], str]]) -> str:
   The table to read the claims from: the spread of absolute accuracy between halves and splits
   cancels in the pairing. Each column pairs within its own rows, so columns may come from
   different studies (e.g. two BatchNorm policies) without mixing their base nets."""
-  depths = sorted({r['depth'] for _, rows, c in columns
-                   for r in results.select(rows, condition=c)})
-  lines = ['| n | ' + ' | '.join(label for label, _, _ in columns) + ' |',
-           '|---' * (len(columns) + 1) + '|']
-  cells = {(d, i): results.paired_to_base(rows, c, d)
-           for d in depths for i, (_, rows, c) in enumerate(columns)}
+  depths = sorted({r['depth'] for _, rows, c in columns for r in results.select(rows, condition=c)})
+  lines = [
+      '| n | ' + ' | '.join(label for label, _, _ in columns) + ' |',
+      '|---' * (len(columns) + 1) + '|'
+  ]
+  cells = {(d, i): results.paired_to_base(rows, c, d) for d in depths
+           for i, (_, rows, c) in enumerate(columns)}
   counts = {len(v) for v in cells.values() if v}
   show_n = len(counts) > 1  # else said once, below the table
   for d in depths:
-    line = [_diff(v) + (f' (n={len(v)})' if show_n else '') if (v := cells[(d, i)]) else ''
-            for i in range(len(columns))]
+    line = [
+        _diff(v) + (f' (n={len(v)})' if show_n else '') if (v := cells[(d, i)]) else ''
+        for i in range(len(columns))
+    ]
     lines.append(f'| {d} | ' + ' | '.join(line) + ' |')
   if len(counts) == 1:
     lines += ['', f'n = {counts.pop()} paired differences per cell.']
@@ -110,19 +115,18 @@ def claims(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
     pooled = results.pooled_over_depths(rows, ANB_PLUS.name)
     sign = _sign(pooled)
     verdict = {'above': 'supported', 'below': 'contradicted'}.get(sign, 'not supported '
-                                                                    '(within noise)')
+                                                                  '(within noise)')
     evidence = (f'AnB+ − base, averaged over n within each split/half/seed: {_fmt(pooled)}; '
-                'per n: ' +
-                ', '.join(f'n={d}: {_fmt(v)}' for d, v in per_depth.items()))
-    out.append(('Transfer plus fine-tuning improves generalisation (AnB+ above base)',
-                verdict, evidence))
+                'per n: ' + ', '.join(f'n={d}: {_fmt(v)}' for d, v in per_depth.items()))
+    out.append(
+        ('Transfer plus fine-tuning improves generalisation (AnB+ above base)', verdict, evidence))
 
   if has(BNB.name):
     middle = depths[1:-1] or depths
     per_depth = {d: results.paired_to_base(rows, BNB.name, d) for d in middle}
     below = [d for d, v in per_depth.items() if _sign(v) == 'below']
-    verdict = (f'supported (BnB below base at n = {", ".join(map(str, below))})' if below
-               else 'not supported (no middle depth where BnB is below base beyond noise)')
+    verdict = (f'supported (BnB below base at n = {", ".join(map(str, below))})'
+               if below else 'not supported (no middle depth where BnB is below base beyond noise)')
     evidence = 'BnB − base at middle depths: ' + ', '.join(
         f'n={d}: {_fmt(v)}' for d, v in per_depth.items())
     out.append(('Performance drops through fragile co-adaptation (BnB below base at middle '
@@ -148,8 +152,8 @@ def claims(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
     per_depth = {d: results.paired_to_base(rows, RANDOM.name, d) for d in depths}
     below = [d for d, v in per_depth.items() if _sign(v) == 'below']
     verdict = (f'random frozen layers fall below base beyond noise at n = '
-               f'{", ".join(map(str, below))}' if below else
-               'random frozen layers are within noise of base at every n')
+               f'{", ".join(map(str, below))}'
+               if below else 'random frozen layers are within noise of base at every n')
     evidence = 'random − base: ' + ', '.join(f'n={d}: {_fmt(v)}' for d, v in per_depth.items())
     if trained:
       evidence += f'; {trained} − random: ' + ', '.join(
@@ -178,23 +182,22 @@ def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = (),
       f'{len(rows)} trained models: {splits} split(s), target halves {", ".join(targets)}, '
       f'{seeds} seed(s), {config.get("epochs")} epochs, model `{config.get("model")}`, '
       f'frozen BatchNorm policy `{config.get("frozen_batchnorm")}`, '
-      f'config hash `{rows[0]["config_hash"] if rows else ""}`.', '',
-      *_halves(rows, class_names), '',
-      '## Test accuracy: mean ± 95% CI over splits × directions × seeds', '',
-      table(rows), '',
-      f'Base nets by target half: {base_by_target(rows)}.', '',
+      f'config hash `{rows[0]["config_hash"] if rows else ""}`.', '', *_halves(rows, class_names),
+      '', '## Test accuracy: mean ± 95% CI over splits × directions × seeds', '',
+      table(rows), '', f'Base nets by target half: {base_by_target(rows)}.', '',
       '## Difference from the base net of the same target', '',
-      'Each cell: mean ± 95% CI of (model − base net of the same split, target half and seed).',
-      '',
-      relative_table([(c, rows, c) for c in conditions_in(rows)]), '',
-      '## The seminar\'s claims', '',
-      'A difference counts only when its 95% confidence interval (Student t, paired on split, '
-      'target half and seed) excludes zero; otherwise it is reported as within noise.', '']
+      'Each cell: mean ± 95% CI of (model − base net of the same split, target half and seed).', '',
+      relative_table([(c, rows, c) for c in conditions_in(rows)]), '', '## The seminar\'s claims',
+      '', 'A difference counts only when its 95% confidence interval (Student t, paired on split, '
+      'target half and seed) excludes zero; otherwise it is reported as within noise.', ''
+  ]
   seminar = config.get('dataset') == 'cifar10' and config.get('model') == 'final'
   if seminar:
-    parts += [f'The seminar (PyTorch, same net, 10 epochs) reported a base accuracy of '
-              f'{SEMINAR_BASELINE} and the verdicts quoted after each claim.', '',
-              _seminar_baseline(rows), '']
+    parts += [
+        f'The seminar (PyTorch, same net, 10 epochs) reported a base accuracy of '
+        f'{SEMINAR_BASELINE} and the verdicts quoted after each claim.', '',
+        _seminar_baseline(rows), ''
+    ]
   for claim, verdict, evidence in claims(rows):
     quoted = next((v for k, v in SEMINAR_VERDICTS.items() if claim.startswith(k)), None)
     parts += [f'- **{claim}**: {verdict}.  ', f'  {evidence}  ']
@@ -203,8 +206,9 @@ def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = (),
     parts.append('')
   if figures:
     parts += ['## Figures', ''] + [f'![{f}]({f})' for f in figures if f.endswith('.png')] + ['']
-  parts += ['## Configuration', '', '```', *(f'{k} = {v}' for k, v in sorted(config.items())),
-            '```', '']
+  parts += [
+      '## Configuration', '', '```', *(f'{k} = {v}' for k, v in sorted(config.items())), '```', ''
+  ]
   return '\n'.join(parts)
 
 
@@ -222,8 +226,10 @@ def sweep_summary(rows_by_value: dict) -> dict:
   each as (mean, CI half-width)."""
   out = {}
   for value, rows in rows_by_value.items():
-    entry = {'base': results.mean_ci([r['test_accuracy']
-                                      for r in results.select(rows, condition=BASE.name)])}
+    entry = {
+        'base': results.mean_ci(
+            [r['test_accuracy'] for r in results.select(rows, condition=BASE.name)])
+    }
     if results.select(rows, condition=BNB.name):
       depth, dip = _dip(rows)
       entry['dip'], entry['dip_depth'] = results.mean_ci(dip), depth
@@ -235,11 +241,13 @@ def sweep_summary(rows_by_value: dict) -> dict:
 
 def render_sweep(summary: dict, param: str, figures: Sequence[str] = ()) -> str:
   ci = lambda mc: f'{mc[0]:+.3f} ± {mc[1]:.3f}' if not math.isnan(mc[1]) else f'{mc[0]:+.3f}'
-  lines = [f'# Sweep over {param}', '',
-           'base: mean test accuracy of the base nets; dip: BnB − base at the middle depth '
-           'where it is lowest (fragile co-adaptation); gain: AnB+ − base averaged over depths '
-           '(fine-tuning benefit). Mean ± 95% CI.', '',
-           f'| {param} | base | dip (depth) | gain |', '|---|---|---|---|']
+  lines = [
+      f'# Sweep over {param}', '',
+      'base: mean test accuracy of the base nets; dip: BnB − base at the middle depth '
+      'where it is lowest (fragile co-adaptation); gain: AnB+ − base averaged over depths '
+      '(fine-tuning benefit). Mean ± 95% CI.', '', f'| {param} | base | dip (depth) | gain |',
+      '|---|---|---|---|'
+  ]
   for value, e in summary.items():
     dip = f'{ci(e["dip"])} (n={e["dip_depth"]})' if 'dip' in e else ''
     lines.append(f'| {value} | {e["base"][0]:.3f} | {dip} | '
@@ -249,8 +257,8 @@ def render_sweep(summary: dict, param: str, figures: Sequence[str] = ()) -> str:
     vals = [(v, e[key]) for v, e in summary.items() if key in e]
     if len(vals) > 1:
       signs = [_sign_of(mc) for _, mc in vals]
-      lines.append(f'- {label} along {param}: ' + ', '.join(
-          f'{v}: {ci(mc)} ({sign})' for (v, mc), sign in zip(vals, signs)))
+      lines.append(f'- {label} along {param}: ' +
+                   ', '.join(f'{v}: {ci(mc)} ({sign})' for (v, mc), sign in zip(vals, signs)))
   lines += [''] + [f'![{f}]({f})' for f in figures if f.endswith('.png')] + ['']
   return '\n'.join(lines)
 

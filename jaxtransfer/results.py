@@ -95,8 +95,10 @@ def paired_to_base(rows: Sequence[dict], condition: str, depth: int) -> list[flo
   seed): paired differences remove the split-to-split spread from the comparison."""
   base = {(r['split'], r['target'], r['seed']): r['test_accuracy']
           for r in select(rows, condition=conditions.BASE.name)}
-  return [r['test_accuracy'] - base[(r['split'], r['target'], r['seed'])]
-          for r in select(rows, condition=condition, depth=depth)]
+  return [
+      r['test_accuracy'] - base[(r['split'], r['target'], r['seed'])]
+      for r in select(rows, condition=condition, depth=depth)
+  ]
 
 
 def pooled_over_depths(rows: Sequence[dict], condition: str) -> list[float]:
@@ -116,6 +118,8 @@ def paired(rows: Sequence[dict], cond_a: str, cond_b: str, depth: int) -> list[f
   """`cond_a` minus `cond_b` at `depth`, paired on (split, target, seed)."""
   b = {(r['split'], r['target'], r['seed']): r['test_accuracy']
        for r in select(rows, condition=cond_b, depth=depth)}
-  return [r['test_accuracy'] - b[(r['split'], r['target'], r['seed'])]
-          for r in select(rows, condition=cond_a, depth=depth)
-          if (r['split'], r['target'], r['seed']) in b]
+  return [
+      r['test_accuracy'] - b[(r['split'], r['target'], r['seed'])]
+      for r in select(rows, condition=cond_a, depth=depth)
+      if (r['split'], r['target'], r['seed']) in b
+  ]

@@ -21,8 +21,8 @@ from jaxtransfer.workdir import Workdir
 OTHER_BASE = 'other base'
 
 
-def write(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], halves,
-          make: Callable, layer_names: Sequence[str], test_ds, mean, std) -> list[str]:
+def write(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], halves, make: Callable,
+          layer_names: Sequence[str], test_ds, mean, std) -> list[str]:
   """figures/cka.{png,pdf} for the study in `workdir`; returns their paths."""
   per_class = max(1, config.cka_images // len(halves[0][1]))
   features = {}  # (split, target) -> normalised test images
@@ -44,8 +44,8 @@ def write(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], halves
     other = 'A' if run.target == 'B' else 'B'
     if run.depth == config.depths[0]:  # once per (split, target, seed)
       other_model = make(len(plan_lib.half_classes(halves, run.split, other)))
-      rows.setdefault(OTHER_BASE, []).append(cka.per_layer_cka(
-          cka.layer_features(other_model, base_of(other), images), reference))
+      rows.setdefault(OTHER_BASE, []).append(
+          cka.per_layer_cka(cka.layer_features(other_model, base_of(other), images), reference))
     rows.setdefault(f'{run.condition} n={run.depth}', []).append(
         cka.per_layer_cka(cka.layer_features(model, variables, images), reference))
   order = [OTHER_BASE] + [f'{c} n={d}' for c in config.conditions for d in config.depths]

@@ -78,12 +78,10 @@ MAN_MADE = {
     'cifar10': ('airplane', 'automobile', 'ship', 'truck'),
     # CIFAR-100 superclasses food containers, household electrical devices, household
     # furniture, large man-made outdoor things, vehicles 1 and vehicles 2.
-    'cifar100': ('bottle', 'bowl', 'can', 'cup', 'plate',
-                 'clock', 'keyboard', 'lamp', 'telephone', 'television',
-                 'bed', 'chair', 'couch', 'table', 'wardrobe',
-                 'bridge', 'castle', 'house', 'road', 'skyscraper',
-                 'bicycle', 'bus', 'motorcycle', 'pickup_truck', 'train',
-                 'lawn_mower', 'rocket', 'streetcar', 'tank', 'tractor'),
+    'cifar100': ('bottle', 'bowl', 'can', 'cup', 'plate', 'clock', 'keyboard', 'lamp', 'telephone',
+                 'television', 'bed', 'chair', 'couch', 'table', 'wardrobe', 'bridge', 'castle',
+                 'house', 'road', 'skyscraper', 'bicycle', 'bus', 'motorcycle', 'pickup_truck',
+                 'train', 'lawn_mower', 'rocket', 'streetcar', 'tank', 'tractor'),
 }
 
 

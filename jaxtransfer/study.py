@@ -29,9 +29,9 @@ def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
   config = plan_lib.validate(config)
   progress = progress or Progress(None)
   workdir.check(config)
-  load = lambda split: data_lib.load(split, dataset=config.dataset,
-                                     image_folder=config.image_folder or None,
-                                     data_dir=data_dir, manual_dir=manual_dir, cache_dir=cache_dir)
+  load = lambda split: data_lib.load(split, dataset=config.dataset, image_folder=config.image_folder
+                                     or None, data_dir=data_dir, manual_dir=manual_dir, cache_dir=
+                                     cache_dir)
   train_ds, test_ds = load('train'), load('test')
   halves = plan_lib.make_halves(config, train_ds.class_names)
   make = lambda k: models.make_model(config.model, k, config.widths)
@@ -44,8 +44,8 @@ def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
                f'{jax.device_count()} {jax.default_backend()} device(s)')
   mean, std = data_lib.channel_stats(train_ds.images)
   device_data = train.to_device(train_ds, test_ds, mean, std)
-  rows = train_stacks(config, workdir, make, device_data, train_ds.labels, test_ds.labels,
-                      halves, stacks, progress=progress, mesh=mesh)
+  rows = train_stacks(config, workdir, make, device_data, train_ds.labels, test_ds.labels, halves,
+                      stacks, progress=progress, mesh=mesh)
   results.write(workdir.path, rows)
   paths = plots.write_all(rows, workdir.path)
   if config.cka_images:
@@ -54,15 +54,15 @@ def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
                               std)
   figures = [os.path.relpath(p, workdir.path) for p in paths]
   path = workdir.file('report.md')
-  results.atomic_write_text(path, report.render(rows, config.to_json(), figures,
-                                                class_names=train_ds.class_names))
+  results.atomic_write_text(
+      path, report.render(rows, config.to_json(), figures, class_names=train_ds.class_names))
   return path
 
 
 def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], Any],
                  data: train.DeviceData, train_labels: np.ndarray, test_labels: np.ndarray,
-                 halves: Sequence[splits_lib.Split], stacks: list[Stack], *,
-                 progress: Progress, mesh=None) -> list[dict]:
+                 halves: Sequence[splits_lib.Split], stacks: list[Stack], *, progress: Progress,
+                 mesh=None) -> list[dict]:
   """Train every unfinished stack in order; return all rows (finished ones read back)."""
   per_class = config.train_per_class or None
   tconfig = config.train_config()
@@ -85,16 +85,18 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
 
       def on_epoch(epoch, metrics, stack=stack, label=label):
         progress.epoch(label, epoch, config.epochs, metrics)
-        workdir.append_metrics([
-            {'stack': stack.name, 'run': r.name, **plan_lib.run_fields(r), 'epoch': epoch + 1,
-             'loss': float(m[0]), 'train_accuracy': float(m[1])}
-            for r, m in zip(stack.runs, metrics)])
+        workdir.append_metrics([{
+            'stack': stack.name, 'run': r.name, **plan_lib.run_fields(r), 'epoch': epoch + 1,
+            'loss': float(m[0]), 'train_accuracy': float(m[1])
+        } for r, m in zip(stack.runs, metrics)])
 
       result = train.train_stack(make(len(classes[0])), stack.structure, tconfig, data, members,
                                  mesh=mesh, on_epoch=on_epoch)
-      rows = [_row(config, halves, r, stack.structure, result.test_accuracy[j],
-                   result.train_accuracy[j], result.train_loss[j],
-                   result.seconds / len(stack.runs)) for j, r in enumerate(stack.runs)]
+      rows = [
+          _row(config, halves, r, stack.structure, result.test_accuracy[j],
+               result.train_accuracy[j], result.train_loss[j], result.seconds / len(stack.runs))
+          for j, r in enumerate(stack.runs)
+      ]
       workdir.save(stack, result.variables, rows)
       if stack.is_base:
         bases = None  # re-read with the new stack included
@@ -106,11 +108,17 @@ def _row(config: StudyConfig, halves, run: Run, structure: train.Structure, test
          loss, seconds) -> dict:
   a, b = halves[run.split]
   return {
-      **plan_lib.run_fields(run), 'classes_A': ' '.join(map(str, a)),
-      'classes_B': ' '.join(map(str, b)), 'source': run.source, 'frozen': run.frozen,
-      'batchnorm': structure.batchnorm, 'epochs': config.epochs,
-      'test_accuracy': float(test_acc), 'train_accuracy': float(train_acc),
-      'final_loss': float(loss), 'wall_seconds': round(float(seconds), 3),
+      **plan_lib.run_fields(run),
+      'classes_A': ' '.join(map(str, a)),
+      'classes_B': ' '.join(map(str, b)),
+      'source': run.source,
+      'frozen': run.frozen,
+      'batchnorm': structure.batchnorm,
+      'epochs': config.epochs,
+      'test_accuracy': float(test_acc),
+      'train_accuracy': float(train_acc),
+      'final_loss': float(loss),
+      'wall_seconds': round(float(seconds), 3),
       'config_hash': config.hash(),
   }
 
@@ -125,8 +133,7 @@ def _members(runs: Sequence[Run], classes: Sequence[Sequence[int]], train_labels
       shuffle_keys=jnp.stack([plan_lib.run_key(r, 'shuffle') for r in runs]),
       train_idx=stack([splits_lib.class_indices(train_labels, c, per_class) for c in classes]),
       test_idx=stack([splits_lib.class_indices(test_labels, c) for c in classes]),
-      label_map=stack([splits_lib.label_map(c, num_classes) for c in classes]),
-      sources=sources)
+      label_map=stack([splits_lib.label_map(c, num_classes) for c in classes]), sources=sources)
 
 
 def _stacked_sources(bases: dict, runs: Sequence[Run], layers: Sequence[str]):

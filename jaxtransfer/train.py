@@ -118,7 +118,6 @@ def to_device(train, test, mean, std) -> DeviceData:
 
 class Trainer:
   """The per-member functions of one stack; `train_stack` maps them over members."""
-
   def __init__(self, model: nn.Module, structure: Structure, config: TrainConfig,
                example: jax.Array):
     self.model, self.structure, self.config, self.example = model, structure, config, example
@@ -136,8 +135,8 @@ class Trainer:
   def loss(self, trainable, frozen, model_state, images, labels):
     params = transfer.combine(trainable, frozen)
     with transfer.batchnorm_policy(self.structure.frozen_layers, self.structure.batchnorm):
-      logits, model_state = self.model.apply(
-          {'params': params, **model_state}, images, train=True, mutable=list(model_state))
+      logits, model_state = self.model.apply({'params': params, **model_state}, images, train=True,
+                                             mutable=list(model_state))
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
     correct = (logits.argmax(-1) == labels).sum()
     return loss, (model_state, correct)
@@ -148,8 +147,10 @@ class Trainer:
     images = normalize(data.train_images[batch_idx], data.mean, data.std)
     labels = label_map[data.train_labels[batch_idx]]
     trainable, frozen = transfer.partition(state.params, self.labels)
-    (loss, (model_state, correct)), grads = jax.value_and_grad(self.loss, has_aux=True)(
-        trainable, frozen, state.model_state, images, labels)
+    (loss, (model_state, correct)), grads = jax.value_and_grad(self.loss,
+                                                               has_aux=True)(trainable, frozen,
+                                                                             state.model_state,
+                                                                             images, labels)
     n = batch_idx.shape[0]
     grads = transfer.combine(jax.tree.map(lambda g: g / n, grads),
                              jax.tree.map(jnp.zeros_like, frozen))
@@ -157,8 +158,8 @@ class Trainer:
     new_trainable, _ = transfer.partition(optax.apply_updates(state.params, updates), self.labels)
     # Frozen leaves are carried over as they were: bit-for-bit, whatever the optimizer does.
     params = transfer.combine(new_trainable, frozen)
-    return TrainState(params, model_state, opt_state), jnp.stack(
-        [loss, correct.astype(jnp.float32)])
+    return TrainState(params, model_state,
+                      opt_state), jnp.stack([loss, correct.astype(jnp.float32)])
 
   def epoch(self, state: TrainState, key, train_idx, label_map, data: DeviceData):
     """A shuffled pass over `train_idx`: full batches in a scan, then the partial remainder."""
@@ -203,6 +204,7 @@ def _over_members(fn: Callable, member_map: str) -> Callable:
     if member_map == 'vmap':
       return jax.vmap(member_fn)(*per_member)
     return lax.map(lambda a: member_fn(*a), tuple(per_member))
+
   return mapped
 
 
@@ -215,6 +217,7 @@ def _pad_members(tree: PyTree, k_padded: int) -> PyTree:
   def pad(x):
     extra = k_padded - x.shape[0]
     return x if extra == 0 else jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)])
+
   return jax.tree.map(pad, tree)
 
 
@@ -229,6 +232,7 @@ def _to_global(tree: PyTree, sharding: NamedSharding) -> PyTree:
       return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
   return jax.tree.map(put, tree)
 
 
@@ -262,8 +266,9 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   def compile_(fn, n_member_args):
     """jit(shard_map(map over members)): member args split over devices, data replicated."""
     in_specs = (P(MODEL_AXIS),) * n_member_args + (P(),)
-    return jax.jit(jax.shard_map(_over_members(fn, member_map), mesh=mesh, in_specs=in_specs,
-                                 out_specs=P(MODEL_AXIS)))
+    return jax.jit(
+        jax.shard_map(_over_members(fn, member_map), mesh=mesh, in_specs=in_specs,
+                      out_specs=P(MODEL_AXIS)))
 
   def init_fn(key, source, data):
     del data
@@ -282,5 +287,6 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
       on_epoch(epoch, metrics)
   test_acc = compile_(trainer.evaluate, 3)(state, members.test_idx, members.label_map, data)
   variables = jax.tree.map(lambda x: _to_host(x)[:k], state.variables())
-  return StackResult(variables, metrics[:, 1], metrics[:, 0], _to_host(test_acc)[:k],
+  return StackResult(variables, metrics[:, 1], metrics[:, 0],
+                     _to_host(test_acc)[:k],
                      time.perf_counter() - start)

@@ -101,12 +101,14 @@ def graft(source: Mapping, target: Mapping, layers: Sequence[str]) -> dict:
 def freeze_labels(params: Mapping, layers: Sequence[str]) -> dict:
   """Labels tree for `params`: FROZEN under the top-level `layers`, TRAINABLE elsewhere."""
   layers = set(_check_layers(layers, set(params)))
-  return {name: jax.tree.map(lambda _, lab=(FROZEN if name in layers else TRAINABLE): lab, sub)
-          for name, sub in params.items()}
+  return {
+      name: jax.tree.map(lambda _, lab=(FROZEN if name in layers else TRAINABLE): lab, sub)
+      for name, sub in params.items()
+  }
 
 
-def masked_optimizer(tx: optax.GradientTransformation, labels: PyTree
-                     ) -> optax.GradientTransformation:
+def masked_optimizer(tx: optax.GradientTransformation,
+                     labels: PyTree) -> optax.GradientTransformation:
   """`tx` on TRAINABLE leaves; FROZEN leaves get zero updates and keep no optimizer state.
 
   Zero updates leave frozen leaves unchanged even under weight decay or momentum, because the
@@ -125,6 +127,7 @@ def combine(*trees: PyTree) -> PyTree:
   """Inverse of `partition`: the first non-None leaf at each position."""
   def first(*xs):
     return next((x for x in xs if x is not None), None)
+
   return jax.tree.map(first, *trees, is_leaf=lambda x: x is None)
 
 
@@ -147,8 +150,8 @@ def batchnorm_policy(frozen_layers: Sequence[str], policy: str):
 
   def use_running_average(next_fun, args, kwargs, context):
     module = context.module
-    if not (isinstance(module, nn.BatchNorm) and context.method_name == '__call__'
-            and module.path and module.path[0] in frozen):
+    if not (isinstance(module, nn.BatchNorm) and context.method_name == '__call__' and
+            module.path and module.path[0] in frozen):
       return next_fun(*args, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if k != 'use_running_average'}
     if module.use_running_average is None:

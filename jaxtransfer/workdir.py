@@ -27,7 +27,6 @@ METRICS = 'metrics.jsonl'
 
 class Workdir:
   """Layout: study.json, stacks/<stack>.json (rows, written last), checkpoints/<stack>/."""
-
   def __init__(self, path: str):
     self.path = path
 

@@ -99,12 +99,14 @@ def finished(image_folder, tmp_path_factory):
 # Result rows of a made-up study: 3 splits x 2 targets, base and BnB at n = 1, with BnB paired
 # 0.05 (target B) or 0.06 (target A) below its base net.
 def row(split, target, condition, depth, acc, seed=0):
-  return {'split': split, 'classes_A': '0 1', 'classes_B': '2 3', 'source': '',
-          'target': target, 'condition': condition, 'depth': depth, 'frozen': condition == 'BnB',
-          'batchnorm': 'update', 'seed': seed, 'epochs': 1, 'test_accuracy': acc,
-          'train_accuracy': 0.5, 'final_loss': 0.25, 'wall_seconds': 1.5, 'config_hash': 'abc'}
+  return {
+      'split': split, 'classes_A': '0 1', 'classes_B': '2 3', 'source': '', 'target': target,
+      'condition': condition, 'depth': depth, 'frozen': condition == 'BnB', 'batchnorm': 'update',
+      'seed': seed, 'epochs': 1, 'test_accuracy': acc, 'train_accuracy': 0.5, 'final_loss': 0.25,
+      'wall_seconds': 1.5, 'config_hash': 'abc'
+  }
 
 
 ROWS = [row(s, t, 'base', 0, 0.6 + 0.1 * s) for s in range(3) for t in 'AB'] + [
-    row(s, t, 'BnB', 1, 0.6 + 0.1 * s - 0.05 - 0.01 * (t == 'A')) for s in range(3)
-    for t in 'AB']
+    row(s, t, 'BnB', 1, 0.6 + 0.1 * s - 0.05 - 0.01 * (t == 'A')) for s in range(3) for t in 'AB'
+]

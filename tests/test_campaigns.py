@@ -29,8 +29,8 @@ def test_pooled_shards_equal_the_whole_study(finished, tmp_path):
   _shard(finished, one, 1)
   _shard(finished, two, 0)
   assert json.load(open(os.path.join(one, 'study.json')))['class_names']
-  pool = lambda *argv: subprocess.run([sys.executable, '-m', 'experiments.pool', *argv],
-                                      cwd=ROOT, capture_output=True, text=True)
+  pool = lambda *argv: subprocess.run([sys.executable, '-m', 'experiments.pool', *argv], cwd=ROOT,
+                                      capture_output=True, text=True)
   assert pool(f'--out={out}', one, two).returncode == 0
   key = lambda r: (r['split'], r['target'], r['condition'], r['depth'], r['seed'])
   rows = lambda d: sorted(results.read_csv(os.path.join(d, 'results.csv')), key=key)

@@ -31,13 +31,13 @@ def _pickled(obj) -> bytes:
   return pickle.dumps(obj, protocol=2)  # the archives are Python 2 pickles
 
 
-def make_archive(path, archive: cifar.Archive, n_per_batch=4, seed=0,
-                 class_names=None):
+def make_archive(path, archive: cifar.Archive, n_per_batch=4, seed=0, class_names=None):
   """A tiny tar.gz with the official layout; returns {split: (images, labels)}."""
   rng = np.random.default_rng(seed)
   names = class_names or archive.class_names
   expected = {}
   with tarfile.open(path, 'w:gz') as tar:
+
     def add(name, blob):
       info = tarfile.TarInfo(name)
       info.size = len(blob)
@@ -65,15 +65,19 @@ def fake_cifar10(tmp_path, monkeypatch):
   archive = cifar.ARCHIVES['cifar10']
   path = manual / archive.filename
   expected = make_archive(path, archive)
-  monkeypatch.setitem(cifar.ARCHIVES, 'cifar10', dataclasses.replace(
-      archive, sha256=cifar_builder.file_sha256(path), size=os.path.getsize(path)))
+  monkeypatch.setitem(
+      cifar.ARCHIVES, 'cifar10',
+      dataclasses.replace(archive, sha256=cifar_builder.file_sha256(path),
+                          size=os.path.getsize(path)))
   return manual, expected
 
 
 def prepared_leftovers(data_dir):
   """Anything that could read as a prepared dataset: version dirs, info, records."""
-  return [p for p in data_dir.rglob('*')
-          if p.name in ('1.0.0', 'dataset_info.json') or 'array_record' in p.name]
+  return [
+      p for p in data_dir.rglob('*')
+      if p.name in ('1.0.0', 'dataset_info.json') or 'array_record' in p.name
+  ]
 
 
 # ----------------------------------------------------------------------------
@@ -173,9 +177,8 @@ def test_image_folder_config_matches_pil_loader(tmp_path):
   builder = cifar_builder.prepare(image_folder=root, data_dir=data_dir)
   assert builder.info.features['label'].names == ['a', 'b']
   for split in ('train', 'test'):
-    source = tfds.data_source(
-        'jaxtransfer_cifar10/image_folder', split=split, data_dir=data_dir,
-        builder_kwargs={'image_folder': root}, download=False)
+    source = tfds.data_source('jaxtransfer_cifar10/image_folder', split=split, data_dir=data_dir,
+                              builder_kwargs={'image_folder': root}, download=False)
     from_tfds = data.data_source_to_arrays(source, builder.info.features['label'].names)
     from_pil = imagefolder.load_image_folder(root, split)
     np.testing.assert_array_equal(from_tfds.images, from_pil.images)

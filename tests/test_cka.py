@@ -1,6 +1,5 @@
 """Linear CKA: its defining invariances, an independent HSIC cross-check, and layer features."""
 
-
 import jax
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ def _hsic_cka(x, y):
   k, l = x @ x.T, y @ y.T
 
   def hsic(a, b):
-    return np.trace(a @ h @ b @ h) / (n - 1) ** 2
+    return np.trace(a @ h @ b @ h) / (n - 1)**2
 
   return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
 
@@ -80,8 +79,8 @@ def test_independent_representations_near_zero_and_symmetric():
   assert cka.linear_cka(y, x) == pytest.approx(value, rel=1e-12)
   z = rng.normal(size=(30, 4, 4, 2))  # trailing dims are flattened; float32 jax input accepted
   w = rng.normal(size=(30, 11))
-  assert cka.linear_cka(jax.numpy.asarray(z), w) == pytest.approx(
-      cka.linear_cka(w, z.reshape(30, -1)), rel=1e-5)
+  assert cka.linear_cka(jax.numpy.asarray(z),
+                        w) == pytest.approx(cka.linear_cka(w, z.reshape(30, -1)), rel=1e-5)
 
 
 def test_constant_representation_is_nan():

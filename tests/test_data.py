@@ -13,7 +13,6 @@ from PIL import Image
 from jaxtransfer import data, imagefolder
 from tests.conftest import N_TRAIN, SIZE
 
-
 # ----------------------------------------------------------------------------
 # Loading and caching.
 

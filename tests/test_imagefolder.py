@@ -11,6 +11,7 @@ from PIL import Image
 from jaxtransfer import imagefolder
 from tests.conftest import N_TEST, N_TRAIN, SIZE
 
+
 def assert_one_line_naming(excinfo, name):
   message = str(excinfo.value)
   assert '\n' not in message

@@ -61,8 +61,9 @@ def test_slices_compose_to_the_full_forward():
 
 def test_max_pool_equals_flax():
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-  np.testing.assert_array_equal(models.max_pool_2x2(x), jax.lax.reduce_window(
-      x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID'))
+  np.testing.assert_array_equal(
+      models.max_pool_2x2(x),
+      jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID'))
 
 
 def test_train_mode_uses_batch_statistics():
@@ -179,9 +180,10 @@ def test_sgd_steps_in_a_scan_match(nets):
   def run(apply, params, state, x):
     def step(carry, _):
       params, state = carry
-      (loss, (_, new_state)), g = jax.value_and_grad(
-          functools.partial(_loss, apply), has_aux=True)(params, state, x)
+      (loss, (_, new_state)), g = jax.value_and_grad(functools.partial(_loss, apply),
+                                                     has_aux=True)(params, state, x)
       return (jax.tree.map(lambda p, d: p - 0.05 * d, params, g), new_state), loss
+
     return lax.scan(step, (params, state), None, length=3)
 
   state = {'batch_stats': variables['batch_stats']}
@@ -192,21 +194,21 @@ def test_sgd_steps_in_a_scan_match(nets):
   _close(s, rs, rtol=1e-4)
 
 
-@pytest.mark.parametrize('shape, features, kernel', [
-    ((2, 9, 7, 3), 5, 3), ((3, 8, 8, 16), 4, 3), ((2, 6, 5, 2), 3, 1), ((2, 7, 6, 3), 4, 5)])
+@pytest.mark.parametrize('shape, features, kernel', [((2, 9, 7, 3), 5, 3), ((3, 8, 8, 16), 4, 3),
+                                                     ((2, 6, 5, 2), 3, 1), ((2, 7, 6, 3), 4, 5)])
 def test_conv_same_vjp_equals_autodiff(shape, features, kernel):
-  x, k, ct = (jnp.asarray(_RNG.normal(size=s), jnp.float32) for s in (
-      shape, (kernel, kernel, shape[-1], features), shape[:-1] + (features,)))
+  x, k, ct = (jnp.asarray(_RNG.normal(size=s), jnp.float32)
+              for s in (shape, (kernel, kernel, shape[-1], features), shape[:-1] + (features,)))
   pad = kernel // 2
-  ref = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), ((pad, pad), (pad, pad)),
-                                              dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  ref = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), (
+      (pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   fast = lambda x, k: models.conv_same(x, k, pad)
 
   def outputs(conv, x, k, ct):
     grads = jax.grad(lambda x, k: (conv(x, k) * ct).sum(), (0, 1))(x, k)
     # Under vmap (the trainer's member_map='vmap'): a stack of two kernels.
-    stacked = jax.vmap(jax.grad(lambda k, x: (conv(x, k) * ct).sum()), (0, None))(
-        jnp.stack([k, 2 * k]), x)
+    stacked = jax.vmap(jax.grad(lambda k, x: (conv(x, k) * ct).sum()),
+                       (0, None))(jnp.stack([k, 2 * k]), x)
     return conv(x, k), grads, stacked
 
   values, grads, stacked = jax.jit(functools.partial(outputs, fast))(x, k, ct)

@@ -1,7 +1,9 @@
-"""The package as a whole: its modules import one another without a cycle."""
+"""The package as a whole: no import cycles, one code style."""
 
 import ast
 import os
+import subprocess
+import sys
 
 from tests.conftest import ROOT
 
@@ -22,8 +24,11 @@ def imports_of(path: str) -> set[str]:
 
 
 def test_no_import_cycles():
-  graph = {name[:-3]: imports_of(os.path.join(PACKAGE, name))
-           for name in os.listdir(PACKAGE) if name.endswith('.py') and name != '__init__.py'}
+  graph = {
+      name[:-3]: imports_of(os.path.join(PACKAGE, name))
+      for name in os.listdir(PACKAGE)
+      if name.endswith('.py') and name != '__init__.py'
+  }
   state = {}  # module -> 'visiting' | 'done'
 
   def visit(module, path):
@@ -39,3 +44,11 @@ def test_no_import_cycles():
     visit(module, [])
   assert {'plan', 'workdir', 'study', 'train', 'similarity', 'campaigns', 'data'} <= set(graph)
 
+
+def test_code_is_formatted():
+  """yapf, as configured in pyproject.toml, leaves every file as it is."""
+  proc = subprocess.run([
+      sys.executable, '-m', 'yapf', '--diff', '--recursive', 'jaxtransfer', 'experiments', 'tests',
+      'benchmarks'
+  ], cwd=ROOT, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stdout[:3000] + proc.stderr[-1000:]

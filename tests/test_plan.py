@@ -26,7 +26,7 @@ def test_a_shard_plans_exactly_its_splits_runs():
 
 
 @pytest.mark.parametrize('flagfile', sorted(os.listdir(os.path.join(ROOT, 'experiments',
-                                                                     'configs'))))
+                                                                    'configs'))))
 def test_every_flagfile_parses_to_a_valid_study(flagfile, monkeypatch):
   monkeypatch.chdir(ROOT)
   FLAGS.unparse_flags()
@@ -46,8 +46,8 @@ def test_flags_take_their_defaults_and_choices_from_the_config():
   for field in dataclasses.fields(plan.StudyConfig):
     value = FLAGS[field.name].value
     default = field.default
-    assert (tuple(value) if isinstance(value, list) else value) == (
-        tuple(map(str, default)) if isinstance(default, tuple) else default), field.name
+    assert (tuple(value) if isinstance(value, list) else value) == (tuple(map(
+        str, default)) if isinstance(default, tuple) else default), field.name
     if field.metadata['choices'] and not isinstance(default, tuple):
       assert FLAGS[field.name].parser.enum_values == list(field.metadata['choices'])
   config = plan.StudyConfig(epochs=3, batch_size=8, learning_rate=0.1)
@@ -55,9 +55,9 @@ def test_flags_take_their_defaults_and_choices_from_the_config():
 
 
 def test_validate_normalises_like_the_cli(tmp_path):
-  config = plan.validate(plan.StudyConfig(num_splits=2, splits=('1', '0', '1'), widths=('2', '2',
-                                                                                       '2'),
-                                          image_folder='rel/folder'))
+  config = plan.validate(
+      plan.StudyConfig(num_splits=2, splits=('1', '0', '1'), widths=('2', '2', '2'),
+                       image_folder='rel/folder'))
   assert config.depths == (1, 2, 3, 4, 5, 6)  # 1..L-1 of the 7-layer final net
   assert config.splits == () and config.widths == (2, 2, 2)  # every split: the whole study
   assert config.image_folder == os.path.abspath('rel/folder')
@@ -66,9 +66,9 @@ def test_validate_normalises_like_the_cli(tmp_path):
     plan.validate(plan.StudyConfig(frozen_batchnorm='frozen'))
 
 
-@pytest.mark.parametrize('name, source_of_B, frozen', [
-    ('BnB', 'B', True), ('BnB+', 'B', False), ('AnB', 'A', True), ('AnB+', 'A', False),
-    ('random', '', True)])
+@pytest.mark.parametrize('name, source_of_B, frozen', [('BnB', 'B', True), ('BnB+', 'B', False),
+                                                       ('AnB', 'A', True), ('AnB+', 'A', False),
+                                                       ('random', '', True)])
 def test_runs_read_the_conditions_table(name, source_of_B, frozen):
   run = plan.Run(0, 'B', name, 2, 0)
   assert (run.source, run.frozen) == (source_of_B, frozen)

@@ -21,13 +21,15 @@ def test_paired_differences_remove_the_split_spread():
   assert sorted(np.round(diffs, 6)) == [-0.06] * 3 + [-0.05] * 3
   # Unpaired, the split spread (0.1 per split) would hide the drop; paired, it is clear.
   assert report._sign(diffs) == 'below'
-  assert report._sign([r['test_accuracy'] for r in results.select(ROWS, condition='BnB')]
-                      ) == 'above'
+  assert report._sign([r['test_accuracy'] for r in results.select(ROWS, condition='BnB')
+                      ]) == 'above'
 
 
 def test_pooling_over_depths_counts_each_base_net_once():
-  rows = ROWS + [dict(r, depth=2, test_accuracy=r['test_accuracy'] + 0.02)
-                 for r in results.select(ROWS, condition='BnB')]
+  rows = ROWS + [
+      dict(r, depth=2, test_accuracy=r['test_accuracy'] + 0.02)
+      for r in results.select(ROWS, condition='BnB')
+  ]
   pooled = results.pooled_over_depths(rows, 'BnB')
   assert len(pooled) == 6  # 3 splits x 2 targets, not x 2 depths
   np.testing.assert_allclose(sorted(pooled), [-0.05] * 3 + [-0.04] * 3, atol=1e-9)

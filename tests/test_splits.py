@@ -29,10 +29,8 @@ def test_subset_reindexes_labels():
 
 def test_dissimilar_halves_are_exactly_man_made_and_natural():
   a, b = splits.dissimilar_halves(cifar.CIFAR10_CLASSES)
-  assert [cifar.CIFAR10_CLASSES[i] for i in a] == ['airplane', 'automobile', 'ship',
-                                                           'truck']
-  assert [cifar.CIFAR10_CLASSES[i] for i in b] == ['bird', 'cat', 'deer', 'dog',
-                                                           'frog', 'horse']
+  assert [cifar.CIFAR10_CLASSES[i] for i in a] == ['airplane', 'automobile', 'ship', 'truck']
+  assert [cifar.CIFAR10_CLASSES[i] for i in b] == ['bird', 'cat', 'deer', 'dog', 'frog', 'horse']
   a, b = splits.dissimilar_halves(cifar.CIFAR100_CLASSES)
   assert len(a) == 30 and len(b) == 70 and not set(a) & set(b)
   assert {cifar.CIFAR100_CLASSES[i] for i in a} == set(splits.MAN_MADE['cifar100'])

@@ -48,8 +48,7 @@ def test_outputs_exist_and_agree(finished):
   assert not [f for f in os.listdir(finished) if f.startswith('.tmp')]
 
 
-def test_interrupted_run_resumes_to_the_same_results(finished, image_folder, tmp_path,
-                                                     monkeypatch):
+def test_interrupted_run_resumes_to_the_same_results(finished, image_folder, tmp_path, monkeypatch):
   workdir = str(tmp_path / 'wd')
   shutil.copytree(finished, workdir)
   shutil.copytree(finished + '-cache', workdir + '-cache')
@@ -62,8 +61,7 @@ def test_interrupted_run_resumes_to_the_same_results(finished, image_folder, tmp
   os.remove(os.path.join(workdir, 'results.csv'))
   trained = []
   original = train.train_stack
-  monkeypatch.setattr(train, 'train_stack',
-                      lambda *a, **k: trained.append(1) or original(*a, **k))
+  monkeypatch.setattr(train, 'train_stack', lambda *a, **k: trained.append(1) or original(*a, **k))
   assert run_cli(*tiny_args(image_folder, workdir)) == 0
   assert len(trained) == 2  # only the lost stacks were retrained
   assert without_timings(os.path.join(workdir, 'results.csv')) == without_timings(
@@ -89,10 +87,11 @@ def test_workdir_with_other_flags_is_refused(finished, image_folder, capsys):
     (('--epochs=0',), '--epochs must be at least 1'),
     (('--splits=1,2',), '--splits 1,2: indices must be in 0..1'),
 ])
-def test_bad_input_is_one_line_and_destroys_nothing(finished, image_folder, capsys, extra,
-                                                    message):
-  snapshot = {f: open(os.path.join(finished, f), 'rb').read()
-              for f in ('results.csv', 'report.md', 'study.json')}
+def test_bad_input_is_one_line_and_destroys_nothing(finished, image_folder, capsys, extra, message):
+  snapshot = {
+      f: open(os.path.join(finished, f), 'rb').read()
+      for f in ('results.csv', 'report.md', 'study.json')
+  }
   assert run_cli(*tiny_args(image_folder, finished, *extra)) == 2
   err = capsys.readouterr().err.strip()
   assert message in err and err.startswith('error: ') and '\n' not in err
@@ -113,24 +112,28 @@ def test_missing_data_unwritable_workdir_too_many_splits(image_folder, tmp_path,
 
 
 def test_cli_rejects_unknown_flag_value(tmp_path):
-  proc = subprocess.run([sys.executable, '-m', 'experiments.main', '--model=resnet',
-                         f'--workdir={tmp_path}'], cwd=ROOT, capture_output=True, text=True)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.main', '--model=resnet', f'--workdir={tmp_path}'],
+      cwd=ROOT, capture_output=True, text=True)
   assert proc.returncode != 0
   assert "value should be one of <initial|final>" in proc.stderr
   assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize('fields', [
-    {'depths': (7,)}, {'depths': (0, 2)}, {'conditions': ()}, {'conditions': ('BnB', 'XnB')},
-    {'widths': (2, 'x', 2)}, {'epochs': 0}, {'splits': (1, 2)}])
+@pytest.mark.parametrize('fields', [{'depths': (7,)}, {'depths': (0, 2)}, {'conditions':
+    ()}, {'conditions': ('BnB', 'XnB')}, {'widths': (2, 'x', 2)}, {'epochs': 0}, {'splits':
+        (1, 2)}])
 def test_python_api_refuses_what_the_cli_refuses(image_folder, tmp_path, capsys, fields):
   """The same validator, the same one-line message, nothing written."""
   flag = lambda v: ','.join(map(str, v)) if isinstance(v, tuple) else v
   extra = [f'--{k}={flag(v)}' for k, v in fields.items()]
   assert run_cli(*tiny_args(image_folder, tmp_path / 'cli', *extra)) == 2
   cli_error = capsys.readouterr().err.strip().removeprefix('error: ')
-  config = plan.StudyConfig(**{'image_folder': image_folder, 'widths': (2, 2, 2), 'num_splits': 2,
-                               'depths': (1, 2), 'epochs': 1, 'batch_size': 8, **fields})
+  config = plan.StudyConfig(
+      **{
+          'image_folder': image_folder, 'widths': (2, 2, 2), 'num_splits': 2, 'depths': (1, 2),
+          'epochs': 1, 'batch_size': 8, **fields
+      })
   with pytest.raises(plan.ConfigError) as excinfo:
     study.run(config, Workdir(str(tmp_path / 'api')))
   assert str(excinfo.value) == cli_error

@@ -21,8 +21,8 @@ def tiny_data(num_classes=4, train_per_class=20, test_per_class=6, size=8, seed=
   rng = np.random.default_rng(seed)
   labels = np.repeat(np.arange(num_classes), train_per_class).astype(np.int32)
   test_labels = np.repeat(np.arange(num_classes), test_per_class).astype(np.int32)
-  images = lambda lab: (rng.integers(0, 100, (lab.size, size, size, 3))
-                        + 40 * lab[:, None, None, None]).astype(np.uint8)
+  images = lambda lab: (rng.integers(0, 100, (lab.size, size, size, 3)) + 40 *
+                        lab[:, None, None, None]).astype(np.uint8)
   return train.DeviceData(jnp.asarray(images(labels)), jnp.asarray(labels),
                           jnp.asarray(images(test_labels)), jnp.asarray(test_labels),
                           jnp.full(3, .4), jnp.full(3, .25))
@@ -36,12 +36,11 @@ def members(halves, seed=0, sources=None):
   train_labels, test_labels = np.asarray(DATA.train_labels), np.asarray(DATA.test_labels)
   k = len(halves)
   return train.Members(
-      init_keys=jax.random.split(jax.random.key(seed), k),
-      shuffle_keys=jax.random.split(jax.random.key(seed + 1), k),
+      init_keys=jax.random.split(jax.random.key(seed),
+                                 k), shuffle_keys=jax.random.split(jax.random.key(seed + 1), k),
       train_idx=jnp.asarray(np.stack([splits.class_indices(train_labels, c) for c in halves])),
       test_idx=jnp.asarray(np.stack([splits.class_indices(test_labels, c) for c in halves])),
-      label_map=jnp.asarray(np.stack([splits.label_map(c, 4) for c in halves])),
-      sources=sources)
+      label_map=jnp.asarray(np.stack([splits.label_map(c, 4) for c in halves])), sources=sources)
 
 
 def take(tree, i):
@@ -98,8 +97,8 @@ def test_partial_last_batch_is_trained_on():
   trainer.step = spy
   m = members(HALVES[:1])
   state = trainer.init(m.init_keys[0], None)
-  state, metrics = jax.jit(trainer.epoch)(state, m.shuffle_keys[0], m.train_idx[0],
-                                          m.label_map[0], DATA)
+  state, metrics = jax.jit(trainer.epoch)(state, m.shuffle_keys[0], m.train_idx[0], m.label_map[0],
+                                          DATA)
   assert seen == [16, 8]  # traced once in the scan body, once for the remainder
   count = [x for x in jax.tree.leaves(state.opt_state) if x.dtype == jnp.int32]
   assert int(count[0]) == 3  # Adam took 3 steps: ceil(40 / 16)
@@ -160,8 +159,8 @@ print('sharded ok', a.test_accuracy)
 def test_sharded_over_four_devices_equals_one_device():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, '-c', SHARDED], env=env, cwd=root,
-                        capture_output=True, text=True)
+  proc = subprocess.run([sys.executable, '-c', SHARDED], env=env, cwd=root, capture_output=True,
+                        text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'sharded ok' in proc.stdout
 
@@ -186,9 +185,11 @@ def test_two_processes_equal_one_process(stacked, tmp_path):
     port = str(s.getsockname()[1])
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   outs = [str(tmp_path / f'p{i}.npy') for i in range(2)]
-  procs = [subprocess.Popen([sys.executable, '-c', TWO_PROCESSES, port, str(i), outs[i]],
-                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+      subprocess.Popen([sys.executable, '-c', TWO_PROCESSES, port,
+                        str(i), outs[i]], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True) for i in range(2)
+  ]
   for p in procs:
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]

@@ -13,7 +13,6 @@ from jaxtransfer.models import FinalNet
 
 class Encoder(nn.Module):
   """Nested submodule with a BatchNorm whose mode is given at call time."""
-
   @nn.compact
   def __call__(self, x, train):
     x = nn.Dense(6, name='proj')(x)
@@ -23,7 +22,6 @@ class Encoder(nn.Module):
 
 class Other(nn.Module):
   """Layer names whose sorted order (classifier, middle, stem) differs from the call order."""
-
   @nn.compact
   def __call__(self, x, train=False):
     x = Encoder(name='stem')(x, train)
@@ -79,15 +77,17 @@ def test_graft_on_stacked_variables():
 
 def test_graft_errors():
   source, target = init(0), init(1)
-  with pytest.raises(ValueError, match=r"unknown layer\(s\) \['nope'\]; available: "
-                                       r"\['classifier', 'middle', 'stem'\]"):
+  with pytest.raises(
+      ValueError, match=r"unknown layer\(s\) \['nope'\]; available: "
+      r"\['classifier', 'middle', 'stem'\]"):
     transfer.graft(source, target, ['stem', 'nope'])
   with pytest.raises(ValueError, match='sequence of names'):
     transfer.graft(source, target, 'stem')
   wide = FinalNet(5, widths=(8, 16, 64)).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   narrow = FinalNet(5).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  with pytest.raises(ValueError, match=r"params/conv5\['bn'\]\['bias'\]: source has \(32,\) "
-                                       r"float32, target has \(64,\) float32"):
+  with pytest.raises(
+      ValueError, match=r"params/conv5\['bn'\]\['bias'\]: source has \(32,\) "
+      r"float32, target has \(64,\) float32"):
     transfer.graft(narrow, wide, ['conv5'])
   half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), source)
   with pytest.raises(ValueError, match='bfloat16'):
@@ -111,12 +111,13 @@ def test_masked_adamw_keeps_frozen_leaves_bit_for_bit():
   labels = transfer.freeze_labels(params, ['stem', 'middle'])
   tx = transfer.masked_optimizer(optax.adamw(1e-2, weight_decay=0.1), labels)
   # Momentum states exist only for trainable leaves.
-  assert len(jax.tree.leaves(tx.init(params))) < len(jax.tree.leaves(optax.adamw(1e-2).init(params)))
+  assert len(jax.tree.leaves(tx.init(params))) < len(jax.tree.leaves(
+      optax.adamw(1e-2).init(params)))
 
   batch_stats = init(0)['batch_stats']
 
   def loss(p):
-    return (model.apply({'params': p, 'batch_stats': batch_stats}, X) ** 2).sum()
+    return (model.apply({'params': p, 'batch_stats': batch_stats}, X)**2).sum()
 
   start, state = params, tx.init(params)
   for _ in range(20):
@@ -136,11 +137,14 @@ def test_partition_combine_roundtrip():
   _assert_tree_equal(transfer.combine(trainable, frozen), params)
 
 
-@pytest.mark.parametrize('model, x, frozen, trained_bn', [
-    (Other(), X, ['stem'], None),  # BatchNorm mode given at call time
-    (FinalNet(3), jax.random.normal(jax.random.key(1), (4, 32, 32, 3)), ['conv1', 'conv2'],
-     'conv6'),  # ... and at construction
-])
+@pytest.mark.parametrize(
+    'model, x, frozen, trained_bn',
+    [
+        (Other(), X, ['stem'], None),  # BatchNorm mode given at call time
+        (FinalNet(3), jax.random.normal(jax.random.key(1),
+                                        (4, 32, 32, 3)), ['conv1', 'conv2'
+                                                         ], 'conv6'),  # ... and at construction
+    ])
 def test_batchnorm_policies(model, x, frozen, trained_bn):
   variables = model.init(jax.random.key(0), x)
   _, stats = model.apply(variables, x * 2 + 1, train=True, mutable=['batch_stats'])

@@ -16,7 +16,7 @@ import tempfile
 
 from absl import app, flags, logging
 
-from jaxtransfer import campaigns, plan, study
+from jaxtransfer import campaigns, features, plan, study
 from jaxtransfer.progress import Progress
 from jaxtransfer.workdir import Workdir
 
@@ -57,6 +57,11 @@ flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, results, figures and report. '
     'Rerunning with the same flags resumes there.')
 flags.DEFINE_bool('quiet', False, 'No progress output.')
+flags.DEFINE_integer(
+    'feature_budget_mb', features.DEFAULT_BUDGET_MB, 'Memory for the outputs '
+    'of frozen prefixes under --frozen_batchnorm=fixed, computed once per stack '
+    'instead of at every step (same results, faster); a stack needing more '
+    'trains the plain way. 0: never.')
 flags.DEFINE_integer(
     'cpu_devices', min(os.cpu_count() or 1, 8), 'On the CPU backend, split '
     'the cores into this many JAX devices: a stack\'s members then train in '
@@ -114,7 +119,8 @@ def run(progress: Progress) -> str:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   run_fn = campaigns.run_sweep if config.sweep else study.run
   return run_fn(config, workdir, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
-                cache_dir=FLAGS.cache_dir, progress=progress)
+                cache_dir=FLAGS.cache_dir, progress=progress,
+                feature_budget_mb=FLAGS.feature_budget_mb)
 
 
 def main(argv):

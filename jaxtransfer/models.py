@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -95,21 +96,83 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       default=lambda x, k: lax.conv_general_dilated(x, k, *args[2:], **kwargs))
 
 
+# Which framework's layer defaults the nets start from. The seed trained in PyTorch: its Conv2d and
+# Linear layers start from kaiming_uniform(a=sqrt(5)) weights, i.e. U(+-1/sqrt(fan_in)) with
+# variance 1/(3 fan_in), and U(+-1/sqrt(fan_in)) biases; its BatchNorm2d tracks the unbiased batch
+# variance (n / (n - 1)) in its running variance. flax starts from lecun_normal weights (variance
+# 1/fan_in) and zero biases, and tracks the biased variance. Under Adam the initial scale sets
+# every layer's relative step, so the choice changes accuracy (see README, "Recipe parity").
+LAYER_DEFAULTS = {
+    'pytorch': {'param_init': 'pytorch', 'running_var': 'unbiased'},
+    'flax': {'param_init': 'flax', 'running_var': 'biased'},
+}
+
+
+def initializers(param_init: str, fan_in: int) -> dict:
+  """kernel_init and bias_init for a Conv or Dense layer of `fan_in` inputs per output.
+
+  'pytorch': U(+-1/sqrt(fan_in)) for both, as torch's reset_parameters; 'flax': flax's own."""
+  if param_init == 'flax':
+    return {}
+  if param_init != 'pytorch':
+    raise ValueError(f"unknown param_init {param_init!r}: expected 'pytorch' or 'flax'")
+  bound = 1.0 / float(np.sqrt(fan_in))
+  uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
+                                                                     bound)
+  # variance_scaling(1/3, fan_in, uniform) is U(+-sqrt(3 * (1/3) / fan_in)): the same bound, with
+  # flax's own fan-in rule for conv kernels (receptive field x input channels).
+  return {
+      'kernel_init': nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'),
+      'bias_init': uniform
+  }
+
+
+class BatchNorm(nn.BatchNorm):
+  """flax's BatchNorm (same variables, same normalisation) whose running variance can track the
+  unbiased batch variance, as PyTorch's BatchNorm2d does (`running_var='unbiased'`).
+
+  A subclass, so that everything that treats `nn.BatchNorm` specially (e.g.
+  `transfer.batchnorm_policy`) treats it the same way."""
+
+  running_var: str = 'unbiased'  # 'unbiased' (PyTorch) | 'biased' (flax)
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    if self.running_var == 'biased':
+      return super().__call__(x, use_running_average, mask=mask)
+    if self.running_var != 'unbiased':
+      raise ValueError(f"unknown running_var {self.running_var!r}: expected 'unbiased' or 'biased'")
+    running = nn.merge_param('use_running_average', self.use_running_average, use_running_average)
+    updating = not running and not self.is_initializing()
+    old_var = self.get_variable('batch_stats', 'var') if updating else None
+    y = super().__call__(x, use_running_average, mask=mask)
+    if updating:
+      # flax tracked var = m old + (1 - m) biased; PyTorch tracks m old + (1 - m) biased n/(n-1),
+      # which is var + (var - m old) / (n - 1).
+      n = x.size // x.shape[-1]
+      var = self.get_variable('batch_stats', 'var')
+      self.put_variable('batch_stats', 'var', var + (var - self.momentum * old_var) / max(n - 1, 1))
+    return y
+
+
 class ConvBlock(nn.Module):
   """conv3x3 (pad 1, stride 1) [-> BatchNorm] -> ReLU [-> 2x2 max-pool]: one transferable layer."""
 
   features: int
   batch_norm: bool = True
   pool: bool = False
+  param_init: str = 'pytorch'
+  running_var: str = 'unbiased'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    # flax's Conv (same parameters, initialisation and forward values) with a CPU-friendly VJP.
+    # flax's Conv (same parameters and forward values) with a CPU-friendly VJP.
     x = nn.Conv(self.features, (3, 3), padding=1, conv_general_dilated=conv_general_dilated,
-                name='conv')(x)
+                name='conv', **initializers(self.param_init, 9 * x.shape[-1]))(x)
     if self.batch_norm:
       # PyTorch's BatchNorm2d defaults (momentum 0.1 -> flax 0.9, eps 1e-5), as in the seed.
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name='bn')(x)
+      x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                    running_var=self.running_var, name='bn')(x)
     x = nn.relu(x)
     return max_pool_2x2(x) if self.pool else x
 
@@ -118,11 +181,13 @@ class Head(nn.Module):
   """Flatten -> Dense(num_classes)."""
 
   num_classes: int
+  param_init: str = 'pytorch'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     del train
-    return nn.Dense(self.num_classes, name='dense')(x.reshape(x.shape[0], -1))
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(self.num_classes, name='dense', **initializers(self.param_init, x.shape[-1]))(x)
 
 
 class _LayerStack(nn.Module):
@@ -148,11 +213,13 @@ class InitialNet(_LayerStack):
   num_classes: int
   depth: int = 8
   width: int = 3
+  param_init: str = 'pytorch'
 
   def layer_specs(self) -> list[tuple[str, Callable[..., nn.Module]]]:
-    convs = [(f'conv{i + 1}', functools.partial(ConvBlock, self.width, batch_norm=False))
-             for i in range(self.depth)]
-    return convs + [('head', functools.partial(Head, self.num_classes))]
+    convs = [(f'conv{i + 1}',
+              functools.partial(ConvBlock, self.width, batch_norm=False,
+                                param_init=self.param_init)) for i in range(self.depth)]
+    return convs + [('head', functools.partial(Head, self.num_classes, param_init=self.param_init))]
 
 
 class FinalNet(_LayerStack):
@@ -164,27 +231,33 @@ class FinalNet(_LayerStack):
 
   num_classes: int
   widths: Sequence[int] = (8, 16, 32)
+  param_init: str = 'pytorch'
+  running_var: str = 'unbiased'
 
   def layer_specs(self) -> list[tuple[str, Callable[..., nn.Module]]]:
     specs = []
+    block = functools.partial(ConvBlock, param_init=self.param_init, running_var=self.running_var)
     for b, w in enumerate(self.widths):
-      specs.append((f'conv{2 * b + 1}', functools.partial(ConvBlock, w)))
-      specs.append((f'conv{2 * b + 2}', functools.partial(ConvBlock, w, pool=True)))
-    return specs + [('head', functools.partial(Head, self.num_classes))]
+      specs.append((f'conv{2 * b + 1}', functools.partial(block, w)))
+      specs.append((f'conv{2 * b + 2}', functools.partial(block, w, pool=True)))
+    return specs + [('head', functools.partial(Head, self.num_classes, param_init=self.param_init))]
 
 
-# Model by flag value: (num_classes, widths) -> module. Only the final net has widths.
-MODELS: dict[str, Callable[[int, Sequence[int]], _LayerStack]] = {
-    'initial': lambda num_classes, widths: InitialNet(num_classes),
-    'final': lambda num_classes, widths: FinalNet(num_classes, tuple(widths)),
+# Model by flag value: (num_classes, widths, layer defaults) -> module. Only the final net has
+# widths and BatchNorm.
+MODELS: dict[str, Callable[[int, Sequence[int], dict], _LayerStack]] = {
+    'initial': lambda num_classes, widths, defaults: InitialNet(num_classes, param_init=defaults[
+        'param_init']),
+    'final': lambda num_classes, widths, defaults: FinalNet(num_classes, tuple(widths), **defaults),
 }
 
 
-def make_model(name: str, num_classes: int, widths: Sequence[int] = FinalNet.widths) -> _LayerStack:
-  """Model by flag value, one of MODELS."""
+def make_model(name: str, num_classes: int, widths: Sequence[int] = FinalNet.widths,
+               layer_defaults: str = 'pytorch') -> _LayerStack:
+  """Model by flag value, one of MODELS, with one of LAYER_DEFAULTS."""
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}: expected one of {", ".join(MODELS)}')
-  return MODELS[name](num_classes, widths)
+  return MODELS[name](num_classes, widths, LAYER_DEFAULTS[layer_defaults])
 
 
 def count_params(params) -> int:

@@ -55,6 +55,12 @@ class StudyConfig:
   widths: tuple[int, ...] = _opt(
       tuple(models.FinalNet.widths), "Filters of the final net's three blocks; the "
       "default 8,16,32 gives the seed's 512 features into the head.")
+  layer_defaults: str = _opt(
+      'pytorch', "Which framework's layer defaults the nets start from: "
+      "'pytorch' (the seed's: kaiming-uniform weights and uniform biases "
+      'in +-1/sqrt(fan_in), unbiased BatchNorm running variance) or '
+      "'flax' (lecun-normal weights, zero biases, biased running "
+      'variance; the studies published before 2026-11-26).', tuple(models.LAYER_DEFAULTS))
   # Protocol.
   halves: str = _opt(
       'random', "How classes split into A and B: 'random' halves, or "
@@ -186,9 +192,15 @@ def parse_sweep(sweep: str) -> tuple[str, tuple[int, ...]]:
   return param, parsed
 
 
+# Fields added after studies were published, with the value those studies ran with (not today's
+# default): a study.json without the field ran that way.
+LEGACY_VALUES = {'layer_defaults': 'flax'}
+
+
 def with_defaults(recorded: dict) -> dict:
-  """A config as recorded in a study.json, with the fields added since at their defaults."""
-  return {**StudyConfig().to_json(), **recorded}
+  """A config as recorded in a study.json, with the fields added since at the values its study
+  ran with (LEGACY_VALUES) or else at their defaults."""
+  return {**StudyConfig().to_json(), **LEGACY_VALUES, **recorded}
 
 
 def differing(a: dict, b: dict, ignore: Sequence[str] = ()) -> list[str]:

@@ -7,6 +7,7 @@ analysis (`similarity`) each live in their own module; this one puts them togeth
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtransfer import data as data_lib
+from jaxtransfer import features as features_lib
 from jaxtransfer import models, plots, report, results, train, transfer
 from jaxtransfer import plan as plan_lib
 from jaxtransfer import splits as splits_lib
@@ -24,8 +26,11 @@ from jaxtransfer.workdir import Workdir
 
 def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
         manual_dir: str | None = None, cache_dir: str | None = None,
-        progress: Progress | None = None, mesh=None) -> str:
-  """The whole study: data, plan, training (resumable), results, figures, report.md."""
+        progress: Progress | None = None, mesh=None,
+        feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB) -> str:
+  """The whole study: data, plan, training (resumable), results, figures, report.md.
+
+  `feature_budget_mb` bounds the memory of precomputed frozen prefixes (see `features`)."""
   config = plan_lib.validate(config)
   progress = progress or Progress(None)
   workdir.check(config)
@@ -34,7 +39,7 @@ def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
                                      cache_dir)
   train_ds, test_ds = load('train'), load('test')
   halves = plan_lib.make_halves(config, train_ds.class_names)
-  make = lambda k: models.make_model(config.model, k, config.widths)
+  make = lambda k: models.make_model(config.model, k, config.widths, config.layer_defaults)
   example = np.zeros((1,) + train_ds.images.shape[1:], np.float32)
   layer_names = transfer.layer_order(make(2), example, train=False)
   stacks = plan_lib.plan(config, layer_names, halves)
@@ -45,7 +50,7 @@ def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
   mean, std = data_lib.channel_stats(train_ds.images)
   device_data = train.to_device(train_ds, test_ds, mean, std)
   rows = train_stacks(config, workdir, make, device_data, train_ds.labels, test_ds.labels, halves,
-                      stacks, progress=progress, mesh=mesh)
+                      stacks, progress=progress, mesh=mesh, feature_budget_mb=feature_budget_mb)
   results.write(workdir.path, rows)
   paths = plots.write_all(rows, workdir.path)
   if config.cka_images:
@@ -62,8 +67,11 @@ def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
 def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], Any],
                  data: train.DeviceData, train_labels: np.ndarray, test_labels: np.ndarray,
                  halves: Sequence[splits_lib.Split], stacks: list[Stack], *, progress: Progress,
-                 mesh=None) -> list[dict]:
-  """Train every unfinished stack in order; return all rows (finished ones read back)."""
+                 mesh=None, feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB) -> list[dict]:
+  """Train every unfinished stack in order; return all rows (finished ones read back).
+
+  A stack whose frozen prefix is a fixed function of the image (`features.applicable`) trains
+  on the prefix's output, computed once, when it fits in `feature_budget_mb` (0: never)."""
   per_class = config.train_per_class or None
   tconfig = config.train_config()
   progress.plan(sum(len(s.runs) for s in stacks) * config.epochs)
@@ -80,7 +88,15 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
         bases = bases or workdir.members(stacks, base_only=True)
         sources = _stacked_sources(bases, stack.runs, stack.structure.graft_layers)
       classes = [plan_lib.half_classes(halves, r.split, r.target) for r in stack.runs]
-      members = _members(stack.runs, classes, train_labels, test_labels, per_class, sources)
+      members = stack_members(stack.runs, classes, train_labels, test_labels, per_class, sources)
+      model = make(len(classes[0]))
+      features = None
+      if features_lib.applicable(model, stack.structure):
+        start = len(stack.structure.frozen_layers)
+        size = features_lib.nbytes(model, members, data, start)
+        if size <= feature_budget_mb * 2**20:
+          features, members = features_lib.compute(model, members, data, start)
+          label += f' (prefix features: {size / 2**20:.0f} MB)'
       progress.log(f'{label} training')
 
       def on_epoch(epoch, metrics, stack=stack, label=label):
@@ -90,14 +106,18 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
             'loss': float(m[0]), 'train_accuracy': float(m[1])
         } for r, m in zip(stack.runs, metrics)])
 
-      result = train.train_stack(make(len(classes[0])), stack.structure, tconfig, data, members,
-                                 mesh=mesh, on_epoch=on_epoch)
+      result = train.train_stack(model, stack.structure, tconfig, data, members, mesh=mesh,
+                                 on_epoch=on_epoch, features=features)
       rows = [
           _row(config, halves, r, stack.structure, result.test_accuracy[j],
                result.train_accuracy[j], result.train_loss[j], result.seconds / len(stack.runs))
           for j, r in enumerate(stack.runs)
       ]
+      saved = time.perf_counter()
       workdir.save(stack, result.variables, rows)
+      phases = {**result.timings, 'save': time.perf_counter() - saved}
+      progress.log(f'{label} done in {result.seconds + phases["save"]:.1f} s: ' +
+                   ', '.join(f'{phase} {seconds:.1f} s' for phase, seconds in phases.items()))
       if stack.is_base:
         bases = None  # re-read with the new stack included
     all_rows.extend(rows)
@@ -123,9 +143,10 @@ def _row(config: StudyConfig, halves, run: Run, structure: train.Structure, test
   }
 
 
-def _members(runs: Sequence[Run], classes: Sequence[Sequence[int]], train_labels: np.ndarray,
-             test_labels: np.ndarray, per_class: int | None, sources) -> train.Members:
-  """Each run's keys, its target half's train/test indices and label map, stacked."""
+def stack_members(runs: Sequence[Run], classes: Sequence[Sequence[int]], train_labels: np.ndarray,
+                  test_labels: np.ndarray, per_class: int | None, sources) -> train.Members:
+  """Each run's keys (from its identity), its target half's train/test indices and label map,
+  stacked: the per-member inputs of `train.train_stack`."""
   num_classes = int(max(train_labels.max(), test_labels.max())) + 1
   stack = lambda xs: jnp.asarray(np.stack(xs))
   return train.Members(

@@ -34,6 +34,7 @@ from jaxtransfer.data import normalize
 PyTree = Any
 MODEL_AXIS = 'models'
 OPTIMIZERS = ('adam', 'sgd')
+INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,7 @@ class StackResult(NamedTuple):
   train_loss: np.ndarray  # [K] mean loss over the last epoch
   test_accuracy: np.ndarray  # [K]
   seconds: float  # wall time of the whole stack, compilation included
+  timings: dict[str, float]  # seconds by phase: compile, init, train, evaluate (where time goes)
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -116,11 +118,28 @@ def to_device(train, test, mean, std) -> DeviceData:
                     jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
 
 
+class Features(NamedTuple):
+  """A frozen prefix's output, computed once per member instead of at every step.
+
+  Under the `fixed` BatchNorm policy, frozen layers are a fixed function of the image: layers
+  [0, start) applied to each member's own examples give `data` with a leading model axis
+  (train_images [K, N, ...] float32, train_labels [K, N] already member labels, test_* alike;
+  mean/std unused), and training runs layers start.. only (`model.apply(..., start=start)`).
+  Built by `jaxtransfer.features`."""
+
+  start: int
+  data: DeviceData
+
+
 class Trainer:
-  """The per-member functions of one stack; `train_stack` maps them over members."""
+  """The per-member functions of one stack; `train_stack` maps them over members.
+
+  `example`: an input image batch of the model (for `init`); `start` > 0: the inputs of `step`
+  and `evaluate` are the outputs of layer start-1 (see `Features`), else uint8 images."""
   def __init__(self, model: nn.Module, structure: Structure, config: TrainConfig,
-               example: jax.Array):
+               example: jax.Array, start: int = 0):
     self.model, self.structure, self.config, self.example = model, structure, config, example
+    self.layers = {'start': start} if start else {}
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example, train=False))
     self.labels = transfer.freeze_labels(shapes['params'], structure.frozen_layers)
     self.tx = transfer.masked_optimizer(make_optimizer(config), self.labels)
@@ -136,7 +155,7 @@ class Trainer:
     params = transfer.combine(trainable, frozen)
     with transfer.batchnorm_policy(self.structure.frozen_layers, self.structure.batchnorm):
       logits, model_state = self.model.apply({'params': params, **model_state}, images, train=True,
-                                             mutable=list(model_state))
+                                             mutable=list(model_state), **self.layers)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
     correct = (logits.argmax(-1) == labels).sum()
     return loss, (model_state, correct)
@@ -144,7 +163,7 @@ class Trainer:
   def step(self, state: TrainState, batch_idx, label_map, data: DeviceData):
     """One optimiser step on the examples `batch_idx`; gradients only w.r.t. trainable leaves,
     so no backward pass runs through a frozen prefix."""
-    images = normalize(data.train_images[batch_idx], data.mean, data.std)
+    images = _inputs(data.train_images[batch_idx], data)
     labels = label_map[data.train_labels[batch_idx]]
     trainable, frozen = transfer.partition(state.params, self.labels)
     (loss, (model_state, correct)), grads = jax.value_and_grad(self.loss,
@@ -188,24 +207,35 @@ class Trainer:
 
     def correct(args):
       idx, ok = args
-      logits = self.model.apply(variables, normalize(data.test_images[idx], data.mean, data.std),
-                                train=False)
+      logits = self.model.apply(variables, _inputs(data.test_images[idx], data), train=False,
+                                **self.layers)
       return ((logits.argmax(-1) == label_map[data.test_labels[idx]]) & ok).sum()
 
     hits = lax.map(correct, (padded.reshape(batches, eb), valid.reshape(batches, eb)))
     return hits.sum() / m
 
 
-def _over_members(fn: Callable, member_map: str) -> Callable:
-  """Map `fn` over the leading model axis of every argument after `data` (the last one)."""
+def _inputs(x: jax.Array, data: DeviceData) -> jax.Array:
+  """Model inputs: uint8 images normalised; a prefix's float features (`Features`) as they are."""
+  return normalize(x, data.mean, data.std) if x.dtype == jnp.uint8 else x
+
+
+def _over_members(fn: Callable, member_map: str, shared_data: bool = True) -> Callable:
+  """Map `fn` over the leading model axis of every argument, `data` (the last one) included
+  unless `shared_data`."""
   def mapped(*args):
     *per_member, data = args
-    member_fn = lambda *a: fn(*a, data=data)
-    if member_map == 'vmap':
-      return jax.vmap(member_fn)(*per_member)
-    return lax.map(lambda a: member_fn(*a), tuple(per_member))
+    if not shared_data:
+      return _map(fn, member_map, *args)
+    return _map(lambda *a: fn(*a, data=data), member_map, *per_member)
 
   return mapped
+
+
+def _map(fn: Callable, member_map: str, *args):
+  if member_map == 'vmap':
+    return jax.vmap(fn)(*args)
+  return lax.map(lambda a: fn(*a), args)
 
 
 def default_member_map() -> str:
@@ -245,48 +275,72 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, data: DeviceData,
                 members: Members, *, mesh: Mesh | None = None, member_map: str | None = None,
-                on_epoch: Callable[[int, np.ndarray], None] | None = None) -> StackResult:
+                on_epoch: Callable[[int, np.ndarray], None] | None = None,
+                features: Features | None = None) -> StackResult:
   """Initialise, graft, train for `config.epochs` and evaluate a stack of K members.
 
   `mesh`: a 1-D mesh with axis `MODEL_AXIS` (default: all local devices; with several
   processes under `jax.distributed`, all global devices). `on_epoch(epoch, metrics)` gets the
-  [K, 2] (mean loss, running accuracy) of every finished epoch.
+  [K, 2] (mean loss, running accuracy) of every finished epoch. With `features`, steps and
+  evaluation read each member's precomputed prefix output instead of `data` (then used only for
+  the image shape), and `members` index into it.
   """
   start = time.perf_counter()
+  timings = dict.fromkeys(('compile', 'init', 'train', 'evaluate'), 0.0)
   member_map = member_map or default_member_map()
   mesh = mesh or jax.make_mesh((jax.device_count(),), (MODEL_AXIS,))
   k = members.init_keys.shape[0]
   k_padded = -(-k // mesh.size) * mesh.size
   members = _pad_members(members, k_padded)
   example = jnp.zeros((1,) + data.train_images.shape[1:], jnp.float32)
-  trainer = Trainer(model, structure, config, example)
+  trainer = Trainer(model, structure, config, example, features.start if features else 0)
 
   sharded, replicated = NamedSharding(mesh, P(MODEL_AXIS)), NamedSharding(mesh, P())
+  shared = features is None
+  data = data if shared else _pad_members(features.data, k_padded)
 
-  def compile_(fn, n_member_args):
-    """jit(shard_map(map over members)): member args split over devices, data replicated."""
-    in_specs = (P(MODEL_AXIS),) * n_member_args + (P(),)
-    return jax.jit(
-        jax.shard_map(_over_members(fn, member_map), mesh=mesh, in_specs=in_specs,
+  def compile_(fn, *args, options=None):
+    """jit(shard_map(map over members)), compiled ahead of time for `args`: member args split
+    over devices, the data (last) replicated or, per member (`features`), split too."""
+    in_specs = (P(MODEL_AXIS),) * (len(args) - 1) + (P() if shared else P(MODEL_AXIS),)
+    jitted = jax.jit(
+        jax.shard_map(_over_members(fn, member_map, shared), mesh=mesh, in_specs=in_specs,
                       out_specs=P(MODEL_AXIS)))
+    t = time.perf_counter()
+    compiled = jitted.lower(*args).compile(options)
+    timings['compile'] += time.perf_counter() - t
+    return compiled
+
+  def timed(phase, fn, *args):
+    t = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    timings[phase] += time.perf_counter() - t
+    return out
 
   def init_fn(key, source, data):
     del data
     return trainer.init(key, source)
 
   members = _to_global(members, sharded)
-  data = _to_global(data, replicated)
-  state = compile_(init_fn, 2)(members.init_keys, members.sources, data)
-  epoch_fn = compile_(trainer.epoch, 4)
+  data = _to_global(data, replicated if shared else sharded)
+  init_args = (members.init_keys, members.sources, data)
+  # Initialisation is random-number code that XLA optimises slowly and runs once: compiled at
+  # LLVM -O1 it takes a fifth of the time, with the same values.
+  state = timed('init', compile_(init_fn, *init_args, options=INIT_COMPILER_OPTIONS), *init_args)
+  epoch_keys = lambda epoch: jax.vmap(jax.random.fold_in, in_axes=(0, None))(members.shuffle_keys,
+                                                                             epoch)
+  epoch_fn = compile_(trainer.epoch, state, epoch_keys(0), members.train_idx, members.label_map,
+                      data)
   metrics = np.zeros((k, 2), np.float32)
   for epoch in range(config.epochs):
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(members.shuffle_keys, epoch)
-    state, epoch_metrics = epoch_fn(state, keys, members.train_idx, members.label_map, data)
+    state, epoch_metrics = timed('train', epoch_fn, state, epoch_keys(epoch), members.train_idx,
+                                 members.label_map, data)
     metrics = _to_host(epoch_metrics)[:k]
     if on_epoch is not None:
       on_epoch(epoch, metrics)
-  test_acc = compile_(trainer.evaluate, 3)(state, members.test_idx, members.label_map, data)
+  eval_args = (state, members.test_idx, members.label_map, data)
+  test_acc = timed('evaluate', compile_(trainer.evaluate, *eval_args), *eval_args)
   variables = jax.tree.map(lambda x: _to_host(x)[:k], state.variables())
   return StackResult(variables, metrics[:, 1], metrics[:, 0],
                      _to_host(test_acc)[:k],
-                     time.perf_counter() - start)
+                     time.perf_counter() - start, timings)

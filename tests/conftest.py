@@ -4,12 +4,15 @@ times), the one generator of fake image folders, and the driver's command line i
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
 from PIL import Image
 
 from experiments import main as cli
+from jaxtransfer import splits, train
+from jaxtransfer.models import FinalNet
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,3 +113,60 @@ def row(split, target, condition, depth, acc, seed=0):
 ROWS = [row(s, t, 'base', 0, 0.6 + 0.1 * s) for s in range(3) for t in 'AB'] + [
     row(s, t, 'BnB', 1, 0.6 + 0.1 * s - 0.05 - 0.01 * (t == 'A')) for s in range(3) for t in 'AB'
 ]
+
+# ----------------------------------------------------------------------------
+# The trainer on tiny in-memory data (8x8 images, 4 classes, widths 2): shared by the trainer's
+# tests and those built on it.
+
+MODEL = FinalNet(2, widths=(2, 2, 2))
+CONFIG = train.TrainConfig(epochs=2, batch_size=16, learning_rate=0.03)
+NAMES = [f'conv{i}' for i in range(1, 7)]
+
+
+def tiny_data(num_classes=4, train_per_class=20, test_per_class=6, size=8, seed=0):
+  rng = np.random.default_rng(seed)
+  labels = np.repeat(np.arange(num_classes), train_per_class).astype(np.int32)
+  test_labels = np.repeat(np.arange(num_classes), test_per_class).astype(np.int32)
+  images = lambda lab: (rng.integers(0, 100, (lab.size, size, size, 3)) + 40 *
+                        lab[:, None, None, None]).astype(np.uint8)
+  return train.DeviceData(jnp.asarray(images(labels)), jnp.asarray(labels),
+                          jnp.asarray(images(test_labels)), jnp.asarray(test_labels),
+                          jnp.full(3, .4), jnp.full(3, .25))
+
+
+DATA = tiny_data()
+HALVES = [(0, 1), (2, 3), (1, 3)]
+
+
+def members(halves, seed=0, sources=None):
+  train_labels, test_labels = np.asarray(DATA.train_labels), np.asarray(DATA.test_labels)
+  k = len(halves)
+  return train.Members(
+      init_keys=jax.random.split(jax.random.key(seed),
+                                 k), shuffle_keys=jax.random.split(jax.random.key(seed + 1), k),
+      train_idx=jnp.asarray(np.stack([splits.class_indices(train_labels, c) for c in halves])),
+      test_idx=jnp.asarray(np.stack([splits.class_indices(test_labels, c) for c in halves])),
+      label_map=jnp.asarray(np.stack([splits.label_map(c, 4) for c in halves])), sources=sources)
+
+
+def take(tree, i):
+  return jax.tree.map(lambda x: x[i:i + 1], tree)
+
+
+@pytest.fixture(scope='session')
+def stacked_run():
+  """A base stack of the three HALVES trained for CONFIG, and its (epoch, [K, 2] metrics)."""
+  epochs = []
+  result = train.train_stack(MODEL, train.Structure(), CONFIG, DATA, members(HALVES),
+                             on_epoch=lambda e, m: epochs.append((e, m)))
+  return result, epochs
+
+
+@pytest.fixture(scope='session')
+def stacked(stacked_run):
+  return stacked_run[0]
+
+
+@pytest.fixture(scope='session')
+def stacked_epochs(stacked_run):
+  return stacked_run[1]

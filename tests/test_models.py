@@ -81,6 +81,46 @@ def test_unknown_model_name():
     models.make_model('resnet', 5)
 
 
+def test_pytorch_initialisation_is_torchs():
+  """PyTorch's Conv2d/Linear reset_parameters: weights and biases U(+-1/sqrt(fan_in)), i.e. weight
+  variance 1/(3 fan_in); flax's: lecun_normal (variance 1/fan_in) and zero biases."""
+  torch_like = models.FinalNet(5).init(jax.random.key(0), X)['params']
+  flax_like = models.make_model('final', 5, layer_defaults='flax').init(jax.random.key(0),
+                                                                        X)['params']
+  fan_in = {'conv1': 27, 'conv2': 72, 'conv3': 72, 'conv4': 144, 'conv5': 144, 'conv6': 288}
+  for name, fan in [*fan_in.items(), ('head', 512)]:
+    layer = 'dense' if name == 'head' else 'conv'
+    kernel, bias = (torch_like[name][layer][p] for p in ('kernel', 'bias'))
+    bound = 1 / np.sqrt(fan)
+    for x in (kernel, bias):
+      assert np.abs(x).max() <= bound and np.abs(x).max() > 0.8 * bound, name
+    np.testing.assert_allclose(kernel.std(), bound / np.sqrt(3), rtol=0.2, err_msg=name)
+    flax_kernel = flax_like[name][layer]['kernel']
+    np.testing.assert_allclose(flax_kernel.std(), 1 / np.sqrt(fan), rtol=0.25, err_msg=name)
+    assert not np.any(flax_like[name][layer]['bias'])
+  assert models.count_params(torch_like) == models.count_params(flax_like) == 20_973
+  initial = models.make_model('initial', 4).init(jax.random.key(0), X)['params']
+  assert np.abs(initial['head']['dense']['kernel']).max() <= 1 / np.sqrt(3072)
+
+
+@pytest.mark.parametrize('running_var', ['unbiased', 'biased'])
+def test_batchnorm_running_variance(running_var):
+  """PyTorch's BatchNorm2d tracks the unbiased batch variance, flax's the biased one; both
+  normalise with the biased one."""
+  x = jnp.asarray(np.random.default_rng(3).normal(1.0, 2.0, (4, 3, 5, 2)), jnp.float32)
+  bn = models.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5,
+                        running_var=running_var)
+  variables = bn.init(jax.random.key(0), x)
+  y, state = bn.apply(variables, x, mutable=['batch_stats'])
+  flat = np.asarray(x, np.float64).reshape(-1, 2)
+  n = len(flat)
+  var = flat.var(0) * (n / (n - 1) if running_var == 'unbiased' else 1)
+  np.testing.assert_allclose(state['batch_stats']['var'], 0.9 + 0.1 * var, rtol=1e-6)
+  np.testing.assert_allclose(state['batch_stats']['mean'], 0.1 * flat.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(y, (np.asarray(x) - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5),
+                             rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------
 # The CPU-friendly ConvBlock against stock flax.
 
@@ -141,7 +181,9 @@ def _loss(apply, params, state, x, y=Y):
 
 @pytest.fixture(scope='module')
 def nets():
-  model, ref = models.FinalNet(5), RefNet(5)
+  """Our FinalNet with flax's layer defaults (so initialisation and statistics are flax's) and the
+  stock-flax reference."""
+  model, ref = models.make_model('final', 5, layer_defaults='flax'), RefNet(5)
   variables = _jit(lambda k: model.init(k, XR), jax.random.key(0))
   return model, ref, variables
 

@@ -1,6 +1,7 @@
 """The plan: config validation (shared by CLI and Python API), runs, stacks, flagfiles."""
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -77,3 +78,17 @@ def test_runs_read_the_conditions_table(name, source_of_B, frozen):
   assert structure.frozen_layers == (('conv1', 'conv2') if frozen else ())
   assert structure.batchnorm == ('fixed' if frozen else 'update')
   assert name in conditions.CHOICES and conditions.get(name).label.startswith(name)
+
+
+def test_published_studies_keep_the_recipe_they_ran_with():
+  """A study.json written before `layer_defaults` existed ran with flax's defaults: resuming it
+  with today's default (PyTorch's) is another study."""
+  published = json.load(
+      open(os.path.join(ROOT, 'results', 'cifar10', 'seed-1split-update', 'study.json')))['config']
+  assert 'layer_defaults' not in published
+  old = plan.with_defaults(published)
+  assert old['layer_defaults'] == 'flax'
+  new = dataclasses.replace(
+      plan.StudyConfig(),
+      **{k: tuple(v) if isinstance(v, list) else v for k, v in published.items()})
+  assert plan.differing(old, new.to_json()) == ['layer_defaults']

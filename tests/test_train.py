@@ -9,51 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtransfer import splits, train
+from jaxtransfer import train
 from jaxtransfer.models import FinalNet
-
-MODEL = FinalNet(2, widths=(2, 2, 2))
-CONFIG = train.TrainConfig(epochs=2, batch_size=16, learning_rate=0.03)
-NAMES = [f'conv{i}' for i in range(1, 7)]
-
-
-def tiny_data(num_classes=4, train_per_class=20, test_per_class=6, size=8, seed=0):
-  rng = np.random.default_rng(seed)
-  labels = np.repeat(np.arange(num_classes), train_per_class).astype(np.int32)
-  test_labels = np.repeat(np.arange(num_classes), test_per_class).astype(np.int32)
-  images = lambda lab: (rng.integers(0, 100, (lab.size, size, size, 3)) + 40 *
-                        lab[:, None, None, None]).astype(np.uint8)
-  return train.DeviceData(jnp.asarray(images(labels)), jnp.asarray(labels),
-                          jnp.asarray(images(test_labels)), jnp.asarray(test_labels),
-                          jnp.full(3, .4), jnp.full(3, .25))
-
-
-DATA = tiny_data()
-HALVES = [(0, 1), (2, 3), (1, 3)]
-
-
-def members(halves, seed=0, sources=None):
-  train_labels, test_labels = np.asarray(DATA.train_labels), np.asarray(DATA.test_labels)
-  k = len(halves)
-  return train.Members(
-      init_keys=jax.random.split(jax.random.key(seed),
-                                 k), shuffle_keys=jax.random.split(jax.random.key(seed + 1), k),
-      train_idx=jnp.asarray(np.stack([splits.class_indices(train_labels, c) for c in halves])),
-      test_idx=jnp.asarray(np.stack([splits.class_indices(test_labels, c) for c in halves])),
-      label_map=jnp.asarray(np.stack([splits.label_map(c, 4) for c in halves])), sources=sources)
-
-
-def take(tree, i):
-  return jax.tree.map(lambda x: x[i:i + 1], tree)
-
-
-EPOCH_METRICS = []
-
-
-@pytest.fixture(scope='module')
-def stacked():
-  return train.train_stack(MODEL, train.Structure(), CONFIG, DATA, members(HALVES),
-                           on_epoch=lambda e, m: EPOCH_METRICS.append((e, m)))
+from tests.conftest import CONFIG, DATA, HALVES, MODEL, NAMES, members, take, tiny_data
 
 
 def test_stack_equals_separate_runs(stacked):
@@ -68,11 +26,11 @@ def test_stack_equals_separate_runs(stacked):
   assert not np.allclose(kernels[0], kernels[1])
 
 
-def test_learns_and_reports_per_member_metrics(stacked):
+def test_learns_and_reports_per_member_metrics(stacked, stacked_epochs):
   assert stacked.variables['params']['conv1']['conv']['kernel'].shape == (3, 3, 3, 3, 2)
   assert stacked.train_accuracy.shape == stacked.test_accuracy.shape == (3,)
-  assert [e for e, _ in EPOCH_METRICS] == [0, 1]
-  first, last = EPOCH_METRICS[0][1], EPOCH_METRICS[1][1]
+  assert [e for e, _ in stacked_epochs] == [0, 1]
+  first, last = stacked_epochs[0][1], stacked_epochs[1][1]
   assert first.shape == (3, 2)
   assert np.all(last[:, 0] < first[:, 0])  # every member's loss fell
   np.testing.assert_array_equal(last[:, 0], stacked.train_loss)
@@ -143,7 +101,7 @@ def test_frozen_prefix_skips_its_backward_pass():
 SHARDED = r'''
 import jax, numpy as np
 assert jax.device_count() == 4, jax.devices()
-from tests.test_train import MODEL, CONFIG, DATA, HALVES, members
+from tests.conftest import MODEL, CONFIG, DATA, HALVES, members
 from jaxtransfer import train
 ms = members(HALVES)  # K=3: padded to 4 over 4 devices
 one = jax.make_mesh((1,), (train.MODEL_AXIS,), devices=jax.devices()[:1])
@@ -170,7 +128,7 @@ import sys, jax, numpy as np
 jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 jax.distributed.initialize(f'localhost:{sys.argv[1]}', num_processes=2, process_id=int(sys.argv[2]))
 assert jax.device_count() == 2 and jax.local_device_count() == 1
-from tests.test_train import MODEL, CONFIG, DATA, HALVES, members
+from tests.conftest import MODEL, CONFIG, DATA, HALVES, members
 from jaxtransfer import train
 r = train.train_stack(MODEL, train.Structure(), CONFIG, DATA, members(HALVES))
 np.save(sys.argv[3], r.variables['params']['head']['dense']['kernel'])

@@ -1,0 +1,88 @@
+"""Frozen prefixes computed once per member instead of at every training step.
+
+Under the `fixed` BatchNorm policy, a stack's frozen grafted layers normalise with the
+transferred running statistics and never change: they are a fixed function of the image. Their
+output on each member's own training and test images is computed once, in inference mode, and
+the stack trains layers n.. on it (`train.Features`). At n = 6 of the seed's net that leaves
+only the head to train. Stored as float32 (the values the plain path computes, to float
+rounding), within a memory budget: a stack whose features would not fit trains the plain way.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtransfer import data as data_lib
+from jaxtransfer import train
+
+# Features of one stack (every member's train and test images) above this stay uncomputed: for
+# the seed's net and K = 4 this caches n >= 2 (n = 1 would need 3.9 GB).
+DEFAULT_BUDGET_MB = 2048
+_BATCH = 1000
+
+
+def applicable(model: Any, structure: train.Structure) -> bool:
+  """Frozen grafted layers under `fixed`, and a model that can run a slice of its layers."""
+  return (structure.batchnorm == 'fixed' and bool(structure.frozen_layers) and
+          structure.frozen_layers == structure.graft_layers and
+          {'start', 'stop'} <= set(inspect.signature(model.__call__).parameters))
+
+
+def nbytes(model: Any, members: train.Members, data: train.DeviceData, start: int) -> int:
+  """Bytes of float32 features of every member's train and test examples."""
+  shape = _prefix_shape(model, members, data, start)
+  k, n = members.train_idx.shape
+  m = members.test_idx.shape[1]
+  return k * (n + m) * int(np.prod(shape)) * 4
+
+
+def _prefix_shape(model, members, data, start) -> tuple[int, ...]:
+  source = jax.tree.map(lambda x: x[0], members.sources)
+  example = jax.ShapeDtypeStruct((1,) + data.train_images.shape[1:], jnp.float32)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, stop=start), source, example)
+  return out.shape[1:]
+
+
+def compute(model: Any, members: train.Members, data: train.DeviceData,
+            start: int) -> tuple[train.Features, train.Members]:
+  """Every member's prefix output on its own examples, and members that index into it."""
+  prefix = jax.jit(functools.partial(_prefix, model, start))
+  k, n = members.train_idx.shape
+  num_classes = int(np.asarray(members.label_map).max()) + 1
+
+  def outputs(images, labels, idx, source, label_map):
+    idx = np.asarray(idx)
+    padded = np.pad(idx, (0, -len(idx) % _BATCH))  # one batch shape: one compilation
+    parts = [
+        prefix(source, images[padded[i:i + _BATCH]], data.mean, data.std)
+        for i in range(0, len(padded), _BATCH)
+    ]
+    return jnp.concatenate(parts)[:len(idx)], jnp.asarray(label_map)[labels[idx]]
+
+  per_member = []
+  for j in range(k):
+    source = jax.tree.map(lambda x, j=j: x[j], members.sources)
+    train_x, train_y = outputs(data.train_images, data.train_labels, members.train_idx[j], source,
+                               members.label_map[j])
+    test_x, test_y = outputs(data.test_images, data.test_labels, members.test_idx[j], source,
+                             members.label_map[j])
+    per_member.append((train_x, train_y, test_x, test_y))
+  stacked = [jnp.stack(xs) for xs in zip(*per_member)]
+  channels = data.mean.shape[-1]
+  feature_data = train.DeviceData(*stacked, jnp.zeros((k, channels)), jnp.ones((k, channels)))
+  m = members.test_idx.shape[1]
+  tile = lambda x: jnp.tile(x[None], (k, 1))
+  indexed = members._replace(train_idx=tile(jnp.arange(n, dtype=jnp.int32)),
+                             test_idx=tile(jnp.arange(m, dtype=jnp.int32)),
+                             label_map=tile(jnp.arange(num_classes, dtype=jnp.int32)))
+  return train.Features(start, feature_data), indexed
+
+
+def _prefix(model, start, variables, images_u8, mean, std):
+  return model.apply(variables, data_lib.normalize(images_u8, mean, std), train=False, stop=start)

@@ -1,0 +1,51 @@
+"""Frozen prefixes computed once (`fixed`): the same training as the plain path.
+
+Compared where float noise cannot be amplified: a conv bias right before a BatchNorm gets no
+gradient signal (BatchNorm subtracts it), so Adam turns float noise into +-lr steps on it, and the
+BatchNorm's running mean tracks it; outputs in training mode do not depend on either. Test
+accuracy (eval mode, running means) is therefore not compared at this learning rate."""
+
+import jax
+import numpy as np
+
+from jaxtransfer import features, train
+from tests.conftest import DATA, HALVES, MODEL, NAMES, members
+
+CONFIG = train.TrainConfig(epochs=2, batch_size=16, learning_rate=0.03)
+
+
+def test_cached_prefix_trains_like_the_plain_path(stacked):
+  prefix = tuple(NAMES[:3])
+  sources = {c: {n: v[n] for n in prefix if n in v} for c, v in stacked.variables.items()}
+  structure = train.Structure(prefix, prefix, 'fixed')
+  assert features.applicable(MODEL, structure)
+  assert not features.applicable(MODEL, train.Structure(prefix, prefix, 'update'))
+  assert not features.applicable(MODEL, train.Structure((), prefix, 'fixed'))  # random frozen
+  ms = members(HALVES, 7, sources)
+  plain = train.train_stack(MODEL, structure, CONFIG, DATA, ms)
+  cached, indexed = features.compute(MODEL, ms, DATA, start=3)
+  k, n = ms.train_idx.shape
+  assert cached.data.train_images.shape == (k, n, 4, 4, 2)  # conv3's output (after 1 pool)
+  assert features.nbytes(MODEL, ms, DATA, 3) == k * (n + ms.test_idx.shape[1]) * 4 * 4 * 2 * 4
+  fast = train.train_stack(MODEL, structure, CONFIG, DATA, indexed, features=cached)
+  np.testing.assert_allclose(fast.train_loss, plain.train_loss, rtol=1e-5)
+  np.testing.assert_allclose(fast.train_accuracy, plain.train_accuracy)
+  signal = lambda v: {
+      jax.tree_util.keystr(p): x
+      for p, x in jax.tree_util.tree_leaves_with_path(v)
+      if not no_signal(jax.tree_util.keystr(p))
+  }
+  fast_leaves, plain_leaves = signal(fast.variables), signal(plain.variables)
+  assert len(fast_leaves) == 38 - 12  # 6 pre-BN conv biases and 6 running means left out
+  for path, x in fast_leaves.items():
+    np.testing.assert_allclose(x, plain_leaves[path], rtol=1e-4, atol=1e-5, err_msg=path)
+  for name in prefix:  # the frozen prefix is the source's, bit for bit, on both paths
+    jax.tree.map(np.testing.assert_array_equal, fast.variables['params'][name],
+                 sources['params'][name])
+    jax.tree.map(np.testing.assert_array_equal, fast.variables['batch_stats'][name],
+                 sources['batch_stats'][name])
+
+
+def no_signal(path: str) -> bool:
+  """A conv bias right before a BatchNorm, or a BatchNorm running mean (see the docstring)."""
+  return path.endswith("['conv']['bias']") or path.endswith("['bn']['mean']")

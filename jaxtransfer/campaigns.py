@@ -7,7 +7,7 @@ import json
 import os
 from typing import Sequence
 
-from jaxtransfer import plots, report, results, study
+from jaxtransfer import plots, report, results, similarity, study
 from jaxtransfer import plan as plan_lib
 from jaxtransfer.plan import StudyConfig
 from jaxtransfer.progress import Progress
@@ -86,11 +86,30 @@ def pool(shards: Sequence[str], out: str) -> str:
                             {'config': config, 'shards': [os.path.abspath(p) for p in shards]})
   figures = [os.path.relpath(p, out) for p in plots.write_all(rows, out)]
   parts = [f'`{p}` (split {", ".join(str(s) for s in chosen if owner[s] == p)})' for p in shards]
-  note = (f'Pooled from the shards {", ".join(parts)}; their layer-similarity (CKA) figures '
-          'stay in each shard.')
+  similarity_data = [os.path.join(p, 'figures', similarity.DATA_FILE) for p in shards]
+  if all(os.path.isfile(p) for p in similarity_data):
+    figures += [os.path.relpath(p, out) for p in _pool_similarity(similarity_data, config, out)]
+    cka_note = 'the layer-similarity (CKA) figure averages every shard\'s models.'
+  else:
+    cka_note = 'their layer-similarity (CKA) figures stay in each shard.'
+  note = f'Pooled from the shards {", ".join(parts)}; {cka_note}'
   path = os.path.join(out, 'report.md')
   results.atomic_write_text(
       path,
       report.render(rows, config, figures, class_names=records[0].get('class_names') or None,
                     note=note))
   return path
+
+
+def _pool_similarity(paths: Sequence[str], config: dict, out: str) -> list[str]:
+  """figures/cka.json and the CKA heat-map of all shards' models together."""
+  shards = []
+  for path in paths:
+    with open(path) as f:
+      shards.append(json.load(f))
+  layers = shards[0]['layers']
+  records = [r for shard in shards for r in shard['records']]
+  results.atomic_write_json(os.path.join(out, 'figures', similarity.DATA_FILE),
+                            {'layers': layers, 'records': records})
+  return similarity.draw(records, layers, config['conditions'], config['depths'],
+                         os.path.join(out, 'figures', 'cka'))

@@ -12,18 +12,31 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from jaxtransfer import cka, conditions, data, plots
+from jaxtransfer import cka, conditions, data, plots, results
 from jaxtransfer import plan as plan_lib
 from jaxtransfer import splits as splits_lib
 from jaxtransfer.plan import Run, Stack, StudyConfig
 from jaxtransfer.workdir import Workdir
 
 OTHER_BASE = 'other base'
+DATA_FILE = 'cka.json'
 
 
 def write(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], halves, make: Callable,
           layer_names: Sequence[str], test_ds, mean, std) -> list[str]:
-  """figures/cka.{png,pdf} for the study in `workdir`; returns their paths."""
+  """figures/cka.json (every model's per-layer CKA, the data) and figures/cka.{png,pdf} (their
+  means) for the study in `workdir`; returns the figure paths."""
+  records = measure(config, workdir, stacks, halves, make, test_ds, mean, std)
+  results.atomic_write_json(workdir.file('figures', DATA_FILE),
+                            {'layers': list(layer_names), 'records': records})
+  return draw(records, list(layer_names), config.conditions, config.depths,
+              workdir.file('figures', 'cka'))
+
+
+def measure(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], halves, make: Callable,
+            test_ds, mean, std) -> list[dict]:
+  """One record per model and row of the figure: its run's identity, the row label and the
+  per-layer CKA with its target half's base net."""
   per_class = max(1, config.cka_images // len(halves[0][1]))
   features = {}  # (split, target) -> normalised test images
   for s in sorted({r.split for stack in stacks for r in stack.runs}):
@@ -33,7 +46,9 @@ def write(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], halves
       features[(s, t)] = np.asarray(data.normalize(test_ds.images[idx], mean, std))
   nets = workdir.members(stacks)
   base = conditions.BASE.name
-  rows: dict[str, list[np.ndarray]] = {}
+  records, compared = [], set()
+  record = lambda run, label, values: records.append(
+      {**plan_lib.run_fields(run), 'row': label, 'cka': [float(v) for v in values]})
   for run, variables in sorted(nets.items(), key=lambda item: _sort_key(item[0])):
     if run.condition == base:
       continue
@@ -42,16 +57,27 @@ def write(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], halves
     images = features[(run.split, run.target)]
     reference = cka.layer_features(model, base_of(run.target), images)
     other = 'A' if run.target == 'B' else 'B'
-    if run.depth == config.depths[0]:  # once per (split, target, seed)
+    if (run.split, run.target, run.seed) not in compared:  # once per (split, target, seed)
+      compared.add((run.split, run.target, run.seed))
       other_model = make(len(plan_lib.half_classes(halves, run.split, other)))
-      rows.setdefault(OTHER_BASE, []).append(
-          cka.per_layer_cka(cka.layer_features(other_model, base_of(other), images), reference))
-    rows.setdefault(f'{run.condition} n={run.depth}', []).append(
-        cka.per_layer_cka(cka.layer_features(model, variables, images), reference))
-  order = [OTHER_BASE] + [f'{c} n={d}' for c in config.conditions for d in config.depths]
+      record(Run(run.split, run.target, base, 0, run.seed), OTHER_BASE,
+             cka.per_layer_cka(cka.layer_features(other_model, base_of(other), images), reference))
+    record(run, f'{run.condition} n={run.depth}',
+           cka.per_layer_cka(cka.layer_features(model, variables, images), reference))
+  return records
+
+
+def draw(records: Sequence[dict], layer_names: Sequence[str], condition_names: Sequence[str],
+         depths: Sequence[int], stem: str) -> list[str]:
+  """The heat-map of the records' mean per row (rows in the order of conditions and depths);
+  also what pooling draws from its shards' records."""
+  rows: dict[str, list[list[float]]] = {}
+  for r in records:
+    rows.setdefault(r['row'], []).append(r['cka'])
+  order = [OTHER_BASE] + [f'{c} n={d}' for c in condition_names for d in depths]
   labels = [label for label in order if label in rows]
   matrix = np.stack([np.mean(rows[label], axis=0) for label in labels])
-  return plots.heatmap(matrix, labels, list(layer_names), workdir.file('figures', 'cka'),
+  return plots.heatmap(matrix, labels, list(layer_names), stem,
                        title='Linear CKA with the target half\'s base net, per layer',
                        xlabel='layer', ylabel='model')
 

@@ -14,7 +14,7 @@ from jaxtransfer.workdir import Workdir
 from tests.conftest import ROOT, make_image_folder, run_cli
 
 
-def _shard(finished, path, split):
+def _shard(finished, path, split, similarity=True):
   """A finished one-split shard of the `finished` study, as `--splits=<split>` would leave it."""
   os.makedirs(path)
   meta = json.load(open(os.path.join(finished, 'study.json')))
@@ -22,6 +22,17 @@ def _shard(finished, path, split):
   results.atomic_write_json(os.path.join(path, 'study.json'), meta)
   rows = results.read_csv(os.path.join(finished, 'results.csv'))
   results.write(path, results.select(rows, split=split))
+  if similarity:
+    cka = json.load(open(os.path.join(finished, 'figures', 'cka.json')))
+    cka['records'] = [r for r in cka['records'] if r['split'] == split]
+    results.atomic_write_json(os.path.join(path, 'figures', 'cka.json'), cka)
+
+
+def _cka_records(folder):
+  """The per-model CKA records, comparable (nan, for a constant layer, as None)."""
+  records = json.load(open(os.path.join(folder, 'figures', 'cka.json')))['records']
+  records = [{**r, 'cka': [None if np.isnan(v) else v for v in r['cka']]} for r in records]
+  return sorted(records, key=lambda r: (r['split'], r['target'], r['row'], r['seed']))
 
 
 def test_pooled_shards_equal_the_whole_study(finished, tmp_path):
@@ -39,8 +50,20 @@ def test_pooled_shards_equal_the_whole_study(finished, tmp_path):
   whole = open(os.path.join(finished, 'report.md')).read()
   tables = lambda t: t[t.index('## Test accuracy'):t.index('## Figures')]
   assert tables(text) == tables(whole)  # tables, claims and verdicts
-  assert f'Pooled from the shards `{one}` (split 1), `{two}` (split 0)' in text
+  assert (f'Pooled from the shards `{one}` (split 1), `{two}` (split 0); the layer-similarity '
+          "(CKA) figure averages every shard's models.") in text
   assert os.path.getsize(os.path.join(out, 'figures', 'transfer_relative.png')) > 1000
+  # The pooled CKA figure is drawn from every shard's models: the whole study's records.
+  assert _cka_records(out) == _cka_records(finished) and len(_cka_records(out)) == 4 * (8 + 1)
+  assert os.path.getsize(os.path.join(out, 'figures', 'cka.png')) > 1000
+  assert '![figures/cka.png](figures/cka.png)' in text
+  # Shards without CKA data (published before it was kept) pool without the figure.
+  old, old_out = str(tmp_path / 'old'), str(tmp_path / 'old-out')
+  _shard(finished, old, 0, similarity=False)
+  campaigns.pool([one, old], old_out)
+  assert 'their layer-similarity (CKA) figures stay in each shard' in open(
+      os.path.join(old_out, 'report.md')).read()
+  assert not os.path.exists(os.path.join(old_out, 'figures', 'cka.png'))
   proc = pool(f'--out={finished}', one, two)
   assert proc.returncode == 2
   assert proc.stderr == f'error: {finished} holds a study; pool into a new directory\n'

@@ -36,6 +36,9 @@ def test_outputs_exist_and_agree(finished):
       assert row['source'] == row['target']
   json_rows = json.load(open(os.path.join(finished, 'results.json')))
   assert [r['test_accuracy'] for r in json_rows] == [r['test_accuracy'] for r in rows]
+  cka = json.load(open(os.path.join(finished, 'figures', 'cka.json')))
+  assert len(cka['layers']) == 7 and len(cka['records']) == 4 * (8 + 1)  # + 'other base' once
+  assert {r['row'] for r in cka['records'] if r['condition'] == 'AnB'} == {'AnB n=1', 'AnB n=2'}
   for name in ('transfer', 'transfer_relative', 'cka'):
     for ext in ('png', 'pdf'):
       assert os.path.getsize(os.path.join(finished, 'figures', f'{name}.{ext}')) > 1000

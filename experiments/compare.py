@@ -18,13 +18,22 @@ from jaxtransfer import report, results
 
 
 def table(studies: list[tuple[str, str]]) -> str:
-  """studies: (folder, label) pairs -> the base accuracies and one relative table."""
-  columns, bases = [], []
+  """studies: (folder, label) pairs -> the base accuracies and one relative table. Each folder
+  once, each label (column suffix) once; each results.csv checked by `results.read_csv`, and
+  diverged models left out."""
+  columns, bases, seen, labels = [], [], {}, {}
   for folder, label in studies:
+    real = os.path.realpath(folder)
+    if real in seen:
+      raise ValueError(f'{folder} is given twice (as {seen[real]})')
+    if label in labels:
+      raise ValueError(f'{folder} and {labels[label]} would both label their columns '
+                       f'{label!r}: give one of them a different =LABEL')
+    seen[real], labels[label] = folder, folder
     path = os.path.join(folder, 'results.csv')
     if not os.path.isfile(path):
       raise FileNotFoundError(f'{path}: no such file (is {folder} a finished study?)')
-    rows = results.read_csv(path)
+    rows = results.usable(results.read_csv(path))
     suffix = f' ({label})' if label else ''
     columns += [(c + suffix, rows, c) for c in report.conditions_in(rows)]
     bases.append(f'- base nets{suffix or f" ({folder})"}: {report.base_by_target(rows)}')
@@ -37,7 +46,7 @@ def main(argv: list[str]) -> None:
   studies = [tuple(a.partition('=')[::2]) for a in argv[1:]]
   try:
     print(table(studies))
-  except (FileNotFoundError, KeyError, ValueError) as e:
+  except (OSError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 

@@ -16,7 +16,7 @@ import tempfile
 
 from absl import app, flags, logging
 
-from jaxtransfer import campaigns, features, plan, study
+from jaxtransfer import campaigns, features, plan, study, workdir as workdir_lib
 from jaxtransfer.progress import Progress
 from jaxtransfer.workdir import Workdir
 
@@ -51,12 +51,18 @@ flags.DEFINE_string(
     '(e.g. cifar-10-python.tar.gz); used instead of downloading.')
 flags.DEFINE_string(
     'cache_dir', None, 'Where decoded arrays and compiled programs are cached '
-    '(default: ~/.cache/jaxtransfer).')
+    f'(default: {data.DEFAULT_CACHE_DIR}).')
 # How to run.
 flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, results, figures and report. '
     'Rerunning with the same flags resumes there.')
 flags.DEFINE_bool('quiet', False, 'No progress output.')
+flags.DEFINE_bool(
+    'wait_for_lock', False, 'If another run holds the workdir, wait for it to end '
+    '(default: refuse at once, naming the holder).')
+flags.DEFINE_bool(
+    workdir_lib.RETRAIN_FLAG.lstrip('-'), False, 'Retrain the finished stacks whose rows file or '
+    'checkpoint fails verification (damaged, or written by hand), instead of refusing to run.')
 flags.DEFINE_integer(
     'feature_budget_mb', features.DEFAULT_BUDGET_MB, 'Memory for the outputs '
     'of frozen prefixes under --frozen_batchnorm=fixed, computed once per stack '
@@ -97,7 +103,7 @@ def enable_compilation_cache() -> None:
   """Reuse compiled steps across stacks with the same structure and across reruns/resumes."""
   import jax
   if not jax.config.jax_compilation_cache_dir:
-    cache = FLAGS.cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'jaxtransfer')
+    cache = os.path.expanduser(FLAGS.cache_dir or data.DEFAULT_CACHE_DIR)
     jax.config.update('jax_compilation_cache_dir', os.path.join(cache, 'xla'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
@@ -120,7 +126,8 @@ def run(progress: Progress) -> str:
   run_fn = campaigns.run_sweep if config.sweep else study.run
   return run_fn(config, workdir, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
                 cache_dir=FLAGS.cache_dir, progress=progress,
-                feature_budget_mb=FLAGS.feature_budget_mb)
+                feature_budget_mb=FLAGS.feature_budget_mb, wait_for_lock=FLAGS.wait_for_lock,
+                retrain_corrupt=FLAGS.retrain_corrupt)
 
 
 def main(argv):
@@ -130,7 +137,7 @@ def main(argv):
   progress = Progress(None if FLAGS.quiet else sys.stderr)
   try:
     report = run(progress)
-  except (ValueError, OSError) as e:  # ConfigError, DataError, workdir mismatch, ...
+  except (ValueError, OSError) as e:  # ConfigError, DataError, StateError, RowsError, ...
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   progress.log(f'done: {report}')

@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Sequence
 
 from jaxtransfer import plots, report, results, similarity, study
 from jaxtransfer import plan as plan_lib
+from jaxtransfer import workdir as workdir_lib
 from jaxtransfer.plan import StudyConfig
 from jaxtransfer.progress import Progress
 from jaxtransfer.workdir import Workdir
 
 
 def run_sweep(config: StudyConfig, workdir: Workdir, *, progress: Progress | None = None,
-              **kwargs) -> str:
+              wait_for_lock: bool = False, **kwargs) -> str:
   """One full (resumable) study per value of the swept flag in `workdir/<param>-<value>/`,
-  then a figure and `sweep.md` of how the co-adaptation dip and fine-tuning gain move."""
+  then a figure and `sweep.md` of how the co-adaptation dip and fine-tuning gain move. The
+  sweep's workdir is locked for the whole sweep, each sub-study's for its own run."""
   config = plan_lib.validate(config)
   progress = progress or Progress(None)
   param, values = plan_lib.parse_sweep(config.sweep)
+  with workdir.lock(wait_for_lock, on_wait=progress.log):
+    return _sweep_locked(config, workdir, param, values, progress=progress,
+                         wait_for_lock=wait_for_lock, **kwargs)
+
+
+def _sweep_locked(config: StudyConfig, workdir: Workdir, param: str, values: Sequence[int], *,
+                  progress: Progress, **kwargs) -> str:
   workdir.claim(config)
   rows_by_value = {}
   for value in values:
@@ -48,18 +56,34 @@ def pool(shards: Sequence[str], out: str) -> str:
 
   Shards are workdirs of studies with the same flags except --num_splits and --splits, and
   disjoint splits. Splits are a prefix-stable sequence of `split_seed` and every model's keys
-  come from its run's identity, so a shard trains the same models the whole study would."""
+  come from its run's identity, so a shard trains the same models the whole study would. Every
+  input is checked before anything is written: each shard's results.csv must hold exactly the
+  runs its own study.json plans (typed, with the planned values), no shard may be given twice,
+  and `out` may not lie inside one."""
   if len(shards) < 2:
     raise ValueError('pooling needs at least two shard workdirs')
+  real = [os.path.realpath(p) for p in shards]
+  for i, path in enumerate(shards):
+    if real[i] in real[:i]:
+      raise ValueError(f'{path} is given twice (as {shards[real.index(real[i])]})')
+  target = os.path.realpath(out)
+  for path, r in zip(shards, real):
+    if os.path.commonpath([target, r]) == r:
+      raise ValueError(f'--out {out} is inside the shard {path}; pool into a new directory')
+  if os.path.exists(os.path.join(out, 'study.json')):
+    raise ValueError(f'{out} holds a study; pool into a new directory')
   records, shard_rows = [], []
   for path in shards:
     meta, csv = os.path.join(path, 'study.json'), os.path.join(path, 'results.csv')
     if not (os.path.isfile(meta) and os.path.isfile(csv)):
       raise ValueError(f'{path} is not a finished study (no study.json and results.csv)')
-    with open(meta) as f:
-      records.append(json.load(f))
-    shard_rows.append(results.read_csv(csv))
-  configs = [plan_lib.with_defaults(r['config']) for r in records]
+    record = workdir_lib.read_study(meta)
+    halves = (plan_lib.make_halves(record.config, record.class_names)
+              if record.class_names else None)
+    expected = plan_lib.expected_rows(record.config, plan_lib.runs(record.config), halves)
+    records.append(record)
+    shard_rows.append(results.read_csv(csv, expected))
+  configs = [r.recorded for r in records]
   for path, config in zip(shards[1:], configs[1:]):
     diff = plan_lib.differing(configs[0], config, ignore=SHARD_FIELDS)
     if diff:
@@ -71,9 +95,6 @@ def pool(shards: Sequence[str], out: str) -> str:
       if split in owner:
         raise ValueError(f'split {split} is in both {owner[split]} and {path}')
       owner[split] = path
-  if (os.path.realpath(out) in map(os.path.realpath, shards) or
-      os.path.exists(os.path.join(out, 'study.json'))):
-    raise ValueError(f'{out} holds a study; pool into a new directory')
   rows = sorted((r for rows in shard_rows for r in rows), key=lambda r: r['split'])
   num_splits = max(c['num_splits'] for c in configs)
   chosen = sorted(owner)
@@ -96,8 +117,7 @@ def pool(shards: Sequence[str], out: str) -> str:
   path = os.path.join(out, 'report.md')
   results.atomic_write_text(
       path,
-      report.render(rows, config, figures, class_names=records[0].get('class_names') or None,
-                    note=note))
+      report.render(rows, config, figures, class_names=records[0].class_names or None, note=note))
   return path
 
 

@@ -135,11 +135,13 @@ def load(
   With `image_folder`, the tree is decoded with PIL (no TFDS). Otherwise our
   TFDS builder prepares `dataset` into `data_dir`: from the archive in
   `manual_dir` if given, else downloaded. The arrays are cached in `cache_dir`
-  (default: `data_dir`, else ~/.cache/jaxtransfer) under a fingerprint of the
-  source, so edits to the folder or a new builder version rebuild the cache.
+  (default: ~/.cache/jaxtransfer, as the compiled programs; never `data_dir`, which
+  may be a shared or read-only dataset folder) under a fingerprint of the source
+  (the data_dir included), so edits to the folder or a new builder version rebuild
+  the cache.
   """
   imagefolder.check_split(split)
-  cache_dir = cache_dir or data_dir or DEFAULT_CACHE_DIR
+  cache_dir = cache_dir or DEFAULT_CACHE_DIR
   if image_folder is not None:
     root = os.fspath(image_folder)
     splits = imagefolder.scan_image_folder(root)

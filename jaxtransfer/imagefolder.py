@@ -90,8 +90,15 @@ def scan_image_folder(root: str | os.PathLike) -> dict[str, list[tuple[str, int]
     items = []
     for label, name in enumerate(class_names[split]):
       class_dir = os.path.join(root, split, name)
-      files = sorted(e.name for e in os.scandir(class_dir) if e.is_file() and
-                     not e.name.startswith('.') and e.name.lower().endswith(IMAGE_EXTENSIONS))
+      images = [
+          e for e in os.scandir(class_dir)
+          if not e.name.startswith('.') and e.name.lower().endswith(IMAGE_EXTENSIONS)
+      ]
+      broken = sorted(e.path for e in images if e.is_symlink() and not os.path.exists(e.path))
+      if broken:  # skipping it would silently train on fewer images
+        raise DataError(f'image {broken[0]} is a symbolic link to {os.readlink(broken[0])}, '
+                        'which does not exist')
+      files = sorted(e.name for e in images if e.is_file())
       if not files:
         raise DataError(f'no .png/.jpg/.jpeg images in {class_dir}')
       items.extend((os.path.join(class_dir, f), label) for f in files)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import jax
 
-from jaxtransfer import cifar, conditions, models, train, transfer
+from jaxtransfer import cifar, conditions, models, results, train, transfer
 from jaxtransfer import splits as splits_lib
 
 HALVINGS = ('random', 'dissimilar')
@@ -203,6 +203,31 @@ def with_defaults(recorded: dict) -> dict:
   return {**StudyConfig().to_json(), **LEGACY_VALUES, **recorded}
 
 
+def from_json(recorded: Any, where: str) -> StudyConfig:
+  """The validated config recorded in a study.json (`where`, named in every error): known
+  fields only, each of its default's type, then every check of `validate`."""
+  if not isinstance(recorded, dict):
+    raise ConfigError(f'{where}: "config" must be an object of flags, got {recorded!r:.60}')
+  values = with_defaults(recorded)
+  defaults = StudyConfig()
+  unknown = sorted(set(values) - set(defaults.to_json()))
+  if unknown:
+    raise ConfigError(f'{where}: unknown config field(s) {", ".join(unknown)}')
+  for name, value in values.items():
+    default = getattr(defaults, name)
+    kind = (list,) if isinstance(
+        default, tuple) else (int, float) if isinstance(default, float) else (type(default),)
+    if not isinstance(value, kind) or isinstance(value, bool) != isinstance(default, bool):
+      raise ConfigError(f'{where}: config field {name} is {value!r:.60}, expected '
+                        f'{type(default).__name__}')
+    if isinstance(default, tuple):
+      values[name] = tuple(value)
+  try:
+    return validate(StudyConfig(**values))
+  except ConfigError as e:
+    raise ConfigError(f'{where}: {e}') from None
+
+
 def differing(a: dict, b: dict, ignore: Sequence[str] = ()) -> list[str]:
   """The config fields whose values differ between `a` and `b`, sorted."""
   return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
@@ -269,16 +294,14 @@ def structure_for(run: Run, layer_names: Sequence[str], batchnorm: str) -> train
   return train.Structure(graft, frozen, batchnorm if frozen else 'update')
 
 
-def plan(config: StudyConfig, layer_names: Sequence[str],
-         halves: Sequence[splits_lib.Split]) -> list[Stack]:
-  """All runs, grouped into stacks by (structure, target size): the base models first (every
-  later stack grafts from them)."""
+def runs(config: StudyConfig) -> list[Run]:
+  """Every run of a (validated) study: the base nets first (every later run grafts from them)."""
   targets = ('B',) if config.directions == 'AtoB' else ('A', 'B')
   seeds = range(config.seeds)
-  chosen = config.splits or range(len(halves))
+  chosen = config.splits or range(config.num_splits)
   base = conditions.BASE.name
-  runs = [Run(s, half, base, 0, seed) for s in chosen for half in ('A', 'B') for seed in seeds]
-  runs += [
+  out = [Run(s, half, base, 0, seed) for s in chosen for half in ('A', 'B') for seed in seeds]
+  return out + [
       Run(s, target, condition, depth, seed)
       for depth in config.depths
       for condition in config.conditions
@@ -286,8 +309,13 @@ def plan(config: StudyConfig, layer_names: Sequence[str],
       for target in targets
       for seed in seeds
   ]
+
+
+def plan(config: StudyConfig, layer_names: Sequence[str],
+         halves: Sequence[splits_lib.Split]) -> list[Stack]:
+  """All runs, grouped into stacks by (structure, target size), base stacks first."""
   groups: dict[tuple, list[Run]] = {}
-  for run in runs:
+  for run in runs(config):
     key = (structure_for(run, layer_names,
                          config.frozen_batchnorm), len(half_classes(halves, run.split, run.target)))
     groups.setdefault(key, []).append(run)
@@ -295,6 +323,23 @@ def plan(config: StudyConfig, layer_names: Sequence[str],
       Stack(_stack_name(structure, size), structure, tuple(group))
       for (structure, size), group in groups.items()
   ]
+
+
+def planned_row(config: StudyConfig, run: Run,
+                halves: Sequence[splits_lib.Split] | None = None) -> dict:
+  """What the plan fixes of a run's result row (with `halves`, its split's classes too): the
+  trainer writes these values, and every reader checks them."""
+  row = {**run_fields(run), 'source': run.source, 'frozen': run.frozen, 'epochs': config.epochs}
+  if halves is not None:
+    a, b = halves[run.split]
+    row.update(classes_A=' '.join(map(str, a)), classes_B=' '.join(map(str, b)))
+  return row
+
+
+def expected_rows(config: StudyConfig, planned: Sequence[Run],
+                  halves: Sequence[splits_lib.Split] | None = None) -> dict[tuple, dict]:
+  """Run id -> `planned_row`, for `results.check_rows`."""
+  return {results.run_id(row): row for row in (planned_row(config, r, halves) for r in planned)}
 
 
 def _stack_name(structure: train.Structure, size: int) -> str:

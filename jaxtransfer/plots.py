@@ -94,7 +94,11 @@ def draw_transfer(ax, rows: Sequence[dict], relative: bool = False, title: str =
 
 
 def write_all(rows: Sequence[dict], directory: str) -> list[str]:
-  """figures/transfer.{png,pdf} and figures/transfer_relative.{png,pdf}."""
+  """figures/transfer.{png,pdf} and figures/transfer_relative.{png,pdf}, of the models that did
+  not diverge."""
+  rows = results.usable(rows)
+  if not rows:
+    return []
   figures = os.path.join(directory, 'figures')
   return (transfer_figure(rows, os.path.join(figures, 'transfer'),
                           title='Test accuracy vs transferred layers (paper Fig. 2)') +

@@ -171,39 +171,88 @@ def _halves(rows: Sequence[dict], class_names: Sequence[str] | None) -> list[str
   return [f'- split {s}: A = {name(a)}; B = {name(b)}' for s, (a, b) in sorted(seen.items())]
 
 
+def at_chance(row: dict) -> bool:
+  """Test accuracy at or below 1/k for the k classes of the run's target half: a model that
+  learned nothing (kept in the tables: it may be the honest result of its condition)."""
+  k = len(row['classes_A' if row['target'] == 'A' else 'classes_B'].split())
+  return row['test_accuracy'] <= 1 / k
+
+
+def _listing(rows: Sequence[dict], detail, limit: int = 10) -> list[str]:
+  lines = [f'- {results.describe(results.run_id(r))}: {detail(r)}' for r in rows[:limit]]
+  return lines + ([f'- ... and {len(rows) - limit} more'] if len(rows) > limit else [])
+
+
+def flagged(rows: Sequence[dict]) -> list[str]:
+  """The sections on models that are not results as they stand: diverged ones (left out of
+  everything else) and ones at chance (kept, but named)."""
+  parts = []
+  diverged = [r for r in rows if r['diverged']]
+  if diverged:
+    parts += [
+        '## Diverged models (left out)', '',
+        f'{len(diverged)} of {len(rows)} models diverged (non-finite training loss or weights): '
+        'their accuracy is no result, so every table, figure and claim of this report leaves '
+        'them out, and no difference is taken against a diverged base net.', '', *_listing(
+            diverged, lambda r: f'final loss {r["final_loss"]}, test accuracy '
+            f'{r["test_accuracy"]:.3f}'), ''
+    ]
+  chance = [r for r in results.usable(rows) if at_chance(r)]
+  if chance:
+    parts += [
+        '## Models at chance', '',
+        f'{len(chance)} of {len(rows)} models are at or below chance (test accuracy ≤ 1/k for '
+        'the k classes of their target half); they are kept in the tables.', '',
+        *_listing(chance, lambda r: f'test accuracy {r["test_accuracy"]:.3f}'), ''
+    ]
+  return parts
+
+
 def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = (),
            class_names: Sequence[str] | None = None, note: str = '') -> str:
-  """The whole report.md; `note`, if given, is a paragraph under the title."""
-  seeds = len({r['seed'] for r in rows})
-  splits = len({r['split'] for r in rows})
-  targets = sorted({r['target'] for r in rows})
+  """The whole report.md; `note`, if given, is a paragraph under the title. Diverged models are
+  listed, and left out of everything else (`results.usable`)."""
+  everything, rows = rows, results.usable(rows)
+  left_out = f' ({len(everything) - len(rows)} diverged, left out)' if len(rows) < len(
+      everything) else ''
+  seeds = len({r['seed'] for r in everything})
+  splits = len({r['split'] for r in everything})
+  targets = sorted({r['target'] for r in everything})
   parts = [
       '# Transferability study report', '', *([note, ''] if note else []),
-      f'{len(rows)} trained models: {splits} split(s), target halves {", ".join(targets)}, '
-      f'{seeds} seed(s), {config.get("epochs")} epochs, model `{config.get("model")}`, '
-      f'frozen BatchNorm policy `{config.get("frozen_batchnorm")}`, '
-      f'config hash `{rows[0]["config_hash"] if rows else ""}`.', '', *_halves(rows, class_names),
-      '', '## Test accuracy: mean ± 95% CI over splits × directions × seeds', '',
-      table(rows), '', f'Base nets by target half: {base_by_target(rows)}.', '',
-      '## Difference from the base net of the same target', '',
-      'Each cell: mean ± 95% CI of (model − base net of the same split, target half and seed).', '',
-      relative_table([(c, rows, c) for c in conditions_in(rows)]), '', '## The seminar\'s claims',
-      '', 'A difference counts only when its 95% confidence interval (Student t, paired on split, '
-      'target half and seed) excludes zero; otherwise it is reported as within noise.', ''
+      f'{len(everything)} trained models{left_out}: {splits} split(s), target halves '
+      f'{", ".join(targets)}, {seeds} seed(s), {config.get("epochs")} epochs, model '
+      f'`{config.get("model")}`, frozen BatchNorm policy `{config.get("frozen_batchnorm")}`, '
+      f'config hash `{everything[0]["config_hash"] if everything else ""}`.', '',
+      *_halves(everything, class_names), '', *flagged(everything)
   ]
-  seminar = config.get('dataset') == 'cifar10' and config.get('model') == 'final'
-  if seminar:
+  if not rows:
+    parts += ['No model ended with finite loss and weights: there is nothing to tabulate.', '']
+  else:
     parts += [
-        f'The seminar (PyTorch, same net, 10 epochs) reported a base accuracy of '
-        f'{SEMINAR_BASELINE} and the verdicts quoted after each claim.', '',
-        _seminar_baseline(rows), ''
+        '## Test accuracy: mean ± 95% CI over splits × directions × seeds', '',
+        table(rows), '', f'Base nets by target half: {base_by_target(rows)}.', '',
+        '## Difference from the base net of the same target', '',
+        'Each cell: mean ± 95% CI of (model − base net of the same split, target half and seed).',
+        '',
+        relative_table([(c, rows, c) for c in conditions_in(rows)
+                       ]), '', '## The seminar\'s claims', '',
+        'A difference counts only when its 95% confidence interval (Student t, paired on split, '
+        'target half and seed) excludes zero; otherwise it is reported as within noise.', ''
     ]
-  for claim, verdict, evidence in claims(rows):
-    quoted = next((v for k, v in SEMINAR_VERDICTS.items() if claim.startswith(k)), None)
-    parts += [f'- **{claim}**: {verdict}.  ', f'  {evidence}  ']
-    if seminar and quoted:
-      parts.append(f'  Seminar: {quoted}.')
-    parts.append('')
+    seminar = config.get('dataset') == 'cifar10' and config.get('model') == 'final'
+    if seminar:
+      parts += [
+          f'The seminar (PyTorch, same net, 10 epochs) reported a base accuracy of '
+          f'{SEMINAR_BASELINE} and the verdicts quoted after each claim.', '',
+          _seminar_baseline(rows), ''
+      ]
+    for claim, verdict, evidence in claims(rows):
+      quoted = next((v for k, v in SEMINAR_VERDICTS.items() if claim.startswith(k)), None)
+      parts += [f'- **{claim}**: {verdict}.  ', f'  {evidence}  ']
+      if seminar and quoted:
+        parts.append(f'  Seminar: {quoted}.')
+      parts.append('')
   if figures:
     parts += ['## Figures', ''] + [f'![{f}]({f})' for f in figures if f.endswith('.png')] + ['']
   parts += [
@@ -226,6 +275,7 @@ def sweep_summary(rows_by_value: dict) -> dict:
   each as (mean, CI half-width)."""
   out = {}
   for value, rows in rows_by_value.items():
+    rows = results.usable(rows)
     entry = {
         'base': results.mean_ci(
             [r['test_accuracy'] for r in results.select(rows, condition=BASE.name)])

@@ -8,7 +8,7 @@ independently trained base nets: where it falls, the features stop being general
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import AbstractSet, Callable, Sequence
 
 import numpy as np
 
@@ -23,10 +23,12 @@ DATA_FILE = 'cka.json'
 
 
 def write(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], halves, make: Callable,
-          layer_names: Sequence[str], test_ds, mean, std) -> list[str]:
+          layer_names: Sequence[str], test_ds, mean, std,
+          exclude: AbstractSet[tuple] = frozenset()) -> list[str]:
   """figures/cka.json (every model's per-layer CKA, the data) and figures/cka.{png,pdf} (their
-  means) for the study in `workdir`; returns the figure paths."""
-  records = measure(config, workdir, stacks, halves, make, test_ds, mean, std)
+  means) for the study in `workdir`; returns the figure paths. Runs in `exclude` (run ids:
+  diverged models) are left out, and so are the models paired with such a base."""
+  records = measure(config, workdir, stacks, halves, make, test_ds, mean, std, exclude)
   results.atomic_write_json(workdir.file('figures', DATA_FILE),
                             {'layers': list(layer_names), 'records': records})
   return draw(records, list(layer_names), config.conditions, config.depths,
@@ -34,7 +36,7 @@ def write(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], halves
 
 
 def measure(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], halves, make: Callable,
-            test_ds, mean, std) -> list[dict]:
+            test_ds, mean, std, exclude: AbstractSet[tuple] = frozenset()) -> list[dict]:
   """One record per model and row of the figure: its run's identity, the row label and the
   per-layer CKA with its target half's base net."""
   per_class = max(1, config.cka_images // len(halves[0][1]))
@@ -44,21 +46,25 @@ def measure(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], halv
       idx = splits_lib.class_indices(test_ds.labels, classes)
       idx = np.concatenate([idx[test_ds.labels[idx] == c][:per_class] for c in classes])
       features[(s, t)] = np.asarray(data.normalize(test_ds.images[idx], mean, std))
-  nets = workdir.members(stacks)
+  nets = {
+      run: v
+      for run, v in workdir.members(stacks).items()
+      if results.run_id(plan_lib.run_fields(run)) not in exclude
+  }
   base = conditions.BASE.name
   records, compared = [], set()
   record = lambda run, label, values: records.append(
       {**plan_lib.run_fields(run), 'row': label, 'cka': [float(v) for v in values]})
   for run, variables in sorted(nets.items(), key=lambda item: _sort_key(item[0])):
-    if run.condition == base:
+    base_of = lambda half: nets.get(Run(run.split, half, base, 0, run.seed))
+    if run.condition == base or base_of(run.target) is None:
       continue
-    base_of = lambda half: nets[Run(run.split, half, base, 0, run.seed)]
     model = make(len(plan_lib.half_classes(halves, run.split, run.target)))
     images = features[(run.split, run.target)]
     reference = cka.layer_features(model, base_of(run.target), images)
     other = 'A' if run.target == 'B' else 'B'
-    if (run.split, run.target, run.seed) not in compared:  # once per (split, target, seed)
-      compared.add((run.split, run.target, run.seed))
+    if (run.split, run.target, run.seed) not in compared and base_of(other) is not None:
+      compared.add((run.split, run.target, run.seed))  # once per (split, target, seed)
       other_model = make(len(plan_lib.half_classes(halves, run.split, other)))
       record(Run(run.split, run.target, base, 0, run.seed), OTHER_BASE,
              cka.per_layer_cka(cka.layer_features(other_model, base_of(other), images), reference))
@@ -76,6 +82,8 @@ def draw(records: Sequence[dict], layer_names: Sequence[str], condition_names: S
     rows.setdefault(r['row'], []).append(r['cka'])
   order = [OTHER_BASE] + [f'{c} n={d}' for c in condition_names for d in depths]
   labels = [label for label in order if label in rows]
+  if not labels:
+    return []
   matrix = np.stack([np.mean(rows[label], axis=0) for label in labels])
   return plots.heatmap(matrix, labels, list(layer_names), stem,
                        title='Linear CKA with the target half\'s base net, per layer',

@@ -6,6 +6,7 @@ analysis (`similarity`) each live in their own module; this one puts them togeth
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -21,19 +22,32 @@ from jaxtransfer import plan as plan_lib
 from jaxtransfer import splits as splits_lib
 from jaxtransfer.plan import Run, Stack, StudyConfig
 from jaxtransfer.progress import Progress
-from jaxtransfer.workdir import Workdir
+from jaxtransfer.workdir import Corrupt, Workdir
 
 
 def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
         manual_dir: str | None = None, cache_dir: str | None = None,
         progress: Progress | None = None, mesh=None,
-        feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB) -> str:
+        feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB, wait_for_lock: bool = False,
+        retrain_corrupt: bool = False) -> str:
   """The whole study: data, plan, training (resumable), results, figures, report.md.
 
+  The workdir is locked for the whole run (`wait_for_lock`: wait for another run holding it,
+  instead of refusing). Every finished stack's rows and checkpoint are verified before anything
+  is written; `retrain_corrupt` retrains the stacks that fail, instead of refusing.
   `feature_budget_mb` bounds the memory of precomputed frozen prefixes (see `features`)."""
   config = plan_lib.validate(config)
   progress = progress or Progress(None)
-  workdir.check(config)
+  with workdir.lock(wait_for_lock, on_wait=progress.log):
+    workdir.check(config)
+    workdir.remove_leftovers()
+    return _run_locked(config, workdir, data_dir=data_dir, manual_dir=manual_dir,
+                       cache_dir=cache_dir, progress=progress, mesh=mesh,
+                       feature_budget_mb=feature_budget_mb, retrain_corrupt=retrain_corrupt)
+
+
+def _run_locked(config: StudyConfig, workdir: Workdir, *, data_dir, manual_dir, cache_dir,
+                progress: Progress, mesh, feature_budget_mb: int, retrain_corrupt: bool) -> str:
   load = lambda split: data_lib.load(split, dataset=config.dataset, image_folder=config.image_folder
                                      or None, data_dir=data_dir, manual_dir=manual_dir, cache_dir=
                                      cache_dir)
@@ -50,34 +64,45 @@ def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
   mean, std = data_lib.channel_stats(train_ds.images)
   device_data = train.to_device(train_ds, test_ds, mean, std)
   rows = train_stacks(config, workdir, make, device_data, train_ds.labels, test_ds.labels, halves,
-                      stacks, progress=progress, mesh=mesh, feature_budget_mb=feature_budget_mb)
+                      stacks, progress=progress, mesh=mesh, feature_budget_mb=feature_budget_mb,
+                      retrain_corrupt=retrain_corrupt)
   results.write(workdir.path, rows)
   paths = plots.write_all(rows, workdir.path)
+  diverged = [r for r in rows if r['diverged']]
   if config.cka_images:
     from jaxtransfer import similarity  # only when asked
     paths += similarity.write(config, workdir, stacks, halves, make, layer_names, test_ds, mean,
-                              std)
+                              std, exclude={results.run_id(r) for r in diverged})
   figures = [os.path.relpath(p, workdir.path) for p in paths]
   path = workdir.file('report.md')
   results.atomic_write_text(
       path, report.render(rows, config.to_json(), figures, class_names=train_ds.class_names))
+  if diverged:
+    logging.warning(
+        '%d of %d models diverged (non-finite loss or weights), e.g. %s: results.csv flags them '
+        '(diverged=True); report.md lists them and leaves them out of its tables, figures and '
+        'claims', len(diverged), len(rows), results.describe(results.run_id(diverged[0])))
   return path
 
 
 def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], Any],
                  data: train.DeviceData, train_labels: np.ndarray, test_labels: np.ndarray,
                  halves: Sequence[splits_lib.Split], stacks: list[Stack], *, progress: Progress,
-                 mesh=None, feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB) -> list[dict]:
-  """Train every unfinished stack in order; return all rows (finished ones read back).
+                 mesh=None, feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB,
+                 retrain_corrupt: bool = False) -> list[dict]:
+  """Train every unfinished stack in order; return all rows (finished ones read back, after
+  every one was verified).
 
   A stack whose frozen prefix is a fixed function of the image (`features.applicable`) trains
   on the prefix's output, computed once, when it fits in `feature_budget_mb` (0: never)."""
   per_class = config.train_per_class or None
   tconfig = config.train_config()
+  done = _finished(workdir, stacks, plan_lib.expected_rows(config, plan_lib.runs(config), halves),
+                   retrain_corrupt, progress)
   progress.plan(sum(len(s.runs) for s in stacks) * config.epochs)
   all_rows, bases = [], None
   for i, stack in enumerate(stacks):
-    rows = workdir.rows(stack)
+    rows = done[stack.name]
     label = f'[{i + 1}/{len(stacks)} {stack.name} K={len(stack.runs)}]'
     if rows is not None:
       progress.skip(len(stack.runs) * config.epochs)
@@ -108,10 +133,11 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
 
       result = train.train_stack(model, stack.structure, tconfig, data, members, mesh=mesh,
                                  on_epoch=on_epoch, features=features)
+      finite = _finite_members(result.variables)
       rows = [
           _row(config, halves, r, stack.structure, result.test_accuracy[j],
-               result.train_accuracy[j], result.train_loss[j], result.seconds / len(stack.runs))
-          for j, r in enumerate(stack.runs)
+               result.train_accuracy[j], result.train_loss[j], result.seconds / len(stack.runs),
+               finite[j]) for j, r in enumerate(stack.runs)
       ]
       saved = time.perf_counter()
       workdir.save(stack, result.variables, rows)
@@ -124,22 +150,44 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
   return all_rows
 
 
+def _finished(workdir: Workdir, stacks: Sequence[Stack], expected: dict, retrain_corrupt: bool,
+              progress: Progress) -> dict[str, list[dict] | None]:
+  """Each stack's verified rows, or None to train it; before anything is written or trained, so
+  that a bad file stops the run with nothing changed (or, with `retrain_corrupt`, is retrained)."""
+  done = {}
+  for stack in stacks:
+    try:
+      done[stack.name] = workdir.finished(stack, expected)
+    except Corrupt as e:
+      if not retrain_corrupt:
+        raise
+      progress.log(f'retraining {stack.name}: {e.problem}')
+      workdir.discard(stack)
+      done[stack.name] = None
+  return done
+
+
+def _finite_members(variables) -> np.ndarray:
+  """[K] bool: whether every floating-point variable of member k is finite."""
+  leaves = [np.asarray(x) for x in jax.tree.leaves(variables)]
+  finite = np.ones(len(leaves[0]), bool)
+  for x in leaves:
+    if np.issubdtype(x.dtype, np.floating):
+      finite &= np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+  return finite
+
+
 def _row(config: StudyConfig, halves, run: Run, structure: train.Structure, test_acc, train_acc,
-         loss, seconds) -> dict:
-  a, b = halves[run.split]
+         loss, seconds, finite: bool) -> dict:
   return {
-      **plan_lib.run_fields(run),
-      'classes_A': ' '.join(map(str, a)),
-      'classes_B': ' '.join(map(str, b)),
-      'source': run.source,
-      'frozen': run.frozen,
+      **plan_lib.planned_row(config, run, halves),
       'batchnorm': structure.batchnorm,
-      'epochs': config.epochs,
       'test_accuracy': float(test_acc),
       'train_accuracy': float(train_acc),
       'final_loss': float(loss),
       'wall_seconds': round(float(seconds), 3),
       'config_hash': config.hash(),
+      'diverged': results.is_diverged(float(loss), bool(finite)),
   }
 
 

@@ -2,6 +2,7 @@
 times), the one generator of fake image folders, and the driver's command line in-process."""
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +100,19 @@ def finished(image_folder, tmp_path_factory):
   return workdir
 
 
+def copy_study(finished: str, workdir) -> str:
+  """A copy of the `finished` study (and its array cache) at `workdir`, free to damage."""
+  workdir = str(workdir)
+  shutil.copytree(finished, workdir)
+  shutil.copytree(finished + '-cache', workdir + '-cache')
+  return workdir
+
+
+def snapshot(workdir: str, names=('results.csv', 'report.md', 'study.json')) -> dict:
+  """The bytes of a workdir's derived files: a refused run must leave them as they were."""
+  return {name: open(os.path.join(workdir, name), 'rb').read() for name in names}
+
+
 # Result rows of a made-up study: 3 splits x 2 targets, base and BnB at n = 1, with BnB paired
 # 0.05 (target B) or 0.06 (target A) below its base net.
 def row(split, target, condition, depth, acc, seed=0):
@@ -106,7 +120,7 @@ def row(split, target, condition, depth, acc, seed=0):
       'split': split, 'classes_A': '0 1', 'classes_B': '2 3', 'source': '', 'target': target,
       'condition': condition, 'depth': depth, 'frozen': condition == 'BnB', 'batchnorm': 'update',
       'seed': seed, 'epochs': 1, 'test_accuracy': acc, 'train_accuracy': 0.5, 'final_loss': 0.25,
-      'wall_seconds': 1.5, 'config_hash': 'abc'
+      'wall_seconds': 1.5, 'config_hash': 'abc', 'diverged': False
   }
 
 

@@ -1,7 +1,9 @@
 """Campaigns: pooling a study's shards, and sweeps over a flag."""
 
+import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -67,15 +69,96 @@ def test_pooled_shards_equal_the_whole_study(finished, tmp_path):
   proc = pool(f'--out={finished}', one, two)
   assert proc.returncode == 2
   assert proc.stderr == f'error: {finished} holds a study; pool into a new directory\n'
-  for shards, message in (([one, one], 'split 1 is in both'), ([one, finished], 'split 1 is in'),
+  for shards, message in (([one, one], 'given twice'), ([one, finished], 'split 1 is in'),
                           ([one, str(tmp_path / 'none')], 'not a finished study')):
     with pytest.raises(ValueError, match=message):
       campaigns.pool(shards, out)
   meta = json.load(open(os.path.join(two, 'study.json')))
-  meta['config']['epochs'] = 3
+  meta['config']['epochs'] = 3  # a shard of another study: its flags and its rows say so
   results.atomic_write_json(os.path.join(two, 'study.json'), meta)
+  results.write(two,
+                [dict(r, epochs=3) for r in results.read_csv(os.path.join(two, 'results.csv'))])
   with pytest.raises(ValueError, match=r'not a shard of the same study .*\(epochs: 1 vs 3\)'):
     campaigns.pool([one, two], out)
+
+
+def _edit_csv(path, edit):
+  """Rewrite a results.csv through `edit(header, rows) -> (header, rows)` of raw strings."""
+  with open(path, newline='') as f:
+    records = list(csv.reader(f))
+  header, rows = edit(records[0], records[1:])
+  with open(path, 'w', newline='') as f:
+    csv.writer(f, lineterminator='\n').writerows([header, *rows])
+
+
+def _set_column(name, value):
+  return lambda header, rows: (
+      header, [[value if h == name else v for h, v in zip(header, rows[0])], *rows[1:]])
+
+
+@pytest.mark.parametrize('damage, file, message', [
+    (lambda h, rows: (h, []), 'results.csv', 'no result rows'),
+    (lambda h, rows: (h, rows[1:]), 'results.csv', '1 planned run(s) missing'),
+    ('foreign', 'results.csv', "not in the study's plan, e.g. split=0"),
+    (_set_column('epochs', '3'), 'results.csv', "has epochs 3, the study's plan says 1"),
+    (_set_column('classes_A', '0 1'), 'results.csv', "has classes_A '0 1'"),
+    (_set_column('depth', 'x'), 'results.csv', "line 2: column depth is 'x', expected int"),
+    (lambda h, rows: ([c for c in h if c != 'depth'], [r[:6] + r[7:] for r in rows]), 'results.csv',
+     'missing column(s) depth'),
+    ('binary', 'results.csv', 'is not a readable CSV file'),
+    ('garbage', 'study.json', 'is not valid JSON'),
+])
+def test_pool_refuses_incomplete_or_foreign_shards(finished, tmp_path, damage, file, message):
+  one, two, out = (str(tmp_path / n) for n in ('one', 'two', 'out'))
+  _shard(finished, one, 1)
+  _shard(finished, two, 0)
+  path = os.path.join(one, file)
+  if damage == 'foreign':  # the other shard's rows
+    open(path, 'w').write(open(os.path.join(two, file)).read())
+  elif damage == 'binary':
+    open(path, 'wb').write(b'\xff\xfe\x00garbage')
+  elif damage == 'garbage':
+    open(path, 'w').write('garbage')
+  else:
+    _edit_csv(path, damage)
+  with pytest.raises(ValueError, match=re.escape(path) + '.*' + re.escape(message)):
+    campaigns.pool([one, two], out)
+  assert not os.path.exists(out)
+
+
+def test_pool_refuses_duplicates_and_an_out_inside_a_shard(finished, tmp_path):
+  one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+  _shard(finished, one, 1)
+  _shard(finished, two, 0)
+  os.symlink(one, tmp_path / 'link')
+  with pytest.raises(ValueError, match=f'{tmp_path}/link is given twice \\(as {one}\\)'):
+    campaigns.pool([one, two, str(tmp_path / 'link')], str(tmp_path / 'out'))
+  for out in (os.path.join(one, 'pooled'), two):
+    with pytest.raises(ValueError, match='is inside the shard'):
+      campaigns.pool([one, two], out)
+  assert sorted(os.listdir(one)) == ['results.csv', 'results.json', 'study.json']
+  os.remove(os.path.join(two, 'results.csv'))
+  open(os.path.join(two, 'results.csv'), 'w').write(','.join(results.FIELDS) + '\n')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.pool', f'--out={tmp_path / "out"}', one, two], cwd=ROOT,
+      capture_output=True, text=True)
+  assert proc.returncode == 2
+  assert proc.stderr == f'error: {two}/results.csv: no result rows\n'
+
+
+def test_published_shards_pool_into_the_published_study(tmp_path):
+  """The published folders (results.csv from before the `diverged` column, study.json from
+  before later config fields) still read, validate against their plans and pool."""
+  published = os.path.join(ROOT, 'results', 'cifar10')
+  shards = [os.path.join(published, s) for s in ('seed-1split-update', 'seed-split1-update')]
+  campaigns.pool(shards, str(tmp_path / 'out'))
+  key = lambda r: results.run_id(r)
+  pooled = sorted(results.read_csv(str(tmp_path / 'out' / 'results.csv')), key=key)
+  assert pooled == sorted(
+      results.read_csv(os.path.join(published, 'seed-2split-update', 'results.csv')), key=key)
+  assert len(pooled) == 100 and not any(r['diverged'] for r in pooled)
+  for folder in os.listdir(published):
+    assert results.read_csv(os.path.join(published, folder, 'results.csv'))
 
 
 @pytest.fixture(scope='module')

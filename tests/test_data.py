@@ -47,6 +47,15 @@ def test_second_load_comes_from_cache(tree, tmp_path, monkeypatch):
   assert second.labels.dtype == np.int32 and second.images.dtype == np.uint8
 
 
+def test_cache_defaults_to_the_users_cache_not_the_data_dir(tree, tmp_path, monkeypatch):
+  """As --cache_dir's help says: a data_dir may be a shared or read-only dataset folder."""
+  root, _ = tree
+  monkeypatch.setattr(data, 'DEFAULT_CACHE_DIR', str(tmp_path / 'home-cache'))
+  data.load('train', image_folder=str(root), data_dir=str(tmp_path / 'tfds'))
+  assert len(_cache_files(tmp_path / 'home-cache')) == 1
+  assert not (tmp_path / 'tfds').exists()
+
+
 def test_cache_invalidated_when_a_file_changes(tree, tmp_path):
   root, _ = tree
   cache = str(tmp_path / 'cache')

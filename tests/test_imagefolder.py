@@ -119,6 +119,17 @@ def test_unreadable_image(tree):
   assert_one_line_naming(excinfo, bad)
 
 
+def test_dangling_symlink_is_refused(tree):
+  """Skipping it would train on fewer images than the folder claims, without a word."""
+  root, _ = tree
+  link = root / 'test' / 'bee' / '0009.png'
+  os.symlink(root / 'gone.png', link)
+  with pytest.raises(
+      imagefolder.DataError, match=f'image {link} is a symbolic link to '
+      f'{root}/gone.png, which does not exist'):
+    imagefolder.scan_image_folder(root)
+
+
 def test_wrongly_sized_image(tree):
   root, _ = tree
   bad = root / 'train' / 'bee' / '0001.png'

@@ -1,8 +1,10 @@
 """report.md's tables, and experiments/compare.py's side-by-side table."""
 
+import os
+
 import pytest
 
-from jaxtransfer import results
+from jaxtransfer import report, results
 from tests.conftest import ROWS
 
 
@@ -21,3 +23,41 @@ def test_relative_table_pairs_each_column_with_its_own_base_nets(tmp_path):
   assert 'base nets (two): A 0.900 ± 0.248 (n=3), B 0.900 ± 0.248 (n=3)' in text
   with pytest.raises(FileNotFoundError, match='results.csv'):
     compare.table([(str(tmp_path / 'missing'), '')])
+
+
+def test_compare_refuses_what_it_cannot_pair(tmp_path, capsys):
+  from experiments import compare
+  one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+  results.write(one, ROWS)
+  results.write(two, ROWS)
+  for studies, message in (
+      ([(one, ''), (one, 'again')], f'{one} is given twice'),
+      ([(one, ''), (two, '')], f'{two} and {one} would both label their columns'),
+  ):
+    with pytest.raises(ValueError, match=message):
+      compare.table(studies)
+  results.write(two, [r for r in ROWS if not (r['condition'] == 'base' and r['split'] == 0)])
+  with pytest.raises(ValueError, match=f'{two}/results.csv: no base net row for split 0, target '):
+    compare.table([(one, ''), (two, 'two')])
+  open(os.path.join(two, 'results.csv'), 'w').write('split,depth\n0,x\n')
+  with pytest.raises(SystemExit) as exit_:
+    compare.main(['compare', one, f'{two}=two'])
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err == (f'error: {two}/results.csv: missing column(s) classes_A, '
+                                     'classes_B, source, target, condition, frozen, batchnorm, '
+                                     'seed, epochs, test_accuracy, train_accuracy, final_loss, '
+                                     'wall_seconds, config_hash\n')
+
+
+def test_diverged_rows_are_left_out_and_listed():
+  rows = ROWS + [dict(ROWS[-1], depth=2, test_accuracy=0.9, final_loss=float('nan'), diverged=True)]
+  text = report.render(rows, {'epochs': 1})
+  assert '13 trained models (1 diverged, left out)' in text
+  assert '## Diverged models (left out)' in text
+  assert '- split=2 target=B condition=BnB depth=2 seed=0: final loss nan' in text
+  assert report.table(ROWS) in text and '| 2 |' not in text
+  # A diverged base net takes its pairs out of the relative tables, without an error.
+  pairs = results.paired_to_base(results.usable([dict(ROWS[0], diverged=True)] + ROWS[1:]), 'BnB',
+                                 1)
+  assert len(pairs) == 5
+  assert report.render([dict(r, diverged=True) for r in ROWS], {}).count('nothing to tabulate')

@@ -1,6 +1,7 @@
 """Result rows: CSV round trip, confidence intervals, paired differences, atomic writes."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -45,3 +46,27 @@ def test_csv_round_trip_and_atomic_write(tmp_path):
       1 / 0
   assert results.read_csv(str(tmp_path / 'results.csv')) == ROWS  # the old file survives
   assert sorted(os.listdir(tmp_path)) == ['results.csv', 'results.json']
+
+
+def test_rows_from_before_the_diverged_column_read_back(tmp_path):
+  """Published results.csv files have no `diverged` column: it follows from the loss."""
+  old = [dict(r) for r in ROWS]
+  old[1]['final_loss'] = float('nan')
+  text = results.to_csv(old).replace(',diverged', '').replace(',False\n', '\n')
+  (tmp_path / 'results.csv').write_text(text)
+  back = results.read_csv(str(tmp_path / 'results.csv'))
+  assert [r['diverged'] for r in back] == [i == 1 for i in range(len(ROWS))]
+
+
+@pytest.mark.parametrize('change, message', [
+    ({'split': True}, 'column split is True, expected int'),
+    ({'depth': 1.0}, 'column depth is 1.0, expected int'),
+    ({'frozen': 'yes'}, "column frozen is 'yes', expected bool"),
+    ({'test_accuracy': None}, 'missing column(s) test_accuracy'),
+    ({'target': 'C'}, "unknown run (target 'C'"),
+    ({'test_accuracy': 1.5}, 'values out of range in split=0 target=A'),
+])
+def test_every_column_is_typed(change, message):
+  with pytest.raises(results.RowsError, match=re.escape(f'rows.json row 0: {message}')):
+    results.typed_row(dict(ROWS[0], **change), 'rows.json row 0')
+  assert results.typed_row(dict(ROWS[0], test_accuracy=1), 'x')['test_accuracy'] == 1.0

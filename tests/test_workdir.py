@@ -1,6 +1,18 @@
-"""The workdir: the per-epoch metrics file survives a kill mid-line."""
+"""The workdir: the per-epoch metrics file survives a kill mid-line; one run at a time holds it;
+a failed save loses nothing."""
 
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxtransfer import plan, results
+from jaxtransfer import workdir as workdir_lib
 from jaxtransfer.workdir import Workdir
+from tests.conftest import ROOT, copy_study, run_cli, tiny_args
 
 
 def test_metrics_lines_survive_a_killed_writer(tmp_path):
@@ -18,3 +30,87 @@ def test_metrics_lines_survive_a_killed_writer(tmp_path):
   assert records == {('a', 1): 1.5, ('b', 1): 3.0, ('a', 2): 1.0}
   lines = open(workdir.file('metrics.jsonl')).read().split('\n')
   assert lines[2] == '{"run": "a", "epoch": 2, "lo' and len(lines) == 6 and lines[-1] == ''
+
+
+# A second process holding a workdir's lock for argv[2] seconds.
+HOLDER = r'''
+import sys, time
+from jaxtransfer.workdir import Workdir
+with Workdir(sys.argv[1]).lock():
+  print('locked', flush=True)
+  time.sleep(float(sys.argv[2]))
+'''
+
+
+def hold(workdir, seconds: float) -> subprocess.Popen:
+  proc = subprocess.Popen([sys.executable, '-c', HOLDER,
+                           str(workdir), str(seconds)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  assert proc.stdout.readline() == 'locked\n'
+  return proc
+
+
+def test_a_second_run_is_refused_at_once_and_a_killed_holder_frees_the_workdir(
+    image_folder, tmp_path, capsys):
+  workdir = tmp_path / 'wd'
+  holder = hold(workdir, 600)
+  try:
+    assert run_cli(*tiny_args(image_folder, workdir)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: workdir {workdir} is in use by pid {holder.pid} on '
+                          f'{socket.gethostname()} since ') and err.count('\n') == 1, err
+    assert '--wait_for_lock' in err
+    assert os.listdir(workdir) == ['lock']  # the holder's; nothing else was touched
+    with pytest.raises(workdir_lib.Busy, match=f'pid {holder.pid}'):
+      with Workdir(str(workdir)).lock():
+        pass
+  finally:
+    holder.kill()  # SIGKILL: no cleanup runs in the holder
+    holder.wait()
+  assert os.path.exists(workdir / 'lock')  # stale: the kernel released its lock
+  with Workdir(str(workdir)).lock():
+    assert open(workdir / 'lock').read().startswith(f'pid {os.getpid()} on ')
+  assert not os.path.exists(workdir / 'lock')
+
+
+def test_waiting_for_the_lock_then_resuming_and_cleaning_leftovers(finished, image_folder,
+                                                                   tmp_path):
+  workdir = copy_study(finished, tmp_path / 'wd')
+  # Partial checkpoints of killed runs: orbax's temporary folder and ours.
+  leftovers = [
+      os.path.join(workdir, 'checkpoints', name)
+      for name in ('base-k2.orbax-checkpoint-tmp-1700000000', '.tmp-frozen-graft-n1-k2')
+  ]
+  for path in leftovers:
+    os.makedirs(path)
+  holder = hold(workdir, 3)
+  assert run_cli(*tiny_args(image_folder, workdir, '--wait_for_lock')) == 0
+  assert holder.wait() == 0
+  assert not any(os.path.exists(p) for p in leftovers)
+  rows = lambda d: [{k: v
+                     for k, v in r.items()
+                     if k != 'wall_seconds'}
+                    for r in results.read_csv(os.path.join(d, 'results.csv'))]
+  assert rows(workdir) == rows(finished)
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp
+  workdir = Workdir(str(tmp_path))
+  stack = plan.Stack('s', None, (plan.Run(0, 'A', 'base', 0, 0),))
+  first = {'params': {'w': np.arange(6, dtype=np.float32).reshape(1, 6)}}
+  second = {'params': {'w': np.ones((1, 6), np.float32)}}
+  workdir.save(stack, first, [])
+  np.testing.assert_array_equal(workdir.restore(stack)['params']['w'], first['params']['w'])
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+  with monkeypatch.context() as patch:
+    patch.setattr(ocp.PyTreeCheckpointer, 'save', full_disk)
+    with pytest.raises(workdir_lib.StateError,
+                       match=r'cannot save checkpoint .*/checkpoints/s: .*No space left'):
+      workdir.save(stack, second, [])
+  np.testing.assert_array_equal(workdir.restore(stack)['params']['w'], first['params']['w'])
+  workdir.save(stack, second, [])
+  np.testing.assert_array_equal(workdir.restore(stack)['params']['w'], second['params']['w'])
+  assert os.listdir(workdir.file('checkpoints')) == ['s']

@@ -34,6 +34,7 @@ from jaxtransfer.data import normalize
 PyTree = Any
 MODEL_AXIS = 'models'
 OPTIMIZERS = ('adam', 'sgd')
+MEMBER_MAPS = ('auto', 'map', 'vmap')  # how members run inside a device: see _over_members
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +213,41 @@ def default_member_map() -> str:
   return 'map' if jax.default_backend() == 'cpu' else 'vmap'
 
 
+def resolve_member_map(member_map: str | None) -> str:
+  """'auto' (or None) -> this platform's default; 'map' and 'vmap' as they are."""
+  if member_map in (None, 'auto'):
+    return default_member_map()
+  if member_map not in MEMBER_MAPS:
+    raise ValueError(f'unknown member map {member_map!r}: expected one of {", ".join(MEMBER_MAPS)}')
+  return member_map
+
+
+class StackFunctions(NamedTuple):
+  """A stack's three programs, each jit(shard_map(member map)) over the mesh's model axis."""
+
+  init: Callable  # (init_keys, sources, data) -> TrainState
+  epoch: Callable  # (state, shuffle_keys, train_idx, label_map, data) -> (state, [K, 2] metrics)
+  evaluate: Callable  # (state, test_idx, label_map, data) -> [K] test accuracy
+
+
+def stack_functions(trainer: Trainer, mesh: Mesh, member_map: str) -> StackFunctions:
+  """What `train_stack` runs, built without any data: member arguments split over `mesh`'s
+  model axis, data replicated. So they can also be lowered from shapes alone, for any platform
+  (`jax.export`), or timed on a few batches (the dry run's probe)."""
+  def compile_(fn, n_member_args):
+    in_specs = (P(MODEL_AXIS),) * n_member_args + (P(),)
+    return jax.jit(
+        jax.shard_map(_over_members(fn, member_map), mesh=mesh, in_specs=in_specs,
+                      out_specs=P(MODEL_AXIS)))
+
+  def init_fn(key, source, data):
+    del data
+    return trainer.init(key, source)
+
+  return StackFunctions(compile_(init_fn, 2), compile_(trainer.epoch, 4),
+                        compile_(trainer.evaluate, 3))
+
+
 def _pad_members(tree: PyTree, k_padded: int) -> PyTree:
   """Repeat the last member so that K divides evenly over devices; results are cut back to K."""
   def pad(x):
@@ -249,11 +285,13 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   """Initialise, graft, train for `config.epochs` and evaluate a stack of K members.
 
   `mesh`: a 1-D mesh with axis `MODEL_AXIS` (default: all local devices; with several
-  processes under `jax.distributed`, all global devices). `on_epoch(epoch, metrics)` gets the
-  [K, 2] (mean loss, running accuracy) of every finished epoch.
+  processes under `jax.distributed`, all global devices). `member_map`: one of MEMBER_MAPS,
+  how members run inside a device ('auto'/None: `default_member_map()`; results agree up to
+  float noise). `on_epoch(epoch, metrics)` gets the [K, 2] (mean loss, running accuracy) of
+  every finished epoch.
   """
   start = time.perf_counter()
-  member_map = member_map or default_member_map()
+  member_map = resolve_member_map(member_map)
   mesh = mesh or jax.make_mesh((jax.device_count(),), (MODEL_AXIS,))
   k = members.init_keys.shape[0]
   k_padded = -(-k // mesh.size) * mesh.size
@@ -261,31 +299,19 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   example = jnp.zeros((1,) + data.train_images.shape[1:], jnp.float32)
   trainer = Trainer(model, structure, config, example)
 
+  fns = stack_functions(trainer, mesh, member_map)
   sharded, replicated = NamedSharding(mesh, P(MODEL_AXIS)), NamedSharding(mesh, P())
-
-  def compile_(fn, n_member_args):
-    """jit(shard_map(map over members)): member args split over devices, data replicated."""
-    in_specs = (P(MODEL_AXIS),) * n_member_args + (P(),)
-    return jax.jit(
-        jax.shard_map(_over_members(fn, member_map), mesh=mesh, in_specs=in_specs,
-                      out_specs=P(MODEL_AXIS)))
-
-  def init_fn(key, source, data):
-    del data
-    return trainer.init(key, source)
-
   members = _to_global(members, sharded)
   data = _to_global(data, replicated)
-  state = compile_(init_fn, 2)(members.init_keys, members.sources, data)
-  epoch_fn = compile_(trainer.epoch, 4)
+  state = fns.init(members.init_keys, members.sources, data)
   metrics = np.zeros((k, 2), np.float32)
   for epoch in range(config.epochs):
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(members.shuffle_keys, epoch)
-    state, epoch_metrics = epoch_fn(state, keys, members.train_idx, members.label_map, data)
+    state, epoch_metrics = fns.epoch(state, keys, members.train_idx, members.label_map, data)
     metrics = _to_host(epoch_metrics)[:k]
     if on_epoch is not None:
       on_epoch(epoch, metrics)
-  test_acc = compile_(trainer.evaluate, 3)(state, members.test_idx, members.label_map, data)
+  test_acc = fns.evaluate(state, members.test_idx, members.label_map, data)
   variables = jax.tree.map(lambda x: _to_host(x)[:k], state.variables())
   return StackResult(variables, metrics[:, 1], metrics[:, 0],
                      _to_host(test_acc)[:k],

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtransfer import data as data_lib
-from jaxtransfer import models, plots, report, results, train, transfer
+from jaxtransfer import estimate, flops, models, plots, report, results, train, transfer
 from jaxtransfer import plan as plan_lib
 from jaxtransfer import splits as splits_lib
 from jaxtransfer.plan import Run, Stack, StudyConfig
@@ -24,28 +24,26 @@ from jaxtransfer.workdir import Workdir
 
 def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
         manual_dir: str | None = None, cache_dir: str | None = None,
-        progress: Progress | None = None, mesh=None) -> str:
-  """The whole study: data, plan, training (resumable), results, figures, report.md."""
+        progress: Progress | None = None, mesh=None, member_map: str | None = None) -> str:
+  """The whole study: data, plan, training (resumable), results, figures, report.md.
+
+  `member_map` (`train.MEMBER_MAPS`; default 'auto', the platform's) says how members run
+  inside a device; it is not part of the study: results agree up to float noise."""
   config = plan_lib.validate(config)
+  member_map = train.resolve_member_map(member_map)
   progress = progress or Progress(None)
   workdir.check(config)
-  load = lambda split: data_lib.load(split, dataset=config.dataset, image_folder=config.image_folder
-                                     or None, data_dir=data_dir, manual_dir=manual_dir, cache_dir=
-                                     cache_dir)
-  train_ds, test_ds = load('train'), load('test')
-  halves = plan_lib.make_halves(config, train_ds.class_names)
-  make = lambda k: models.make_model(config.model, k, config.widths)
-  example = np.zeros((1,) + train_ds.images.shape[1:], np.float32)
-  layer_names = transfer.layer_order(make(2), example, train=False)
-  stacks = plan_lib.plan(config, layer_names, halves)
+  train_ds, test_ds = _load(config, data_dir, manual_dir, cache_dir)
+  halves, make, layer_names, stacks = _plan(config, train_ds)
   workdir.claim(config, train_ds.class_names)
   progress.log(f'study {config.hash()}: {sum(len(s.runs) for s in stacks)} models in '
                f'{len(stacks)} stacks, {len(train_ds)} train / {len(test_ds)} test images, '
-               f'{jax.device_count()} {jax.default_backend()} device(s)')
+               f'{jax.device_count()} {jax.default_backend()} device(s), members under '
+               f'{member_map}')
   mean, std = data_lib.channel_stats(train_ds.images)
   device_data = train.to_device(train_ds, test_ds, mean, std)
   rows = train_stacks(config, workdir, make, device_data, train_ds.labels, test_ds.labels, halves,
-                      stacks, progress=progress, mesh=mesh)
+                      stacks, progress=progress, mesh=mesh, member_map=member_map)
   results.write(workdir.path, rows)
   paths = plots.write_all(rows, workdir.path)
   if config.cka_images:
@@ -59,18 +57,36 @@ def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
   return path
 
 
+def _load(config: StudyConfig, data_dir, manual_dir, cache_dir):
+  """(train, test) `ArrayDataset`s of the study's data (through the decoded-array cache)."""
+  load = lambda split: data_lib.load(split, dataset=config.dataset, image_folder=config.image_folder
+                                     or None, data_dir=data_dir, manual_dir=manual_dir, cache_dir=
+                                     cache_dir)
+  return load('train'), load('test')
+
+
+def _plan(config: StudyConfig, train_ds):
+  """(halves, model maker by class count, layer names, stacks) of a study on `train_ds`."""
+  halves = plan_lib.make_halves(config, train_ds.class_names)
+  make = lambda k: models.make_model(config.model, k, config.widths)
+  example = np.zeros((1,) + train_ds.images.shape[1:], np.float32)
+  layer_names = transfer.layer_order(make(2), example, train=False)
+  return halves, make, layer_names, plan_lib.plan(config, layer_names, halves)
+
+
 def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], Any],
                  data: train.DeviceData, train_labels: np.ndarray, test_labels: np.ndarray,
                  halves: Sequence[splits_lib.Split], stacks: list[Stack], *, progress: Progress,
-                 mesh=None) -> list[dict]:
+                 mesh=None, member_map: str | None = None) -> list[dict]:
   """Train every unfinished stack in order; return all rows (finished ones read back)."""
   per_class = config.train_per_class or None
   tconfig = config.train_config()
+  member_map = train.resolve_member_map(member_map)
   progress.plan(sum(len(s.runs) for s in stacks) * config.epochs)
   all_rows, bases = [], None
   for i, stack in enumerate(stacks):
     rows = workdir.rows(stack)
-    label = f'[{i + 1}/{len(stacks)} {stack.name} K={len(stack.runs)}]'
+    label = f'[{i + 1}/{len(stacks)} {stack.name} K={len(stack.runs)} {member_map}]'
     if rows is not None:
       progress.skip(len(stack.runs) * config.epochs)
       progress.log(f'{label} done, skipped')
@@ -91,7 +107,7 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
         } for r, m in zip(stack.runs, metrics)])
 
       result = train.train_stack(make(len(classes[0])), stack.structure, tconfig, data, members,
-                                 mesh=mesh, on_epoch=on_epoch)
+                                 mesh=mesh, member_map=member_map, on_epoch=on_epoch)
       rows = [
           _row(config, halves, r, stack.structure, result.test_accuracy[j],
                result.train_accuracy[j], result.train_loss[j], result.seconds / len(stack.runs))
@@ -102,6 +118,68 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
         bases = None  # re-read with the new stack included
     all_rows.extend(rows)
   return all_rows
+
+
+def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, data_dir: str | None = None,
+            manual_dir: str | None = None, cache_dir: str | None = None, mesh=None,
+            member_map: str | None = None) -> str:
+  """The plan and what it will cost here (`estimate`), as text: nothing is trained or written.
+
+  The data is loaded (class names, halves and sizes come from it) and a small stack is trained
+  for a few seconds (`estimate.probe`). A `workdir` is only read: a study with other flags is
+  refused as a run would, and its finished stacks are left out of the estimate."""
+  config = plan_lib.validate(config)
+  member_map = train.resolve_member_map(member_map)
+  if workdir is not None:
+    workdir.check(config)
+  train_ds, test_ds = _load(config, data_dir, manual_dir, cache_dir)
+  studies = plan_lib.sweep_studies(config) if config.sweep else [('', config)]
+  planned = [(folder, sub, *_plan(sub, train_ds)) for folder, sub in studies]
+  mesh = mesh or jax.make_mesh((jax.device_count(),), (train.MODEL_AXIS,))
+
+  def sizes(sub: StudyConfig, halves, run: Run) -> tuple[int, int, int]:
+    """(classes, train images, test images) of a member of the run's target half."""
+    classes = plan_lib.half_classes(halves, run.split, run.target)
+    return (len(classes),
+            len(splits_lib.class_indices(train_ds.labels, classes, sub.train_per_class or None)),
+            len(splits_lib.class_indices(test_ds.labels, classes)))
+
+  # The probe: the first study's largest stack, in the base structure (every layer trained).
+  _, sub, halves, make, _, stacks = planned[0]
+  largest = max(stacks, key=lambda s: len(s.runs))
+  k, model_epoch, _ = sizes(sub, halves, largest.runs[0])
+  mean, std = data_lib.channel_stats(train_ds.images)
+  probe = estimate.probe(make(k), sub.train_config(), train.to_device(train_ds, test_ds, mean, std),
+                         k=mesh.size if member_map == 'map' else len(largest.runs),
+                         n_train=model_epoch, mesh=mesh, member_map=member_map)
+  lines = [
+      f'dry run of study {config.hash()}: nothing trained, nothing written',
+      f'data: {len(train_ds):,} train / {len(test_ds):,} test images, '
+      f'{len(train_ds.class_names)} classes; {mesh.size} {jax.default_backend()} device(s), '
+      f'members under {member_map}'
+  ]
+  macs, total, n_models = {}, 0.0, 0
+  for folder, sub, halves, make, _, stacks in planned:
+    sub_workdir = Workdir(workdir.file(folder)) if workdir is not None and folder else workdir
+    costs = []
+    for stack in stacks:
+      k, n_train, n_test = sizes(sub, halves, stack.runs[0])
+      if k not in macs:
+        macs[k] = flops.layer_macs(make(k), train_ds.images.shape[1:])
+      costs.append(
+          estimate.stack_cost(stack.name, len(stack.runs), len(stack.structure.frozen_layers),
+                              macs[k], epochs=sub.epochs, train_images=n_train, test_images=n_test,
+                              probe_=probe, done=sub_workdir is not None and
+                              sub_workdir.rows(stack) is not None))
+    if folder:
+      lines.append(f'sweep study {folder}:')
+    lines += estimate.render_stacks(costs, sub.epochs)
+    total += estimate.total_seconds(costs)
+    n_models += sum(c.k for c in costs)
+  lines += estimate.render_probe(probe, model_epoch)
+  lines.append(f'estimate: {estimate.duration(total)} for {n_models} models on this backend '
+               f'({mesh.size} {jax.default_backend()} device(s), members under {member_map})')
+  return '\n'.join(lines)
 
 
 def _row(config: StudyConfig, halves, run: Run, structure: train.Structure, test_acc, train_acc,

@@ -7,11 +7,15 @@ Adam. Variants (K members, member map, frozen prefix depth) are compiled first, 
 interleaved rounds; each figure is the best of the rounds (the median is printed too).
 
 Per variant: images/s, seconds per 25,000-image model-epoch, GFLOP/s against the analytic
-count of `flops_per_image` (~15.06 MFLOP for FinalNet (8, 16, 32) fine-tuning all layers), and
-the speed-up over one model at a time (K=1) of the same structure.
+count of `jaxtransfer.flops` (~15.06 MFLOP for FinalNet (8, 16, 32) fine-tuning all layers), the
+speed-up over one model at a time (K=1) of the same structure, and on a GPU/TPU whose
+`device_kind` is in PEAK_TFLOPS, the fraction of its peak FLOP/s.
 
   python benchmarks/throughput.py --quick   # < 60 s: K=1 vs stacked K=2, 4 ('map')
   python benchmarks/throughput.py           # minutes: K=1, 2, 4, 8 x map/vmap, frozen 2, 4, 6
+
+On a GPU or TPU the same commands time K=1 against map and vmap at K = 10, 20, 40 (quick:
+vmap at K = 20), 6,400 images per member per timed epoch, frozen variants under vmap.
   python benchmarks/throughput.py --baseline --ks=2 --maps=map --frozen=  # + stock flax conv
   python benchmarks/throughput.py --env='' --env='XLA_FLAGS=--xla_cpu_multi_thread_eigen=false'
 
@@ -19,7 +23,7 @@ The last line is `stacked_s_per_model_epoch=<float>`: the fastest stacked settin
 the headline configuration (fine-tuning all layers). With --env, each setting runs in its own
 child process (XLA flags and device counts are per process), alternating, --env_rounds times.
 
-Method: by default the trainer's internals (`Trainer`, `_over_members`), exactly as
+Method: by default the trainer's internals (`Trainer`, `stack_functions`), exactly as
 `train_stack` compiles them; if they are missing or their signatures changed, it falls back to
 timing whole `train_stack` calls (consecutive epochs, via `on_epoch` timestamps; the first epoch,
 which compiles, is dropped), where variants cannot be interleaved.
@@ -31,6 +35,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -43,14 +48,18 @@ MODEL_EPOCH = 25_000  # images in one model-epoch (half of CIFAR-10's training s
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--quick', action='store_true', help='< 60 s: few variants, small epochs')
-  p.add_argument('--n_per_member', type=int, default=None,
-                 help='training images per member per timed epoch (default 1280; quick 640)')
-  p.add_argument('--ks', default=None, help='stacked K values (default 2,4,8; quick 2,4)')
-  p.add_argument('--maps', default=None, help="member maps (default map,vmap; quick map)")
+  p.add_argument(
+      '--n_per_member', type=int, default=None,
+      help='training images per member per timed epoch (default 1280; quick 640; '
+      'GPU/TPU 6400)')
+  p.add_argument('--ks', default=None,
+                 help='stacked K values (default 2,4,8; quick 2,4; GPU/TPU 10,20,40; quick 20)')
+  p.add_argument('--maps', default=None,
+                 help="member maps (default map,vmap; quick map; GPU/TPU quick vmap)")
   p.add_argument(
       '--frozen', default=None,
       help='frozen prefix depths n (graft + freeze conv1..conv_n) (default 2,4,6; '
-      'quick none); timed at K=1 and at the largest K with map')
+      "quick none); timed at K=1 and at the largest K with the platform's member map")
   p.add_argument('--rounds', type=int, default=None, help='interleaved timing rounds (default 3)')
   p.add_argument('--widths', default='8,16,32')
   p.add_argument('--num_classes', type=int, default=5)
@@ -67,14 +76,21 @@ def parse_args(argv=None):
   p.add_argument('--env_rounds', type=int, default=2)
   p.add_argument('--json', action='store_true', help=argparse.SUPPRESS)  # child output
   args = p.parse_args(argv)
-  quick = args.quick
-  args.n_per_member = args.n_per_member or (640 if quick else 1280)
-  args.ks = _ints(args.ks if args.ks is not None else ('2,4' if quick else '2,4,8'))
-  args.maps = [m for m in (args.maps or ('map' if quick else 'map,vmap')).split(',') if m]
-  args.frozen = _ints(args.frozen if args.frozen is not None else ('' if quick else '2,4,6'))
   args.rounds = args.rounds or 3
   args.widths = tuple(_ints(args.widths))
   return args
+
+
+def resolve_defaults(args, backend: str) -> None:
+  """The per-platform defaults of the options left unset (after JAX picked its backend)."""
+  quick, cpu = args.quick, backend == 'cpu'
+  args.n_per_member = args.n_per_member or (640 if quick else 1280 if cpu else 6400)
+  ks = ('2,4' if quick else '2,4,8') if cpu else ('20' if quick else '10,20,40')
+  args.ks = _ints(args.ks if args.ks is not None else ks)
+  maps = ('map' if quick else 'map,vmap') if cpu else ('vmap' if quick else 'map,vmap')
+  args.maps = [m for m in (args.maps or maps).split(',') if m]
+  args.frozen = _ints(args.frozen if args.frozen is not None else ('' if quick else '2,4,6'))
+  args.frozen_map = 'map' if cpu else 'vmap'
 
 
 def _ints(text: str) -> list[int]:
@@ -84,22 +100,36 @@ def _ints(text: str) -> list[int]:
 # ----------------------------------------------------------------------------- FLOP count
 
 
-def layer_macs(widths=(8, 16, 32), num_classes=5, size=32, channels=3) -> list[int]:
-  """Multiply-accumulates per image of each FinalNet layer (conv1..conv6, head), forward."""
-  macs, h, cin = [], size, channels
-  for w in widths:
-    macs += [h * h * 9 * cin * w, h * h * 9 * w * w]
-    cin, h = w, h // 2
-  return macs + [h * h * cin * num_classes]
-
-
+@functools.lru_cache(maxsize=None)
 def flops_per_image(widths=(8, 16, 32), num_classes=5, frozen=0) -> int:
-  """Training FLOPs per image: forward 2*MACs for every layer; weight gradients (2*MACs) for the
-  trainable layers; input gradients (2*MACs) for the trainable layers except the first of them
-  (the first layer of the net, or the first after a frozen prefix, needs none).
-  BatchNorm, ReLU, pooling and the optimiser are not counted."""
-  macs = layer_macs(widths, num_classes)
-  return 2 * sum(macs) + 2 * sum(macs[frozen:]) + 2 * sum(macs[frozen + 1:])
+  """Training FLOPs per image of FinalNet, a frozen prefix pruned (see `jaxtransfer.flops`)."""
+  from jaxtransfer import flops, models
+  macs = flops.layer_macs(models.FinalNet(num_classes, tuple(widths)))
+  return flops.training_flops_per_image(macs, frozen)
+
+
+# Dense peak TFLOP/s by `device_kind` prefix: (fp32 on the vector units, the unit XLA uses for
+# fp32 convolutions at JAX's default precision). NVIDIA Ampere and later run fp32 convolutions
+# as TF32 on tensor cores by default; TPUs as bf16 passes on the MXU. Vendor datasheets, no
+# sparsity; a GPU not listed (or any CPU) gets no fraction of peak.
+PEAK_TFLOPS = {
+    'NVIDIA H100 PCIe': (51.2, 378.0),  # TF32
+    'NVIDIA H100': (66.9, 494.7),  # SXM; TF32
+    'NVIDIA H200': (66.9, 494.7),  # TF32
+    'NVIDIA A100': (19.5, 156.0),  # TF32
+    'NVIDIA L4': (30.3, 60.0),  # TF32
+    'Tesla V100': (15.7, 15.7),  # no TF32: fp32
+    'TPU v4': (275.0, 275.0),  # bf16 passes
+    'TPU v5 lite': (197.0, 197.0),  # v5e, bf16
+    'TPU v5': (459.0, 459.0),  # v5p, bf16
+    'TPU v6 lite': (918.0, 918.0),  # v6e, bf16
+}
+
+
+def peak_tflops(device_kind: str) -> tuple[float, float] | None:
+  """(fp32, default-precision) dense peak of the first PEAK_TFLOPS entry `device_kind` starts
+  with (the table lists the more specific kinds first)."""
+  return next((v for k, v in PEAK_TFLOPS.items() if device_kind.startswith(k)), None)
 
 
 # ----------------------------------------------------------------------------- variants
@@ -130,7 +160,8 @@ def make_variants(args, n_devices: int) -> list[Variant]:
   if args.frozen:
     k_big = max(args.ks, default=1)
     for n in args.frozen:
-      vs += [Variant(1, frozen=n)] + ([Variant(k_big, frozen=n)] if k_big > 1 else [])
+      vs += [Variant(1, frozen=n)
+            ] + ([Variant(k_big, args.frozen_map, frozen=n)] if k_big > 1 else [])
   if args.baseline:
     vs += [Variant(1, block='flax')] + [Variant(k, 'map', block='flax') for k in args.ks[:1]]
   if n_devices > 1:
@@ -202,9 +233,11 @@ def _member_inputs(k: int, n: int, n_images: int, seed: int = 1):
 
 
 def _compile_fast(fn, *args):
-  """jit at LLVM -O1: initialisation code (random numbers) compiles ~5x faster, same values."""
+  """jit at LLVM -O1 on CPU: initialisation code (random numbers) compiles ~5x faster, same
+  values (other backends: their defaults)."""
   import jax
-  return jax.jit(fn).lower(*args).compile({'xla_backend_optimization_level': 1})(*args)
+  options = {'xla_backend_optimization_level': 1} if jax.default_backend() == 'cpu' else {}
+  return jax.jit(fn).lower(*args).compile(options)(*args)
 
 
 # ----------------------------------------------------------------------------- internal method
@@ -216,7 +249,7 @@ class InternalRunner:
     from jaxtransfer import train
     self.args, self.data, self.n_images = args, data, n_images
     self.trainer_cls = getattr(train, 'Trainer', None) or getattr(train, '_Trainer')
-    self.over_members = train._over_members
+    self.stack_functions = train.stack_functions
     self.axis = train.MODEL_AXIS
     self.config = train.TrainConfig(batch_size=args.batch_size)
     self._init_cache = {}
@@ -251,10 +284,7 @@ class InternalRunner:
     keys = jax.random.split(jax.random.key(2), v.k)
     train_idx, label_map = _member_inputs(v.k, self.args.n_per_member, self.n_images)
     mesh = Mesh(np.array(jax.devices()[:v.devices]), (self.axis,))
-    mapped = self.over_members(trainer.epoch, v.member_map)
-    fn = jax.jit(
-        jax.shard_map(mapped, mesh=mesh, in_specs=(P(self.axis),) * 4 + (P(),),
-                      out_specs=P(self.axis)))
+    fn = self.stack_functions(trainer, mesh, v.member_map).epoch
     member_args = jax.device_put((state, keys, train_idx, label_map),
                                  NamedSharding(mesh, P(self.axis)))
     data = jax.device_put(self.data, NamedSharding(mesh, P()))
@@ -325,7 +355,8 @@ class ApiRunner:
 # ----------------------------------------------------------------------------- report
 
 
-def summarize(args, variants, times):
+def summarize(args, variants, times, peak_tflops: float | None = None):
+  """Rows of the table; `peak_tflops`: the device's peak, for a fraction of it (else NaN)."""
   import numpy as np
   rows = []
   for v in variants:
@@ -337,7 +368,8 @@ def summarize(args, variants, times):
         dict(variant=v.name, k=v.k, member_map=v.member_map, frozen=v.frozen, block=v.block,
              devices=v.devices, img_s=ips, img_s_median=imgs / med,
              s_per_model_epoch=MODEL_EPOCH / ips, gflop_s=ips * flops / 1e9,
-             mflop_per_image=flops / 1e6))
+             mflop_per_image=flops / 1e6,
+             peak_fraction=ips * flops / 1e12 / peak_tflops if peak_tflops else float('nan')))
   for r in rows:  # speed-up over K=1 of the same structure and block
     base = [
         b for b in rows if b['k'] == 1 and b['frozen'] == r['frozen'] and b['block'] == r['block']
@@ -347,14 +379,16 @@ def summarize(args, variants, times):
 
 
 def print_table(rows, title=''):
+  """The table; a '% of peak' column only where the device's peak is known (not on CPU)."""
   if title:
     print(title)
+  peak = any(not math.isnan(r.get('peak_fraction', math.nan)) for r in rows)
   print(f"  {'variant':32s} {'img/s':>7s} {'(median)':>8s} {'s/model-epoch':>13s} "
-        f"{'MFLOP/img':>9s} {'GFLOP/s':>7s} {'vs K=1':>6s}")
+        f"{'MFLOP/img':>9s} {'GFLOP/s':>7s} {'vs K=1':>6s}" + (f" {'% peak':>7s}" if peak else ''))
   for r in rows:
     print(f"  {r['variant']:32s} {r['img_s']:7.0f} {r['img_s_median']:8.0f} "
           f"{r['s_per_model_epoch']:13.2f} {r['mflop_per_image']:9.2f} {r['gflop_s']:7.1f} "
-          f"{r['vs_k1']:6.2f}")
+          f"{r['vs_k1']:6.2f}" + (f" {100 * r['peak_fraction']:7.3f}" if peak else ''))
 
 
 def headline(rows) -> float:
@@ -368,14 +402,21 @@ def run_here(args) -> list[dict]:
   import jax
   if args.cpu_devices:
     jax.config.update('jax_num_cpu_devices', args.cpu_devices)
-  n_devices = jax.device_count() if jax.default_backend() == 'cpu' else 1
+  backend = jax.default_backend()
+  resolve_defaults(args, backend)
+  n_devices = jax.device_count() if backend == 'cpu' else 1
   variants = make_variants(args, n_devices)
-  n_images = max(4096, 2 * args.n_per_member) if args.quick else MODEL_EPOCH
+  n_images = max(4096, 2 * args.n_per_member) if args.quick else max(MODEL_EPOCH, args.n_per_member)
   data = make_data(n_images)
-  log(f'jax {jax.__version__} {jax.default_backend()} x{jax.device_count()}, '
+  kind = jax.devices()[0].device_kind
+  peak = peak_tflops(kind) if backend != 'cpu' else None
+  log(f'jax {jax.__version__} {backend} x{jax.device_count()} ({kind}), '
       f'FinalNet{args.widths} batch {args.batch_size} Adam, {args.n_per_member} images per '
       f'member per timed epoch, {args.rounds} rounds, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}'
      )
+  if peak:
+    log(f'  peak of a {kind}: {peak[0]:.1f} TFLOP/s fp32, {peak[1]:.1f} TFLOP/s at the default '
+        'precision of fp32 convolutions (TF32 / bf16 passes); "% peak" is of the latter')
   runner = None
   args.method_used = 'api'
   if args.method in ('auto', 'internal'):
@@ -391,7 +432,7 @@ def run_here(args) -> list[dict]:
       runner = None
   if runner is None:
     times, _ = ApiRunner(args, data, n_images).measure(variants, log)
-  return summarize(args, variants, times)
+  return summarize(args, variants, times, peak[1] if peak else None)
 
 
 def run_envs(args, argv) -> list[dict]:

@@ -16,7 +16,7 @@ import tempfile
 
 from absl import app, flags, logging
 
-from jaxtransfer import campaigns, features, plan, study, workdir as workdir_lib
+from jaxtransfer import campaigns, data, features, plan, study, train, workdir as workdir_lib
 from jaxtransfer.progress import Progress
 from jaxtransfer.workdir import Workdir
 
@@ -68,6 +68,14 @@ flags.DEFINE_integer(
     'of frozen prefixes under --frozen_batchnorm=fixed, computed once per stack '
     'instead of at every step (same results, faster); a stack needing more '
     'trains the plain way. 0: never.')
+flags.DEFINE_bool(
+    'dry_run', False, 'Print the plan (stacks, models, model-epochs, training FLOPs) and '
+    'an estimate of its wall time on this backend from a probe of a few seconds; '
+    'trains nothing and writes nothing.')
+flags.DEFINE_enum(
+    'member_map', 'auto', list(train.MEMBER_MAPS), 'How a stack\'s members run on a '
+    'device: vmap (one batched kernel; the accelerators\' default), map (in turn; '
+    'CPU\'s default) or auto. Not part of the study: results agree up to float noise.')
 flags.DEFINE_integer(
     'cpu_devices', min(os.cpu_count() or 1, 8), 'On the CPU backend, split '
     'the cores into this many JAX devices: a stack\'s members then train in '
@@ -108,6 +116,14 @@ def enable_compilation_cache() -> None:
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
+def set_cpu_devices() -> None:
+  import jax
+  try:
+    jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)  # before any device is touched
+  except RuntimeError:  # JAX already running in this process (e.g. called from a test)
+    pass
+
+
 def run(progress: Progress) -> str:
   """The whole study for the parsed flags; returns the report path."""
   config = config_from_flags()
@@ -115,19 +131,27 @@ def run(progress: Progress) -> str:
   workdir = Workdir(FLAGS.workdir)
   workdir.check(config)
   enable_compilation_cache()
-  import jax
-  try:
-    jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)  # before any device is touched
-  except RuntimeError:  # JAX already running in this process (e.g. called from a test)
-    pass
+  set_cpu_devices()
   if FLAGS.distributed:
+    import jax
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts; else unused
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   run_fn = campaigns.run_sweep if config.sweep else study.run
   return run_fn(config, workdir, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
-                cache_dir=FLAGS.cache_dir, progress=progress,
+                cache_dir=FLAGS.cache_dir, progress=progress, member_map=FLAGS.member_map,
                 feature_budget_mb=FLAGS.feature_budget_mb, wait_for_lock=FLAGS.wait_for_lock,
                 retrain_corrupt=FLAGS.retrain_corrupt)
+
+
+def dry_run() -> str:
+  """The plan and its estimate for the parsed flags. The workdir is only read (a study there
+  with other flags is refused, its finished stacks left out); the compilation cache stays off,
+  so the probe's compile times are those of a first run."""
+  config = config_from_flags()
+  set_cpu_devices()
+  return study.dry_run(config, Workdir(FLAGS.workdir), data_dir=FLAGS.data_dir,
+                       manual_dir=FLAGS.manual_dir, cache_dir=FLAGS.cache_dir,
+                       member_map=FLAGS.member_map)
 
 
 def main(argv):
@@ -136,6 +160,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   progress = Progress(None if FLAGS.quiet else sys.stderr)
   try:
+    if FLAGS.dry_run:
+      print(dry_run(), flush=True)
+      return
     report = run(progress)
   except (ValueError, OSError) as e:  # ConfigError, DataError, StateError, RowsError, ...
     print(f'error: {e}', file=sys.stderr)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import os
 from typing import Sequence
 
@@ -31,9 +31,8 @@ def _sweep_locked(config: StudyConfig, workdir: Workdir, param: str, values: Seq
                   progress: Progress, **kwargs) -> str:
   workdir.claim(config)
   rows_by_value = {}
-  for value in values:
-    sub_config = dataclasses.replace(config, sweep='', **{param: value})
-    sub = Workdir(workdir.file(f'{param}-{value}'))
+  for value, (folder, sub_config) in zip(values, plan_lib.sweep_studies(config)):
+    sub = Workdir(workdir.file(folder))
     sub.check(sub_config)
     progress.log(f'sweep {param}={value}')
     study.run(sub_config, sub, progress=progress, **kwargs)

@@ -197,6 +197,13 @@ def parse_sweep(sweep: str) -> tuple[str, tuple[int, ...]]:
 LEGACY_VALUES = {'layer_defaults': 'flax'}
 
 
+def sweep_studies(config: StudyConfig) -> list[tuple[str, StudyConfig]]:
+  """A sweep's sub-studies: (folder name in the sweep's workdir, config), one per value."""
+  param, values = parse_sweep(config.sweep)
+  return [(f'{param}-{value}', dataclasses.replace(config, sweep='', **{param: value}))
+          for value in values]
+
+
 def with_defaults(recorded: dict) -> dict:
   """A config as recorded in a study.json, with the fields added since at the values its study
   ran with (LEGACY_VALUES) or else at their defaults."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxtransfer import data as data_lib
 from jaxtransfer import features as features_lib
-from jaxtransfer import models, plots, report, results, train, transfer
+from jaxtransfer import estimate, flops, models, plots, report, results, train, transfer
 from jaxtransfer import plan as plan_lib
 from jaxtransfer import splits as splits_lib
 from jaxtransfer.plan import Run, Stack, StudyConfig
@@ -27,45 +27,43 @@ from jaxtransfer.workdir import Corrupt, Workdir
 
 def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
         manual_dir: str | None = None, cache_dir: str | None = None,
-        progress: Progress | None = None, mesh=None,
+        progress: Progress | None = None, mesh=None, member_map: str | None = None,
         feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB, wait_for_lock: bool = False,
         retrain_corrupt: bool = False) -> str:
   """The whole study: data, plan, training (resumable), results, figures, report.md.
 
-  The workdir is locked for the whole run (`wait_for_lock`: wait for another run holding it,
-  instead of refusing). Every finished stack's rows and checkpoint are verified before anything
-  is written; `retrain_corrupt` retrains the stacks that fail, instead of refusing.
-  `feature_budget_mb` bounds the memory of precomputed frozen prefixes (see `features`)."""
+  `member_map` (`train.MEMBER_MAPS`; default 'auto', the platform's) says how members run
+  inside a device; it is not part of the study: results agree up to float noise. The workdir is
+  locked for the whole run (`wait_for_lock`: wait for another run holding it, instead of
+  refusing). Every finished stack's rows and checkpoint are verified before anything is written;
+  `retrain_corrupt` retrains the stacks that fail, instead of refusing. `feature_budget_mb`
+  bounds the memory of precomputed frozen prefixes (see `features`)."""
   config = plan_lib.validate(config)
+  member_map = train.resolve_member_map(member_map)
   progress = progress or Progress(None)
   with workdir.lock(wait_for_lock, on_wait=progress.log):
     workdir.check(config)
     workdir.remove_leftovers()
     return _run_locked(config, workdir, data_dir=data_dir, manual_dir=manual_dir,
-                       cache_dir=cache_dir, progress=progress, mesh=mesh,
+                       cache_dir=cache_dir, progress=progress, mesh=mesh, member_map=member_map,
                        feature_budget_mb=feature_budget_mb, retrain_corrupt=retrain_corrupt)
 
 
 def _run_locked(config: StudyConfig, workdir: Workdir, *, data_dir, manual_dir, cache_dir,
-                progress: Progress, mesh, feature_budget_mb: int, retrain_corrupt: bool) -> str:
-  load = lambda split: data_lib.load(split, dataset=config.dataset, image_folder=config.image_folder
-                                     or None, data_dir=data_dir, manual_dir=manual_dir, cache_dir=
-                                     cache_dir)
-  train_ds, test_ds = load('train'), load('test')
-  halves = plan_lib.make_halves(config, train_ds.class_names)
-  make = lambda k: models.make_model(config.model, k, config.widths, config.layer_defaults)
-  example = np.zeros((1,) + train_ds.images.shape[1:], np.float32)
-  layer_names = transfer.layer_order(make(2), example, train=False)
-  stacks = plan_lib.plan(config, layer_names, halves)
+                progress: Progress, mesh, member_map: str, feature_budget_mb: int,
+                retrain_corrupt: bool) -> str:
+  train_ds, test_ds = _load(config, data_dir, manual_dir, cache_dir)
+  halves, make, layer_names, stacks = _plan(config, train_ds)
   workdir.claim(config, train_ds.class_names)
   progress.log(f'study {config.hash()}: {sum(len(s.runs) for s in stacks)} models in '
                f'{len(stacks)} stacks, {len(train_ds)} train / {len(test_ds)} test images, '
-               f'{jax.device_count()} {jax.default_backend()} device(s)')
+               f'{jax.device_count()} {jax.default_backend()} device(s), members under '
+               f'{member_map}')
   mean, std = data_lib.channel_stats(train_ds.images)
   device_data = train.to_device(train_ds, test_ds, mean, std)
   rows = train_stacks(config, workdir, make, device_data, train_ds.labels, test_ds.labels, halves,
-                      stacks, progress=progress, mesh=mesh, feature_budget_mb=feature_budget_mb,
-                      retrain_corrupt=retrain_corrupt)
+                      stacks, progress=progress, mesh=mesh, member_map=member_map,
+                      feature_budget_mb=feature_budget_mb, retrain_corrupt=retrain_corrupt)
   results.write(workdir.path, rows)
   paths = plots.write_all(rows, workdir.path)
   diverged = [r for r in rows if r['diverged']]
@@ -85,10 +83,28 @@ def _run_locked(config: StudyConfig, workdir: Workdir, *, data_dir, manual_dir, 
   return path
 
 
+def _load(config: StudyConfig, data_dir, manual_dir, cache_dir):
+  """(train, test) `ArrayDataset`s of the study's data (through the decoded-array cache)."""
+  load = lambda split: data_lib.load(split, dataset=config.dataset, image_folder=config.image_folder
+                                     or None, data_dir=data_dir, manual_dir=manual_dir, cache_dir=
+                                     cache_dir)
+  return load('train'), load('test')
+
+
+def _plan(config: StudyConfig, train_ds):
+  """(halves, model maker by class count, layer names, stacks) of a study on `train_ds`."""
+  halves = plan_lib.make_halves(config, train_ds.class_names)
+  make = lambda k: models.make_model(config.model, k, config.widths, config.layer_defaults)
+  example = np.zeros((1,) + train_ds.images.shape[1:], np.float32)
+  layer_names = transfer.layer_order(make(2), example, train=False)
+  return halves, make, layer_names, plan_lib.plan(config, layer_names, halves)
+
+
 def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], Any],
                  data: train.DeviceData, train_labels: np.ndarray, test_labels: np.ndarray,
                  halves: Sequence[splits_lib.Split], stacks: list[Stack], *, progress: Progress,
-                 mesh=None, feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB,
+                 mesh=None, member_map: str | None = None,
+                 feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB,
                  retrain_corrupt: bool = False) -> list[dict]:
   """Train every unfinished stack in order; return all rows (finished ones read back, after
   every one was verified).
@@ -97,13 +113,14 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
   on the prefix's output, computed once, when it fits in `feature_budget_mb` (0: never)."""
   per_class = config.train_per_class or None
   tconfig = config.train_config()
+  member_map = train.resolve_member_map(member_map)
   done = _finished(workdir, stacks, plan_lib.expected_rows(config, plan_lib.runs(config), halves),
                    retrain_corrupt, progress)
   progress.plan(sum(len(s.runs) for s in stacks) * config.epochs)
   all_rows, bases = [], None
   for i, stack in enumerate(stacks):
     rows = done[stack.name]
-    label = f'[{i + 1}/{len(stacks)} {stack.name} K={len(stack.runs)}]'
+    label = f'[{i + 1}/{len(stacks)} {stack.name} K={len(stack.runs)} {member_map}]'
     if rows is not None:
       progress.skip(len(stack.runs) * config.epochs)
       progress.log(f'{label} done, skipped')
@@ -132,7 +149,7 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
         } for r, m in zip(stack.runs, metrics)])
 
       result = train.train_stack(model, stack.structure, tconfig, data, members, mesh=mesh,
-                                 on_epoch=on_epoch, features=features)
+                                 member_map=member_map, on_epoch=on_epoch, features=features)
       finite = _finite_members(result.variables)
       rows = [
           _row(config, halves, r, stack.structure, result.test_accuracy[j],
@@ -175,6 +192,68 @@ def _finite_members(variables) -> np.ndarray:
     if np.issubdtype(x.dtype, np.floating):
       finite &= np.isfinite(x.reshape(len(x), -1)).all(axis=1)
   return finite
+
+
+def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, data_dir: str | None = None,
+            manual_dir: str | None = None, cache_dir: str | None = None, mesh=None,
+            member_map: str | None = None) -> str:
+  """The plan and what it will cost here (`estimate`), as text: nothing is trained or written.
+
+  The data is loaded (class names, halves and sizes come from it) and a small stack is trained
+  for a few seconds (`estimate.probe`). A `workdir` is only read: a study with other flags is
+  refused as a run would, and its finished stacks are left out of the estimate."""
+  config = plan_lib.validate(config)
+  member_map = train.resolve_member_map(member_map)
+  if workdir is not None:
+    workdir.check(config)
+  train_ds, test_ds = _load(config, data_dir, manual_dir, cache_dir)
+  studies = plan_lib.sweep_studies(config) if config.sweep else [('', config)]
+  planned = [(folder, sub, *_plan(sub, train_ds)) for folder, sub in studies]
+  mesh = mesh or jax.make_mesh((jax.device_count(),), (train.MODEL_AXIS,))
+
+  def sizes(sub: StudyConfig, halves, run: Run) -> tuple[int, int, int]:
+    """(classes, train images, test images) of a member of the run's target half."""
+    classes = plan_lib.half_classes(halves, run.split, run.target)
+    return (len(classes),
+            len(splits_lib.class_indices(train_ds.labels, classes, sub.train_per_class or None)),
+            len(splits_lib.class_indices(test_ds.labels, classes)))
+
+  # The probe: the first study's largest stack, in the base structure (every layer trained).
+  _, sub, halves, make, _, stacks = planned[0]
+  largest = max(stacks, key=lambda s: len(s.runs))
+  k, model_epoch, _ = sizes(sub, halves, largest.runs[0])
+  mean, std = data_lib.channel_stats(train_ds.images)
+  probe = estimate.probe(make(k), sub.train_config(), train.to_device(train_ds, test_ds, mean, std),
+                         k=mesh.size if member_map == 'map' else len(largest.runs),
+                         n_train=model_epoch, mesh=mesh, member_map=member_map)
+  lines = [
+      f'dry run of study {config.hash()}: nothing trained, nothing written',
+      f'data: {len(train_ds):,} train / {len(test_ds):,} test images, '
+      f'{len(train_ds.class_names)} classes; {mesh.size} {jax.default_backend()} device(s), '
+      f'members under {member_map}'
+  ]
+  macs, total, n_models = {}, 0.0, 0
+  for folder, sub, halves, make, _, stacks in planned:
+    sub_workdir = Workdir(workdir.file(folder)) if workdir is not None and folder else workdir
+    costs = []
+    for stack in stacks:
+      k, n_train, n_test = sizes(sub, halves, stack.runs[0])
+      if k not in macs:
+        macs[k] = flops.layer_macs(make(k), train_ds.images.shape[1:])
+      costs.append(
+          estimate.stack_cost(
+              stack.name, len(stack.runs), len(stack.structure.frozen_layers), macs[k],
+              epochs=sub.epochs, train_images=n_train, test_images=n_test, probe_=probe,
+              done=sub_workdir is not None and os.path.exists(sub_workdir.rows_file(stack))))
+    if folder:
+      lines.append(f'sweep study {folder}:')
+    lines += estimate.render_stacks(costs, sub.epochs)
+    total += estimate.total_seconds(costs)
+    n_models += sum(c.k for c in costs)
+  lines += estimate.render_probe(probe, model_epoch)
+  lines.append(f'estimate: {estimate.duration(total)} for {n_models} models on this backend '
+               f'({mesh.size} {jax.default_backend()} device(s), members under {member_map})')
+  return '\n'.join(lines)
 
 
 def _row(config: StudyConfig, halves, run: Run, structure: train.Structure, test_acc, train_acc,

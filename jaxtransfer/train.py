@@ -35,6 +35,7 @@ PyTree = Any
 MODEL_AXIS = 'models'
 OPTIMIZERS = ('adam', 'sgd')
 INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
+MEMBER_MAPS = ('auto', 'map', 'vmap')  # how members run inside a device: see _over_members
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +243,43 @@ def default_member_map() -> str:
   return 'map' if jax.default_backend() == 'cpu' else 'vmap'
 
 
+def resolve_member_map(member_map: str | None) -> str:
+  """'auto' (or None) -> this platform's default; 'map' and 'vmap' as they are."""
+  if member_map in (None, 'auto'):
+    return default_member_map()
+  if member_map not in MEMBER_MAPS:
+    raise ValueError(f'unknown member map {member_map!r}: expected one of {", ".join(MEMBER_MAPS)}')
+  return member_map
+
+
+class StackFunctions(NamedTuple):
+  """A stack's three programs, each jit(shard_map(member map)) over the mesh's model axis."""
+
+  init: Callable  # (init_keys, sources, data) -> TrainState
+  epoch: Callable  # (state, shuffle_keys, train_idx, label_map, data) -> (state, [K, 2] metrics)
+  evaluate: Callable  # (state, test_idx, label_map, data) -> [K] test accuracy
+
+
+def stack_functions(trainer: Trainer, mesh: Mesh, member_map: str,
+                    shared_data: bool = True) -> StackFunctions:
+  """What `train_stack` runs, built without any data: member arguments split over `mesh`'s
+  model axis, data (the last argument) replicated, or split too when it is per member
+  (precomputed features: not `shared_data`). So they can also be lowered from shapes alone, for
+  any platform (`jax.export`), or timed on a few batches (the dry run's probe)."""
+  def compile_(fn, n_member_args):
+    in_specs = (P(MODEL_AXIS),) * n_member_args + (P() if shared_data else P(MODEL_AXIS),)
+    return jax.jit(
+        jax.shard_map(_over_members(fn, member_map, shared_data), mesh=mesh, in_specs=in_specs,
+                      out_specs=P(MODEL_AXIS)))
+
+  def init_fn(key, source, data):
+    del data
+    return trainer.init(key, source)
+
+  return StackFunctions(compile_(init_fn, 2), compile_(trainer.epoch, 4),
+                        compile_(trainer.evaluate, 3))
+
+
 def _pad_members(tree: PyTree, k_padded: int) -> PyTree:
   """Repeat the last member so that K divides evenly over devices; results are cut back to K."""
   def pad(x):
@@ -280,14 +318,16 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   """Initialise, graft, train for `config.epochs` and evaluate a stack of K members.
 
   `mesh`: a 1-D mesh with axis `MODEL_AXIS` (default: all local devices; with several
-  processes under `jax.distributed`, all global devices). `on_epoch(epoch, metrics)` gets the
-  [K, 2] (mean loss, running accuracy) of every finished epoch. With `features`, steps and
-  evaluation read each member's precomputed prefix output instead of `data` (then used only for
-  the image shape), and `members` index into it.
+  processes under `jax.distributed`, all global devices). `member_map`: one of MEMBER_MAPS,
+  how members run inside a device ('auto'/None: `default_member_map()`; results agree up to
+  float noise). `on_epoch(epoch, metrics)` gets the [K, 2] (mean loss, running accuracy) of
+  every finished epoch. With `features`, steps and evaluation read each member's precomputed
+  prefix output instead of `data` (then used only for the image shape), and `members` index
+  into it.
   """
   start = time.perf_counter()
   timings = dict.fromkeys(('compile', 'init', 'train', 'evaluate'), 0.0)
-  member_map = member_map or default_member_map()
+  member_map = resolve_member_map(member_map)
   mesh = mesh or jax.make_mesh((jax.device_count(),), (MODEL_AXIS,))
   k = members.init_keys.shape[0]
   k_padded = -(-k // mesh.size) * mesh.size
@@ -295,17 +335,13 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   example = jnp.zeros((1,) + data.train_images.shape[1:], jnp.float32)
   trainer = Trainer(model, structure, config, example, features.start if features else 0)
 
+  fns = stack_functions(trainer, mesh, member_map, shared_data=features is None)
   sharded, replicated = NamedSharding(mesh, P(MODEL_AXIS)), NamedSharding(mesh, P())
   shared = features is None
   data = data if shared else _pad_members(features.data, k_padded)
 
-  def compile_(fn, *args, options=None):
-    """jit(shard_map(map over members)), compiled ahead of time for `args`: member args split
-    over devices, the data (last) replicated or, per member (`features`), split too."""
-    in_specs = (P(MODEL_AXIS),) * (len(args) - 1) + (P() if shared else P(MODEL_AXIS),)
-    jitted = jax.jit(
-        jax.shard_map(_over_members(fn, member_map, shared), mesh=mesh, in_specs=in_specs,
-                      out_specs=P(MODEL_AXIS)))
+  def compile_(jitted, *args, options=None):
+    """Compiled ahead of time for `args`, so that compilation is timed apart from running."""
     t = time.perf_counter()
     compiled = jitted.lower(*args).compile(options)
     timings['compile'] += time.perf_counter() - t
@@ -317,20 +353,15 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
     timings[phase] += time.perf_counter() - t
     return out
 
-  def init_fn(key, source, data):
-    del data
-    return trainer.init(key, source)
-
   members = _to_global(members, sharded)
   data = _to_global(data, replicated if shared else sharded)
   init_args = (members.init_keys, members.sources, data)
   # Initialisation is random-number code that XLA optimises slowly and runs once: compiled at
   # LLVM -O1 it takes a fifth of the time, with the same values.
-  state = timed('init', compile_(init_fn, *init_args, options=INIT_COMPILER_OPTIONS), *init_args)
+  state = timed('init', compile_(fns.init, *init_args, options=INIT_COMPILER_OPTIONS), *init_args)
   epoch_keys = lambda epoch: jax.vmap(jax.random.fold_in, in_axes=(0, None))(members.shuffle_keys,
                                                                              epoch)
-  epoch_fn = compile_(trainer.epoch, state, epoch_keys(0), members.train_idx, members.label_map,
-                      data)
+  epoch_fn = compile_(fns.epoch, state, epoch_keys(0), members.train_idx, members.label_map, data)
   metrics = np.zeros((k, 2), np.float32)
   for epoch in range(config.epochs):
     state, epoch_metrics = timed('train', epoch_fn, state, epoch_keys(epoch), members.train_idx,
@@ -339,7 +370,7 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
     if on_epoch is not None:
       on_epoch(epoch, metrics)
   eval_args = (state, members.test_idx, members.label_map, data)
-  test_acc = timed('evaluate', compile_(trainer.evaluate, *eval_args), *eval_args)
+  test_acc = timed('evaluate', compile_(fns.evaluate, *eval_args), *eval_args)
   variables = jax.tree.map(lambda x: _to_host(x)[:k], state.variables())
   return StackResult(variables, metrics[:, 1], metrics[:, 0],
                      _to_host(test_acc)[:k],

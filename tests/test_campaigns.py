@@ -136,7 +136,7 @@ def test_pool_refuses_duplicates_and_an_out_inside_a_shard(finished, tmp_path):
   for out in (os.path.join(one, 'pooled'), two):
     with pytest.raises(ValueError, match='is inside the shard'):
       campaigns.pool([one, two], out)
-  assert sorted(os.listdir(one)) == ['results.csv', 'results.json', 'study.json']
+  assert sorted(os.listdir(one)) == ['figures', 'results.csv', 'results.json', 'study.json']
   os.remove(os.path.join(two, 'results.csv'))
   open(os.path.join(two, 'results.csv'), 'w').write(','.join(results.FIELDS) + '\n')
   proc = subprocess.run(

@@ -1,4 +1,5 @@
-"""The stacked trainer: equivalence with separate runs, frozen layers, pruned backward, sharding."""
+"""The stacked trainer: equivalence with separate runs, frozen layers, pruned backward, sharding,
+and the accelerator path (members under `vmap`) against the CPU one (`lax.map`)."""
 
 import os
 import subprocess
@@ -10,20 +11,102 @@ import numpy as np
 import pytest
 
 from jaxtransfer import train
+from jaxtransfer.data import normalize
 from jaxtransfer.models import FinalNet
 from tests.conftest import CONFIG, DATA, HALVES, MODEL, NAMES, members, take, tiny_data
 
 
-def test_stack_equals_separate_runs(stacked):
+def take_result(result: train.StackResult, i: int) -> train.StackResult:
+  """Member i of a stack's result, as a stack of one."""
+  return result._replace(
+      variables=take(result.variables, i),
+      **{f: getattr(result, f)[i:i + 1] for f in ('train_accuracy', 'train_loss', 'test_accuracy')})
+
+
+def no_signal(path, frozen=()) -> bool:
+  """A conv bias right before a BatchNorm, or the running mean that tracks it (every conv of
+  FinalNet has one). BN subtracts the bias, so its gradient is float noise, which Adam turns
+  into steps of up to +-lr: two float orderings of the same step (map vs vmap, or any two
+  compilers) move these leaves differently. Frozen ones stay the source's."""
+  keys = tuple(k.key for k in path)
+  return keys[1] not in frozen and keys[-2:] in (('conv', 'bias'), ('bn', 'mean'))
+
+
+@jax.jit
+def eval_logits(variables):
+  """[K, test images, classes]: every member on all of DATA's test images, eval mode."""
+  images = normalize(DATA.test_images, DATA.mean, DATA.std)
+  return jax.vmap(lambda v: MODEL.apply(v, images, train=False))(variables)
+
+
+def recomputed_accuracy(variables, ms: train.Members) -> np.ndarray:
+  """Each member's test accuracy from its variables, outside the trainer."""
+  logits, labels = np.asarray(eval_logits(variables)), np.asarray(DATA.test_labels)
+  return np.array([
+      (logits[i][idx].argmax(-1) == lm[labels[idx]]).mean()
+      for i, (idx, lm) in enumerate(zip(np.asarray(ms.test_idx), np.asarray(ms.label_map)))
+  ])
+
+
+def assert_same_training(a: train.StackResult, b: train.StackResult, frozen=()):
+  """Two trainings of the same members, up to float noise: every leaf with a gradient signal,
+  the train-mode metrics, and the eval-mode function once the `no_signal` leaves are shared
+  (those change eval outputs only through the running mean's lag behind the bias)."""
+  shared = jax.tree_util.tree_map_with_path(lambda p, x, y: x if no_signal(p, frozen) else y,
+                                            a.variables, b.variables)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a.variables),
+                          jax.tree.leaves(b.variables)):
+    if not no_signal(path, frozen):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-4)
+  np.testing.assert_allclose(a.train_accuracy, b.train_accuracy, atol=1e-6)
+  np.testing.assert_allclose(eval_logits(shared), eval_logits(a.variables), atol=1e-4)
+
+
+@pytest.fixture(scope='module')
+def separate():
+  """Each member of `stacked` trained on its own (K = 1, one program compiled once)."""
   ms = members(HALVES)
-  for i in range(len(HALVES)):
-    single = train.train_stack(MODEL, train.Structure(), CONFIG, DATA, take(ms, i))
+  return [
+      train.train_stack(MODEL, train.Structure(), CONFIG, DATA, take(ms, i))
+      for i in range(len(HALVES))
+  ]
+
+
+@pytest.fixture(scope='module')
+def stacked_vmap():
+  return train.train_stack(MODEL, train.Structure(), CONFIG, DATA, members(HALVES),
+                           member_map='vmap')
+
+
+def test_stack_equals_separate_runs(stacked, separate):
+  for i, single in enumerate(separate):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b[0], rtol=1e-5, atol=1e-6),
                  stacked.variables, single.variables)
     np.testing.assert_allclose(stacked.test_accuracy[i], single.test_accuracy[0])
   # Members really differ (own data, keys): not K copies of one model.
   kernels = stacked.variables['params']['head']['dense']['kernel']
   assert not np.allclose(kernels[0], kernels[1])
+
+
+def test_vmapped_stack_equals_the_loop_and_separate_runs(stacked, stacked_vmap, separate):
+  """The accelerators' member map, run here on CPU: the same training as the loop over members
+  and as separate runs, and its own evaluation is right."""
+  assert_same_training(stacked_vmap, stacked)
+  for i, single in enumerate(separate):
+    assert_same_training(take_result(stacked_vmap, i), single)
+  np.testing.assert_allclose(stacked_vmap.test_accuracy,
+                             recomputed_accuracy(stacked_vmap.variables, members(HALVES)),
+                             atol=1e-6)
+  # The noise the comparison leaves out is real: these leaves did move apart.
+  bias = lambda r: r.variables['params']['conv1']['conv']['bias']
+  assert not np.allclose(bias(stacked_vmap), bias(stacked), atol=1e-5)
+
+
+def test_unknown_member_map_is_refused():
+  with pytest.raises(ValueError, match="unknown member map 'vamp': expected one of auto, map"):
+    train.train_stack(MODEL, train.Structure(), CONFIG, DATA, members(HALVES), member_map='vamp')
+  assert train.resolve_member_map('auto') == train.resolve_member_map(None) == 'map'  # on CPU
 
 
 def test_learns_and_reports_per_member_metrics(stacked, stacked_epochs):
@@ -62,21 +145,56 @@ def test_partial_last_batch_is_trained_on():
   assert int(count[0]) == 3  # Adam took 3 steps: ceil(40 / 16)
 
 
-@pytest.mark.parametrize('batchnorm', ['update', 'fixed'])
-def test_frozen_prefix_stays_the_source(stacked, batchnorm):
-  prefix = tuple(NAMES[:2])
-  sources = {c: {n: v[n] for n in prefix} for c, v in stacked.variables.items()}
-  structure = train.Structure(prefix, prefix, batchnorm)
-  cfg = train.TrainConfig(epochs=1, batch_size=16, optimizer='adam', weight_decay=0.1)
-  out = train.train_stack(MODEL, structure, cfg, DATA, members(HALVES, 7, sources))
-  for name in prefix:
-    jax.tree.map(np.testing.assert_array_equal, out.variables['params'][name],
-                 sources['params'][name])
-  moved = not np.array_equal(out.variables['batch_stats']['conv1']['bn']['mean'],
-                             sources['batch_stats']['conv1']['bn']['mean'])
-  assert moved == (batchnorm == 'update')
-  assert not np.array_equal(out.variables['params']['conv3']['conv']['kernel'],
-                            stacked.variables['params']['conv3']['conv']['kernel'])
+PREFIX = tuple(NAMES[:2])
+GRAFT_CONFIG = train.TrainConfig(epochs=1, batch_size=16, optimizer='adam', weight_decay=0.1)
+
+
+def grafted_members(stacked):
+  sources = {c: {n: v[n] for n in PREFIX} for c, v in stacked.variables.items()}
+  return members(HALVES, 7, sources)
+
+
+@pytest.fixture(scope='module', params=['update', 'fixed'])
+def frozen(request, stacked):
+  """(batchnorm policy, {member map: result}) of a stack grafted from `stacked` with conv1..2
+  frozen."""
+  structure = train.Structure(PREFIX, PREFIX, request.param)
+  return request.param, {
+      m: train.train_stack(MODEL, structure, GRAFT_CONFIG, DATA, grafted_members(stacked),
+                           member_map=m) for m in ('map', 'vmap')
+  }
+
+
+def test_frozen_prefix_stays_the_source(stacked, frozen):
+  batchnorm, outs = frozen
+  sources = grafted_members(stacked).sources
+  for member_map, out in outs.items():
+    for name in PREFIX:
+      jax.tree.map(np.testing.assert_array_equal, out.variables['params'][name],
+                   sources['params'][name])
+    moved = not np.array_equal(out.variables['batch_stats']['conv1']['bn']['mean'],
+                               sources['batch_stats']['conv1']['bn']['mean'])
+    assert moved == (batchnorm == 'update'), member_map
+    assert not np.array_equal(out.variables['params']['conv3']['conv']['kernel'],
+                              stacked.variables['params']['conv3']['conv']['kernel'])
+
+
+def test_vmapped_frozen_graft_equals_the_loop(frozen):
+  _, outs = frozen
+  assert_same_training(outs['vmap'], outs['map'], frozen=PREFIX)
+
+
+def test_vmapped_finetuned_graft_equals_the_loop(stacked):
+  """Grafted, nothing frozen (BnB+/AnB+): the same epoch program as the base stack's."""
+  structure = train.Structure(PREFIX, (), 'update')
+  outs = {
+      m: train.train_stack(MODEL, structure, CONFIG, DATA, grafted_members(stacked), member_map=m)
+      for m in ('map', 'vmap')
+  }
+  assert_same_training(outs['vmap'], outs['map'])
+  # Fine-tuned: the grafted layers trained on, away from their source.
+  assert not np.allclose(outs['vmap'].variables['params']['conv1']['conv']['kernel'],
+                         stacked.variables['params']['conv1']['conv']['kernel'])
 
 
 def step_flops(depth: int) -> float:
@@ -101,20 +219,25 @@ def test_frozen_prefix_skips_its_backward_pass():
 SHARDED = r'''
 import jax, numpy as np
 assert jax.device_count() == 4, jax.devices()
-from tests.conftest import MODEL, CONFIG, DATA, HALVES, members
+from tests.conftest import MODEL, CONFIG, DATA, members
+from tests.test_train import assert_same_training
 from jaxtransfer import train
-ms = members(HALVES)  # K=3: padded to 4 over 4 devices
+ms = members([(0, 1), (2, 3), (1, 3), (0, 2), (1, 2)])  # K=5: padded to 8, 2 per device
 one = jax.make_mesh((1,), (train.MODEL_AXIS,), devices=jax.devices()[:1])
 a = train.train_stack(MODEL, train.Structure(), CONFIG, DATA, ms)
 b = train.train_stack(MODEL, train.Structure(), CONFIG, DATA, ms, mesh=one)
 jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
              a.variables, b.variables)
 np.testing.assert_allclose(a.test_accuracy, b.test_accuracy)
-print('sharded ok', a.test_accuracy)
+c = train.train_stack(MODEL, train.Structure(), CONFIG, DATA, ms, member_map='vmap')
+assert c.test_accuracy.shape == (5,)
+assert_same_training(c, b)
+print('sharded ok', a.test_accuracy, c.test_accuracy)
 '''
 
 
 def test_sharded_over_four_devices_equals_one_device():
+  """K = 5 over 4 devices (padded): the loop and vmap, against the loop on one device."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, '-c', SHARDED], env=env, cwd=root, capture_output=True,

@@ -1,0 +1,179 @@
+"""What a study costs before it runs (`--dry_run`): stacks, models, model-epochs, training FLOPs
+and the wall time on this backend, from a probe of a few seconds on the trainer's own programs.
+
+The time model, printed with every estimate:
+
+  stack seconds = overhead
+                + epochs * slots * train images per member * train FLOPs/image * s_per_flop
+                + slots * test images per member * forward FLOPs/image * s_per_flop
+  slots = ceil(K / devices)
+
+* `s_per_flop`: the probe trains a base stack (every layer trained) with `train.train_stack`
+  itself on this backend for three short epochs (16 batches plus the real epoch's partial one),
+  and divides its faster steady-state epoch by its member-slots, images and training FLOPs.
+  Under 'map' (CPU) a device runs its members in turn, so the probe uses one member per device
+  and time grows with `slots`; under 'vmap' (accelerators) it uses the largest stack's K, and
+  smaller stacks are charged as if time grew linearly with K (an upper bound: a GPU is less
+  busy at small K).
+* Time is proportional to training FLOPs (`jaxtransfer.flops`: frozen layers pruned): a frozen
+  stack costs its share of the full net's FLOPs. Measured on CPU this holds to about 20% per
+  structure (benchmarks/README.md).
+* `overhead`: the probe stack's wall time less its epochs (compiling init, epoch and evaluate,
+  initialising, one evaluation batch, copying results back), charged to every stack (each stack
+  has its own structure, so its own programs; the dry run keeps the persistent compilation
+  cache off, so these are first-run compile times).
+* Not counted: checkpoint writes, results, figures, report and CKA at the end (about 20 s on 2
+  CPU cores in the smoke study).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxtransfer import flops, train
+
+PROBE_BATCHES = 16
+PROBE_EPOCHS = 3  # the first compiles; the faster of the other two counts
+
+
+class Probe(NamedTuple):
+  """What the probe measured on this backend."""
+
+  member_map: str
+  devices: int
+  members: int  # K of the probed stack (a multiple of `devices`)
+  images: int  # training images per member in the probed epoch
+  flops_per_image: int  # training FLOPs per image of the probed (base) structure
+  epoch_seconds: float  # the faster of the steady-state epochs
+  overhead: float  # the rest of the stack's wall time: compiling, initialising, evaluating
+
+  @property
+  def seconds_per_flop(self) -> float:
+    """Seconds per training FLOP of one member-slot (a device's members run in turn)."""
+    slots = self.members // self.devices
+    return self.epoch_seconds / (slots * self.images * self.flops_per_image)
+
+
+def probe(model, config: train.TrainConfig, data: train.DeviceData, *, k: int, n_train: int,
+          mesh: Mesh, member_map: str) -> Probe:
+  """Train a stack of `k` members (rounded up to the devices) of `model`, every layer trained,
+  with `train.train_stack` itself, for PROBE_EPOCHS short epochs: PROBE_BATCHES full batches
+  plus the partial batch of an `n_train`-image epoch, then one evaluation batch."""
+  devices = mesh.size
+  k = -(-k // devices) * devices
+  b = config.batch_size
+  images = min(n_train, PROBE_BATCHES * b + n_train % b)
+  num_classes = int(data.train_labels.max()) + 1
+  tile = lambda row: jnp.tile(row, (k, 1))
+  members = train.Members(
+      init_keys=jax.random.split(jax.random.key(0),
+                                 k), shuffle_keys=jax.random.split(jax.random.key(1), k),
+      train_idx=tile(jnp.arange(images, dtype=jnp.int32)), test_idx=tile(
+          jnp.arange(min(config.eval_batch_size, data.test_labels.shape[0]), dtype=jnp.int32)),
+      label_map=tile(jnp.arange(num_classes, dtype=jnp.int32) % model.num_classes))
+  stamps = []
+  start = time.perf_counter()
+  train.train_stack(model, train.Structure(), dataclasses.replace(config, epochs=PROBE_EPOCHS),
+                    data, members, mesh=mesh, member_map=member_map,
+                    on_epoch=lambda epoch, metrics: stamps.append(time.perf_counter()))
+  total = time.perf_counter() - start
+  epoch_seconds = min(b - a for a, b in zip(stamps, stamps[1:]))
+  macs = flops.layer_macs(model, data.train_images.shape[1:])
+  return Probe(member_map, devices, k, images, flops.training_flops_per_image(macs), epoch_seconds,
+               total - PROBE_EPOCHS * epoch_seconds)
+
+
+class StackCost(NamedTuple):
+  """One stack of the plan, with what it costs."""
+
+  name: str
+  k: int
+  trained_layers: int  # of `layers`: the rest are frozen
+  layers: int
+  train_images: int  # per member and epoch
+  test_images: int  # per member
+  train_flops_per_image: int
+  train_flops: float  # the whole stack, every epoch
+  eval_flops: float
+  seconds: float
+  done: bool  # finished in the workdir already: a run skips it, the estimate leaves it out
+
+
+def stack_cost(name: str, k: int, frozen: int, macs: Sequence[int], *, epochs: int,
+               train_images: int, test_images: int, probe_: Probe, done: bool) -> StackCost:
+  """A stack's FLOPs and estimated seconds (the time model above)."""
+  per_image = flops.training_flops_per_image(macs, frozen)
+  forward = flops.forward_flops_per_image(macs)
+  slots = math.ceil(k / probe_.devices)
+  seconds = probe_.overhead + probe_.seconds_per_flop * slots * (epochs * train_images * per_image +
+                                                                 test_images * forward)
+  return StackCost(name, k,
+                   len(macs) - frozen, len(macs), train_images, test_images, per_image,
+                   float(k) * epochs * train_images * per_image,
+                   float(k) * test_images * forward, seconds, done)
+
+
+def format_flops(x: float) -> str:
+  """3 significant digits in the largest fitting unit: '2.95 PFLOP', '40.1 MFLOP'."""
+  unit, scale = next(
+      ((u, s) for u, s in (('P', 1e15), ('T', 1e12), ('G', 1e9), ('M', 1e6)) if x >= s), ('', 1.0))
+  return f'{x / scale:.3g} {unit}FLOP'
+
+
+def duration(seconds: float) -> str:
+  if seconds < 120:
+    return f'{seconds:.0f} s'
+  return f'{seconds / 60:.1f} min' if seconds < 7200 else f'{seconds / 3600:.1f} h'
+
+
+def render_stacks(costs: Sequence[StackCost], epochs: int) -> list[str]:
+  """The plan's table and its totals."""
+  lines = [
+      f'  {"#":>3s}  {"stack":24s} {"K":>3s}  {"trained":>7s}  {"img/member":>10s}  '
+      f'{"MFLOP/img":>9s}  {"model-epochs":>12s}  {"training":>11s}  {"estimate":>9s}'
+  ]
+  for i, c in enumerate(costs):
+    lines.append(f'  {i + 1:3d}  {c.name:24s} {c.k:3d}  {c.trained_layers:3d} of {c.layers:<1d}  '
+                 f'{c.train_images:10,d}  {c.train_flops_per_image / 1e6:9.2f}  '
+                 f'{c.k * epochs:12,d}  {format_flops(c.train_flops):>11s}  '
+                 f'{"done" if c.done else duration(c.seconds):>9s}')
+  todo = [c for c in costs if not c.done]
+  lines.append(
+      f'  {sum(c.k for c in costs)} models in {len(costs)} stacks, '
+      f'{sum(c.k for c in costs) * epochs:,} model-epochs, '
+      f'{format_flops(sum(c.train_flops for c in costs))} training (frozen layers pruned) + '
+      f'{format_flops(sum(c.eval_flops for c in costs))} evaluation' +
+      (f'; {len(costs) - len(todo)} stacks done already' if len(todo) < len(costs) else ''))
+  return lines
+
+
+def render_probe(p: Probe, model_epoch_images: int) -> list[str]:
+  """What was measured, and the time model's terms."""
+  slots = p.members // p.devices
+  per_model_epoch = p.seconds_per_flop * model_epoch_images * p.flops_per_image
+  return [
+      f'probe (measured now on this backend): a base stack, K={p.members} over {p.devices} '
+      f'device(s) under {p.member_map} ({slots} per device), {p.images:,} images per member: '
+      f'{p.epoch_seconds:.2f} s per epoch -> {per_model_epoch:.2f} s per '
+      f'{model_epoch_images:,}-image model-epoch per device-slot '
+      f'({1 / p.seconds_per_flop / 1e9:.1f} GFLOP/s)',
+      f'overhead per stack: {p.overhead:.1f} s (compiling, initialising, evaluating: the probe '
+      'stack\'s wall time less its epochs)',
+      'time model: stack = overhead + ceil(K / devices) x (epochs x train images x train '
+      'FLOPs/image + test images x forward FLOPs/image) x seconds per FLOP of a slot; time '
+      'proportional to FLOPs (frozen layers pruned); every stack compiles anew; not counted: '
+      'checkpoints, results, figures, report, CKA (~20 s on 2 CPU cores)' +
+      ('; under vmap, stacks smaller than the probe are charged linearly in K (an upper bound)'
+       if p.member_map == 'vmap' else ''),
+  ]
+
+
+def total_seconds(costs: Sequence[StackCost]) -> float:
+  return sum(c.seconds for c in costs if not c.done)

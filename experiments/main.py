@@ -44,6 +44,10 @@ def define_study_flags() -> None:
 
 define_study_flags()
 # Where the data is (not part of a study's identity).
+flags.DEFINE_string(
+    'image_folder', None, 'A {train,test}/<class>/*.png|jpg tree to use instead of TFDS '
+    '(offline copies, your own datasets; classes may have different numbers of images). The '
+    'study records its content (--data_fingerprint), not where it is: moved, it resumes.')
 flags.DEFINE_string('data_dir', None, 'Where TFDS datasets are prepared (default: ~/tensorflow_'
                     'datasets).')
 flags.DEFINE_string(
@@ -57,6 +61,10 @@ flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, results, figures and report. '
     'Rerunning with the same flags resumes there.')
 flags.DEFINE_bool('quiet', False, 'No progress output.')
+flags.DEFINE_bool(
+    'eval_every_epoch', False, 'Also evaluate every model on its test images after each '
+    'epoch, into metrics.jsonl, the learning-curves figure and report (read-only: the same '
+    'study, the same results; costs one evaluation per epoch).')
 flags.DEFINE_integer(
     'feature_budget_mb', features.DEFAULT_BUDGET_MB, 'Memory for the outputs '
     'of frozen prefixes under --frozen_batchnorm=fixed, computed once per stack '
@@ -78,10 +86,11 @@ flags.mark_flag_as_required('workdir')
 
 
 def config_from_flags() -> plan.StudyConfig:
-  """The flags' study, checked and normalised by the same validator as the Python API."""
+  """The flags' study, checked and normalised by the same validator as the Python API, and
+  identified by its data (the content of --image_folder)."""
   values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(plan.StudyConfig)}
   values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-  return plan.validate(plan.StudyConfig(**values))
+  return study.resolve(plan.StudyConfig(**values), image_folder=FLAGS.image_folder)
 
 
 def check_writable(path: str) -> None:
@@ -104,10 +113,9 @@ def enable_compilation_cache() -> None:
 
 def run(progress: Progress) -> str:
   """The whole study for the parsed flags; returns the report path."""
-  config = config_from_flags()
   check_writable(FLAGS.workdir)
   workdir = Workdir(FLAGS.workdir)
-  workdir.check(config)
+  config = study.prepare(config_from_flags(), workdir, image_folder=FLAGS.image_folder)
   enable_compilation_cache()
   import jax
   try:
@@ -118,9 +126,9 @@ def run(progress: Progress) -> str:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts; else unused
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   run_fn = campaigns.run_sweep if config.sweep else study.run
-  return run_fn(config, workdir, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
-                cache_dir=FLAGS.cache_dir, progress=progress,
-                feature_budget_mb=FLAGS.feature_budget_mb)
+  return run_fn(config, workdir, image_folder=FLAGS.image_folder, data_dir=FLAGS.data_dir,
+                manual_dir=FLAGS.manual_dir, cache_dir=FLAGS.cache_dir, progress=progress,
+                feature_budget_mb=FLAGS.feature_budget_mb, eval_every_epoch=FLAGS.eval_every_epoch)
 
 
 def main(argv):

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxtransfer import imagefolder
+from jaxtransfer import imagefolder, network
 from jaxtransfer.cifar import ARCHIVES, BUILDER_VERSION, Archive
 from jaxtransfer.imagefolder import DataError
 
@@ -315,9 +315,17 @@ def prepare(
   """Prepares (once) and returns the builder; read it with `as_data_source`.
 
   TFDS generates into a temporary directory and renames it on success, so an
-  interrupted or failed prepare leaves nothing that reads as complete.
+  interrupted or failed prepare leaves nothing that reads as complete. A download is preceded
+  by a probe of the archive's host: offline, it fails in seconds, naming the offline sources.
   """
   b = builder(dataset, config=config, data_dir=data_dir, image_folder=image_folder)
+  if b.builder_config.name == 'download' and not b.is_prepared():
+    archive = ARCHIVES[dataset]
+    reason = network.unreachable(archive.url)
+    if reason:
+      raise DataError(f'cannot download {archive.filename}: {reason}. Offline? Give '
+                      f'--manual_dir=DIR with {archive.filename} in it, or --image_folder=PATH '
+                      'of a {train,test}/<class>/*.png|jpg tree')
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=None if manual_dir is None else os.fspath(manual_dir)))
   return b

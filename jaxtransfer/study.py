@@ -14,45 +14,80 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtransfer import (cifar, conditions, imagefolder, migrate, modelspec, plots, report, results,
+                         train)
 from jaxtransfer import data as data_lib
 from jaxtransfer import features as features_lib
-from jaxtransfer import models, plots, report, results, train, transfer
 from jaxtransfer import plan as plan_lib
 from jaxtransfer import splits as splits_lib
+from jaxtransfer import transfer
 from jaxtransfer.plan import Run, Stack, StudyConfig
 from jaxtransfer.progress import Progress
 from jaxtransfer.workdir import Workdir
 
 
-def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
+def resolve(config: StudyConfig, *, image_folder: str | None = None,
+            model_fn: modelspec.ModelFn | None = None) -> StudyConfig:
+  """The study `config` names, as its workdir records it: validated (a model of your own checked
+  on the data's image shape) and identified by its data (`image_folder`'s content fingerprint).
+  Raises ConfigError or DataError (one line); writes nothing."""
+  fingerprint, shape = imagefolder.identify(image_folder) if image_folder else ('',
+                                                                                cifar.IMAGE_SHAPE)
+  config = plan_lib.validate(config, model_fn=model_fn, image_shape=shape)
+  return plan_lib.with_data(config, fingerprint)
+
+
+def prepare(config: StudyConfig, workdir: Workdir, image_folder: str | None = None) -> StudyConfig:
+  """Make sure `workdir` is new or holds the (`resolve`d) study `config`: a record that named
+  this very image folder by path is migrated (`migrate.adopt`); nothing else is written."""
+  migrate.adopt(workdir.path, image_folder, config.data_fingerprint)
+  workdir.check(config)
+  return config
+
+
+def run(config: StudyConfig, workdir: Workdir, *, image_folder: str | None = None,
+        model_fn: modelspec.ModelFn | None = None, data_dir: str | None = None,
         manual_dir: str | None = None, cache_dir: str | None = None,
         progress: Progress | None = None, mesh=None,
-        feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB) -> str:
+        feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB,
+        eval_every_epoch: bool = False) -> str:
   """The whole study: data, plan, training (resumable), results, figures, report.md.
 
-  `feature_budget_mb` bounds the memory of precomputed frozen prefixes (see `features`)."""
-  config = plan_lib.validate(config)
+  `image_folder`: where the data is, when not a TFDS dataset (the study records its content,
+  not its path). `model_fn(num_classes)`: a flax module of your own (`config.model` names it;
+  contract in `modelspec`). `feature_budget_mb` bounds the memory of precomputed frozen prefixes
+  (see `features`). `eval_every_epoch`: also record every member's test accuracy after each
+  epoch in metrics.jsonl (read-only: the study and its results are the same)."""
   progress = progress or Progress(None)
-  workdir.check(config)
-  load = lambda split: data_lib.load(split, dataset=config.dataset, image_folder=config.image_folder
-                                     or None, data_dir=data_dir, manual_dir=manual_dir, cache_dir=
-                                     cache_dir)
+  config = prepare(resolve(config, image_folder=image_folder, model_fn=model_fn), workdir,
+                   image_folder)
+  load = lambda split: data_lib.load(split, dataset=config.dataset, image_folder=image_folder,
+                                     data_dir=data_dir, manual_dir=manual_dir, cache_dir=cache_dir)
   train_ds, test_ds = load('train'), load('test')
   halves = plan_lib.make_halves(config, train_ds.class_names)
-  make = lambda k: models.make_model(config.model, k, config.widths, config.layer_defaults)
+  make = modelspec.factory(config.model, config.widths, config.layer_defaults, model_fn)
   example = np.zeros((1,) + train_ds.images.shape[1:], np.float32)
   layer_names = transfer.layer_order(make(2), example, train=False)
-  stacks = plan_lib.plan(config, layer_names, halves)
+  sizes = half_sizes(config, halves, train_ds.labels, test_ds.labels)
+  stacks = plan_lib.plan(config, layer_names, halves, sizes)
   workdir.claim(config, train_ds.class_names)
   progress.log(f'study {config.hash()}: {sum(len(s.runs) for s in stacks)} models in '
                f'{len(stacks)} stacks, {len(train_ds)} train / {len(test_ds)} test images, '
                f'{jax.device_count()} {jax.default_backend()} device(s)')
+  progress.log(class_counts(train_ds, test_ds, config.train_per_class))
+  notes = moot_flags(config, plan_lib.model_info(config, model_fn, train_ds.images.shape[1:]))
+  for note in notes:
+    progress.log(note)
   mean, std = data_lib.channel_stats(train_ds.images)
   device_data = train.to_device(train_ds, test_ds, mean, std)
   rows = train_stacks(config, workdir, make, device_data, train_ds.labels, test_ds.labels, halves,
-                      stacks, progress=progress, mesh=mesh, feature_budget_mb=feature_budget_mb)
+                      stacks, progress=progress, mesh=mesh, feature_budget_mb=feature_budget_mb,
+                      eval_every_epoch=eval_every_epoch)
   results.write(workdir.path, rows)
   paths = plots.write_all(rows, workdir.path)
+  metrics = workdir.read_metrics()
+  if metrics:
+    paths += plots.curves_figure(metrics, workdir.file('figures', 'curves'))
   if config.cka_images:
     from jaxtransfer import similarity  # only when asked
     paths += similarity.write(config, workdir, stacks, halves, make, layer_names, test_ds, mean,
@@ -60,15 +95,51 @@ def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
   figures = [os.path.relpath(p, workdir.path) for p in paths]
   path = workdir.file('report.md')
   results.atomic_write_text(
-      path, report.render(rows, config.to_json(), figures, class_names=train_ds.class_names))
+      path,
+      report.render(rows, config.to_json(), figures, class_names=train_ds.class_names,
+                    note=' '.join(notes), metrics=metrics))
   return path
+
+
+def half_sizes(config: StudyConfig, halves: Sequence[splits_lib.Split], train_labels: np.ndarray,
+               test_labels: np.ndarray) -> dict[tuple[int, str], tuple[int, int]]:
+  """(train, test) examples of every half of every split, as its members use them (the train
+  images capped at --train_per_class per class): the shapes `plan.plan` stacks by."""
+  per_class = config.train_per_class or None
+  return {(s, half): (len(splits_lib.class_indices(train_labels, classes, per_class)),
+                      len(splits_lib.class_indices(test_labels, classes)))
+          for s, pair in enumerate(halves) for half, classes in zip('AB', pair)}
+
+
+def class_counts(train_ds, test_ds, per_class: int = 0) -> str:
+  """The study log's line of images per class, train/test (and the --train_per_class cap)."""
+  count = lambda ds: np.bincount(ds.labels, minlength=len(ds.class_names))
+  pairs = list(zip(train_ds.class_names, count(train_ds), count(test_ds)))
+  cap = f' (training on at most {per_class} per class)' if per_class else ''
+  if len({(n, m) for _, n, m in pairs}) == 1:
+    return f'images per class: {pairs[0][1]} train / {pairs[0][2]} test, every class{cap}'
+  return ('images per class, train/test (unbalanced)' + cap + ': ' +
+          ', '.join(f'{name} {n}/{m}' for name, n, m in pairs))
+
+
+def moot_flags(config: StudyConfig, info: modelspec.ModelInfo) -> list[str]:
+  """What a flag cannot do for this model, said in the log and the report, not refused."""
+  if info.batchnorm or not any(conditions.get(c).frozen for c in config.conditions):
+    return []
+  return [
+      f'The model `{config.model}` has no BatchNorm layer, so --frozen_batchnorm '
+      f'(`{config.frozen_batchnorm}`) changes nothing: frozen layers are fixed functions '
+      'of their input either way.'
+  ]
 
 
 def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], Any],
                  data: train.DeviceData, train_labels: np.ndarray, test_labels: np.ndarray,
                  halves: Sequence[splits_lib.Split], stacks: list[Stack], *, progress: Progress,
-                 mesh=None, feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB) -> list[dict]:
-  """Train every unfinished stack in order; return all rows (finished ones read back).
+                 mesh=None, feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB,
+                 eval_every_epoch: bool = False) -> list[dict]:
+  """Train every unfinished stack in order; return all rows (finished ones read back, with this
+  study's config hash: a study renamed by a change of its identity fields keeps its stacks).
 
   A stack whose frozen prefix is a fixed function of the image (`features.applicable`) trains
   on the prefix's output, computed once, when it fits in `feature_budget_mb` (0: never)."""
@@ -80,6 +151,7 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
     rows = workdir.rows(stack)
     label = f'[{i + 1}/{len(stacks)} {stack.name} K={len(stack.runs)}]'
     if rows is not None:
+      rows = [{**r, 'config_hash': config.hash()} for r in rows]
       progress.skip(len(stack.runs) * config.epochs)
       progress.log(f'{label} done, skipped')
     else:
@@ -103,11 +175,13 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
         progress.epoch(label, epoch, config.epochs, metrics)
         workdir.append_metrics([{
             'stack': stack.name, 'run': r.name, **plan_lib.run_fields(r), 'epoch': epoch + 1,
-            'loss': float(m[0]), 'train_accuracy': float(m[1])
+            'loss': float(m[0]), 'train_accuracy': float(m[1]),
+            **({'test_accuracy': float(m[2])} if len(m) > 2 else {})
         } for r, m in zip(stack.runs, metrics)])
 
       result = train.train_stack(model, stack.structure, tconfig, data, members, mesh=mesh,
-                                 on_epoch=on_epoch, features=features)
+                                 on_epoch=on_epoch, features=features,
+                                 eval_every_epoch=eval_every_epoch)
       rows = [
           _row(config, halves, r, stack.structure, result.test_accuracy[j],
                result.train_accuracy[j], result.train_loss[j], result.seconds / len(stack.runs))

@@ -68,6 +68,10 @@ def parse_args(argv=None):
       '--cpu_devices', type=int, default=0,
       help='set jax_num_cpu_devices (0: leave as is); with >1 devices, stacked variants '
       'are also timed with the model axis sharded over all devices')
+  p.add_argument(
+      '--fixed', default='6',
+      help="frozen depths timed under --frozen_batchnorm=fixed, where the study trains "
+      "on the frozen prefix's output computed once ('' for none)")
   p.add_argument('--baseline', action='store_true',
                  help='also time the same net with stock flax convolutions (autodiff VJP)')
   p.add_argument('--method', choices=('auto', 'internal', 'api'), default='auto')
@@ -78,6 +82,7 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   args.rounds = args.rounds or 3
   args.widths = tuple(_ints(args.widths))
+  args.fixed = _ints(args.fixed)
   return args
 
 
@@ -101,11 +106,12 @@ def _ints(text: str) -> list[int]:
 
 
 @functools.lru_cache(maxsize=None)
-def flops_per_image(widths=(8, 16, 32), num_classes=5, frozen=0) -> int:
-  """Training FLOPs per image of FinalNet, a frozen prefix pruned (see `jaxtransfer.flops`)."""
+def flops_per_image(widths=(8, 16, 32), num_classes=5, frozen=0, fixed=False) -> int:
+  """Training FLOPs per image of FinalNet, a frozen prefix pruned (see `jaxtransfer.flops`);
+  `fixed`: the prefix's forward pass too (its output is computed once, outside the steps)."""
   from jaxtransfer import flops, models
   macs = flops.layer_macs(models.FinalNet(num_classes, tuple(widths)))
-  return flops.training_flops_per_image(macs, frozen)
+  return flops.training_flops_per_image(macs, frozen) - (2 * sum(macs[:frozen]) if fixed else 0)
 
 
 # Dense peak TFLOP/s by `device_kind` prefix: (fp32 on the vector units, the unit XLA uses for
@@ -142,10 +148,13 @@ class Variant:
   frozen: int = 0
   block: str = 'fast'  # 'fast': jaxtransfer.models as is; 'flax': stock nn.Conv (autodiff VJP)
   devices: int = 1  # devices the model axis is sharded over
+  fixed: bool = False  # frozen prefix under `fixed`, computed once (`jaxtransfer.features`)
 
   @property
   def name(self) -> str:
     s = f'K={self.k:<2d} {self.member_map:4s} frozen={self.frozen}'
+    if self.fixed:
+      s += ' fixed'
     if self.block != 'fast':
       s += f' {self.block}-conv'
     if self.devices > 1:
@@ -162,12 +171,14 @@ def make_variants(args, n_devices: int) -> list[Variant]:
     for n in args.frozen:
       vs += [Variant(1, frozen=n)
             ] + ([Variant(k_big, args.frozen_map, frozen=n)] if k_big > 1 else [])
+  for n in args.fixed:  # what a `fixed` study's frozen stacks cost (trained on prefix features)
+    vs += [Variant(max(args.ks, default=1), 'map', frozen=n, fixed=True)]
   if args.baseline:
     vs += [Variant(1, block='flax')] + [Variant(k, 'map', block='flax') for k in args.ks[:1]]
   if n_devices > 1:
     vs += [
         Variant(k, m, devices=n_devices) for m in args.maps for k in args.ks if k % n_devices == 0
-    ]
+    ] + [dataclasses.replace(v, devices=n_devices) for v in vs if v.fixed and v.k % n_devices == 0]
   return vs
 
 
@@ -205,10 +216,11 @@ def _layer_names(args):
   return [name for name, _ in models.FinalNet(args.num_classes, args.widths).layer_specs()]
 
 
-def _structure(args, frozen: int):
+def _structure(args, frozen: int, fixed: bool = False):
   from jaxtransfer import train
   names = tuple(_layer_names(args)[:frozen])
-  return train.Structure(graft_layers=names, frozen_layers=names)
+  return train.Structure(graft_layers=names, frozen_layers=names,
+                         batchnorm='fixed' if fixed and frozen else 'update')
 
 
 def make_data(n_images: int, seed: int = 0):
@@ -254,11 +266,11 @@ class InternalRunner:
     self.config = train.TrainConfig(batch_size=args.batch_size)
     self._init_cache = {}
 
-  def _trainer(self, v: Variant):
+  def _trainer(self, v: Variant, start: int = 0):
     import jax.numpy as jnp
     example = jnp.zeros((1, 32, 32, 3), jnp.float32)
-    return self.trainer_cls(_make_model(self.args, v.block), _structure(self.args, v.frozen),
-                            self.config, example)
+    return self.trainer_cls(_make_model(self.args, v.block),
+                            _structure(self.args, v.frozen, v.fixed), self.config, example, start)
 
   def _member_state(self, v: Variant, trainer):
     """One member's initial state (for frozen variants grafted from a fresh full-net init)."""
@@ -284,10 +296,18 @@ class InternalRunner:
     keys = jax.random.split(jax.random.key(2), v.k)
     train_idx, label_map = _member_inputs(v.k, self.args.n_per_member, self.n_images)
     mesh = Mesh(np.array(jax.devices()[:v.devices]), (self.axis,))
-    fn = self.stack_functions(trainer, mesh, v.member_map).epoch
+    data, shared = self.data, True
+    if v.fixed:  # as the study trains these: on each member's prefix output, computed once
+      from jaxtransfer import features, train
+      members = train.Members(keys, keys, train_idx, train_idx[:, :64] % 256, label_map,
+                              state.variables())
+      computed, members = features.compute(trainer.model, members, self.data, v.frozen)
+      trainer = self._trainer(v, start=v.frozen)
+      train_idx, label_map, data, shared = members.train_idx, members.label_map, computed.data, False
+    fn = self.stack_functions(trainer, mesh, v.member_map, shared_data=shared).epoch
     member_args = jax.device_put((state, keys, train_idx, label_map),
                                  NamedSharding(mesh, P(self.axis)))
-    data = jax.device_put(self.data, NamedSharding(mesh, P()))
+    data = jax.device_put(data, NamedSharding(mesh, P() if shared else P(self.axis)))
     t = time.perf_counter()
     compiled = fn.lower(*member_args, data).compile()
     compile_s = time.perf_counter() - t
@@ -343,7 +363,7 @@ class ApiRunner:
       config = train.TrainConfig(epochs=1 + self.args.rounds, batch_size=self.args.batch_size)
       mesh = jax.make_mesh((v.devices,), (train.MODEL_AXIS,), devices=jax.devices()[:v.devices])
       t0 = time.perf_counter()
-      train.train_stack(model, _structure(self.args, v.frozen), config, self.data, members,
+      train.train_stack(model, _structure(self.args, v.frozen, v.fixed), config, self.data, members,
                         mesh=mesh, member_map=v.member_map,
                         on_epoch=lambda e, m: stamps.append(time.perf_counter()))
       compile_s[v] = stamps[0] - t0  # includes initialisation and one epoch
@@ -363,16 +383,17 @@ def summarize(args, variants, times, peak_tflops: float | None = None):
     imgs = v.k * args.n_per_member
     best, med = min(times[v]), float(np.median(times[v]))
     ips = imgs / best
-    flops = flops_per_image(args.widths, args.num_classes, v.frozen)
+    flops = flops_per_image(args.widths, args.num_classes, v.frozen, v.fixed)
     rows.append(
-        dict(variant=v.name, k=v.k, member_map=v.member_map, frozen=v.frozen, block=v.block,
-             devices=v.devices, img_s=ips, img_s_median=imgs / med,
+        dict(variant=v.name, k=v.k, member_map=v.member_map, frozen=v.frozen, fixed=v.fixed,
+             block=v.block, devices=v.devices, img_s=ips, img_s_median=imgs / med,
              s_per_model_epoch=MODEL_EPOCH / ips, gflop_s=ips * flops / 1e9,
              mflop_per_image=flops / 1e6,
              peak_fraction=ips * flops / 1e12 / peak_tflops if peak_tflops else float('nan')))
   for r in rows:  # speed-up over K=1 of the same structure and block
     base = [
-        b for b in rows if b['k'] == 1 and b['frozen'] == r['frozen'] and b['block'] == r['block']
+        b for b in rows if b['k'] == 1 and b['frozen'] == (
+            0 if r['fixed'] else r['frozen']) and b['block'] == r['block'] and not b['fixed']
     ]
     r['vs_k1'] = r['img_s'] / base[0]['img_s'] if base else float('nan')
   return rows
@@ -391,8 +412,13 @@ def print_table(rows, title=''):
           f"{r['vs_k1']:6.2f}" + (f" {100 * r['peak_fraction']:7.3f}" if peak else ''))
 
 
-def headline(rows) -> float:
-  stacked = [r for r in rows if r['k'] > 1 and r['frozen'] == 0 and r['block'] == 'fast']
+def headline(rows, frozen: int = 0, fixed: bool = False) -> float:
+  """The fastest stacked (K > 1) seconds per model-epoch of one structure (default: the
+  headline, every layer trained)."""
+  stacked = [
+      r for r in rows
+      if r['k'] > 1 and r['frozen'] == frozen and r['fixed'] == fixed and r['block'] == 'fast'
+  ]
   return min(r['s_per_model_epoch'] for r in stacked) if stacked else float('nan')
 
 
@@ -452,7 +478,7 @@ def run_envs(args, argv) -> list[dict]:
         if key not in best or r['img_s'] > best[key]['img_s']:
           best[key] = dict(r, env=env_text)
   rows = list(best.values())
-  same = lambda r: (r['k'], r['member_map'], r['frozen'], r['block'])
+  same = lambda r: (r['k'], r['member_map'], r['frozen'], r['fixed'], r['block'])
   ref = {same(r): r['img_s'] for r in rows if r['env'] == args.env[0] and r['devices'] == 1}
   for env_text in args.env:
     sub = [r for r in rows if r['env'] == env_text]
@@ -482,6 +508,8 @@ def main(argv=None):
         f'{flops_per_image(args.widths, args.num_classes) / 1e6:.2f} MFLOP/image '
         f'fine-tuning all layers)')
   print(f'total {time.perf_counter() - t0:.0f} s')
+  for n in args.fixed:
+    print(f'fixed_frozen{n}_s_per_model_epoch={headline(rows, n, fixed=True):.4f}')
   print(f'stacked_s_per_model_epoch={headline(rows):.4f}')
 
 

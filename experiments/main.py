@@ -44,6 +44,10 @@ def define_study_flags() -> None:
 
 define_study_flags()
 # Where the data is (not part of a study's identity).
+flags.DEFINE_string(
+    'image_folder', None, 'A {train,test}/<class>/*.png|jpg tree to use instead of TFDS '
+    '(offline copies, your own datasets; classes may have different numbers of images). The '
+    'study records its content (--data_fingerprint), not where it is: moved, it resumes.')
 flags.DEFINE_string('data_dir', None, 'Where TFDS datasets are prepared (default: ~/tensorflow_'
                     'datasets).')
 flags.DEFINE_string(
@@ -63,6 +67,10 @@ flags.DEFINE_bool(
 flags.DEFINE_bool(
     workdir_lib.RETRAIN_FLAG.lstrip('-'), False, 'Retrain the finished stacks whose rows file or '
     'checkpoint fails verification (damaged, or written by hand), instead of refusing to run.')
+flags.DEFINE_bool(
+    'eval_every_epoch', False, 'Also evaluate every model on its test images after each '
+    'epoch, into metrics.jsonl, the learning-curves figure and report (read-only: the same '
+    'study, the same results; costs one evaluation per epoch).')
 flags.DEFINE_integer(
     'feature_budget_mb', features.DEFAULT_BUDGET_MB, 'Memory for the outputs '
     'of frozen prefixes under --frozen_batchnorm=fixed, computed once per stack '
@@ -92,10 +100,11 @@ flags.mark_flag_as_required('workdir')
 
 
 def config_from_flags() -> plan.StudyConfig:
-  """The flags' study, checked and normalised by the same validator as the Python API."""
+  """The flags' study, checked and normalised by the same validator as the Python API, and
+  identified by its data (the content of --image_folder)."""
   values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(plan.StudyConfig)}
   values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-  return plan.validate(plan.StudyConfig(**values))
+  return study.resolve(plan.StudyConfig(**values), image_folder=FLAGS.image_folder)
 
 
 def check_writable(path: str) -> None:
@@ -126,10 +135,10 @@ def set_cpu_devices() -> None:
 
 def run(progress: Progress) -> str:
   """The whole study for the parsed flags; returns the report path."""
-  config = config_from_flags()
   check_writable(FLAGS.workdir)
   workdir = Workdir(FLAGS.workdir)
-  workdir.check(config)
+  config = config_from_flags(
+  )  # refused here before JAX starts; the workdir is checked under its lock
   enable_compilation_cache()
   set_cpu_devices()
   if FLAGS.distributed:
@@ -137,10 +146,11 @@ def run(progress: Progress) -> str:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts; else unused
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   run_fn = campaigns.run_sweep if config.sweep else study.run
-  return run_fn(config, workdir, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
-                cache_dir=FLAGS.cache_dir, progress=progress, member_map=FLAGS.member_map,
-                feature_budget_mb=FLAGS.feature_budget_mb, wait_for_lock=FLAGS.wait_for_lock,
-                retrain_corrupt=FLAGS.retrain_corrupt)
+  return run_fn(config, workdir, image_folder=FLAGS.image_folder, data_dir=FLAGS.data_dir,
+                manual_dir=FLAGS.manual_dir, cache_dir=FLAGS.cache_dir, progress=progress,
+                member_map=FLAGS.member_map, feature_budget_mb=FLAGS.feature_budget_mb,
+                wait_for_lock=FLAGS.wait_for_lock, retrain_corrupt=FLAGS.retrain_corrupt,
+                eval_every_epoch=FLAGS.eval_every_epoch)
 
 
 def dry_run() -> str:
@@ -149,9 +159,9 @@ def dry_run() -> str:
   so the probe's compile times are those of a first run."""
   config = config_from_flags()
   set_cpu_devices()
-  return study.dry_run(config, Workdir(FLAGS.workdir), data_dir=FLAGS.data_dir,
-                       manual_dir=FLAGS.manual_dir, cache_dir=FLAGS.cache_dir,
-                       member_map=FLAGS.member_map)
+  return study.dry_run(config, Workdir(FLAGS.workdir), image_folder=FLAGS.image_folder,
+                       data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
+                       cache_dir=FLAGS.cache_dir, member_map=FLAGS.member_map)
 
 
 def main(argv):

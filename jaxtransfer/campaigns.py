@@ -6,7 +6,7 @@ import json
 import os
 from typing import Sequence
 
-from jaxtransfer import plots, report, results, similarity, study
+from jaxtransfer import migrate, plots, report, results, similarity, study
 from jaxtransfer import plan as plan_lib
 from jaxtransfer import workdir as workdir_lib
 from jaxtransfer.plan import StudyConfig
@@ -19,10 +19,12 @@ def run_sweep(config: StudyConfig, workdir: Workdir, *, progress: Progress | Non
   """One full (resumable) study per value of the swept flag in `workdir/<param>-<value>/`,
   then a figure and `sweep.md` of how the co-adaptation dip and fine-tuning gain move. The
   sweep's workdir is locked for the whole sweep, each sub-study's for its own run."""
-  config = plan_lib.validate(config)
+  config = study.resolve(config, image_folder=kwargs.get('image_folder'),
+                         model_fn=kwargs.get('model_fn'))
   progress = progress or Progress(None)
   param, values = plan_lib.parse_sweep(config.sweep)
   with workdir.lock(wait_for_lock, on_wait=progress.log):
+    study.prepare(config, workdir, kwargs.get('image_folder'))
     return _sweep_locked(config, workdir, param, values, progress=progress,
                          wait_for_lock=wait_for_lock, **kwargs)
 
@@ -71,6 +73,7 @@ def pool(shards: Sequence[str], out: str) -> str:
       raise ValueError(f'--out {out} is inside the shard {path}; pool into a new directory')
   if os.path.exists(os.path.join(out, 'study.json')):
     raise ValueError(f'{out} holds a study; pool into a new directory')
+  migrate.refuse_legacy(shards)
   records, shard_rows = [], []
   for path in shards:
     meta, csv = os.path.join(path, 'study.json'), os.path.join(path, 'results.csv')
@@ -102,10 +105,20 @@ def pool(shards: Sequence[str], out: str) -> str:
       'splits': [] if chosen == list(range(num_splits)) else chosen
   }
   results.write(out, rows)
+  # Shards as seen from `out`: no path of the machine that pooled them.
+  where = {p: os.path.relpath(p, out) for p in shards}
   results.atomic_write_json(os.path.join(out, 'pool.json'),
-                            {'config': config, 'shards': [os.path.abspath(p) for p in shards]})
+                            {'config': config, 'shards': [where[p] for p in shards]})
   figures = [os.path.relpath(p, out) for p in plots.write_all(rows, out)]
-  parts = [f'`{p}` (split {", ".join(str(s) for s in chosen if owner[s] == p)})' for p in shards]
+  metrics = [r for p in shards for r in Workdir(p).read_metrics()]
+  if metrics:
+    figures += [
+        os.path.relpath(p, out)
+        for p in plots.curves_figure(metrics, os.path.join(out, 'figures', 'curves'))
+    ]
+  parts = [
+      f'`{where[p]}` (split {", ".join(str(s) for s in chosen if owner[s] == p)})' for p in shards
+  ]
   similarity_data = [os.path.join(p, 'figures', similarity.DATA_FILE) for p in shards]
   if all(os.path.isfile(p) for p in similarity_data):
     figures += [os.path.relpath(p, out) for p in _pool_similarity(similarity_data, config, out)]
@@ -116,7 +129,8 @@ def pool(shards: Sequence[str], out: str) -> str:
   path = os.path.join(out, 'report.md')
   results.atomic_write_text(
       path,
-      report.render(rows, config, figures, class_names=records[0].class_names or None, note=note))
+      report.render(rows, config, figures, class_names=records[0].class_names or None, note=note,
+                    metrics=metrics))
   return path
 
 

@@ -13,6 +13,7 @@ import dataclasses
 # is computed from these without importing TFDS.
 BUILDER_VERSION = '1.0.0'
 TFDS_NAMES = {'cifar10': 'jaxtransfer_cifar10', 'cifar100': 'jaxtransfer_cifar100'}
+IMAGE_SHAPE = (32, 32, 3)  # H x W x C of every CIFAR image
 
 CIFAR10_CLASSES = (
     'airplane',

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxtransfer import imagefolder
+from jaxtransfer import imagefolder, network
 from jaxtransfer.cifar import ARCHIVES, BUILDER_VERSION, Archive
 from jaxtransfer.imagefolder import DataError
 
@@ -238,6 +238,11 @@ class JaxtransferCifar10(tfds.core.GeneratorBasedBuilder):
     if self.builder_config.name == 'manual':
       path = _manual_archive_path(dl_manager, archive)
     else:
+      reason = network.unreachable(archive.url)  # before tfds's retries
+      if reason:
+        raise DataError(f'cannot download {archive.filename}: {reason}. Offline? Give '
+                        f'--manual_dir=DIR with {archive.filename} in it, or --image_folder=PATH '
+                        'of a {train,test}/<class>/*.png|jpg tree')
       path = dl_manager.download(archive.url)
     verify_archive(path, archive)
     return {
@@ -315,7 +320,9 @@ def prepare(
   """Prepares (once) and returns the builder; read it with `as_data_source`.
 
   TFDS generates into a temporary directory and renames it on success, so an
-  interrupted or failed prepare leaves nothing that reads as complete.
+  interrupted or failed prepare leaves nothing that reads as complete. A download is preceded
+  by a probe of the archive's host (`_split_generators`): offline, it fails in seconds, naming
+  the offline sources.
   """
   b = builder(dataset, config=config, data_dir=data_dir, image_folder=image_folder)
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(

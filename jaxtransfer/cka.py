@@ -8,7 +8,7 @@ arbitrary invertible linear maps (unlike CCA, which would call any two full-rank
 representations of n <= p examples identical).
 
 - `linear_cka(x, y)`: similarity of two representations of the same n examples;
-- `layer_features(model, variables, images)`: each layer's output, flattened to [n, -1];
+- `layer_features(model, variables, images)`: each top-level layer's output, flattened to [n, -1];
 - `cka_matrix` / `per_layer_cka`: every pair of layers / layer i against layer i.
 
 `similarity` drives it over a study; `plots.heatmap` draws the result.
@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+
+from jaxtransfer import transfer
 
 FORMS = ('features', 'gram')
 
@@ -62,28 +64,39 @@ def linear_cka(x: jax.Array | np.ndarray, y: jax.Array | np.ndarray, *,
   return float(cross / denominator) if denominator > 0 else float('nan')
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _apply_layer(model: Any, variables: Any, x: jax.Array, i: int) -> jax.Array:
-  # One jitted function per (model, layer): each layer compiles and runs exactly once per shape.
-  return model.apply(variables, x, train=False, start=i, stop=i + 1)
+def _outputs(model: Any, layers: tuple[str, ...], variables: Any, x: jax.Array) -> list:
+  """Every top-level layer's output in one inference pass (flax's `capture_intermediates`)."""
+  _, state = model.apply(variables, x, train=False, mutable=['intermediates'],
+                         capture_intermediates=lambda module, _: len(module.path) == 1)
+  captured = state['intermediates']
+  # A layer's output is that of its __call__ (or of the one method the net calls on it).
+  return [
+      captured[name].get('__call__', next(iter(captured[name].values())))[-1] for name in layers
+  ]
+
+
+# One compilation per (model, layers) and image shape; a model with unhashable fields compiles
+# per call instead.
+_outputs_jit = jax.jit(_outputs, static_argnums=(0, 1))
 
 
 def layer_features(model: Any, variables: Any, images: np.ndarray,
-                   num_layers: int | None = None) -> list[np.ndarray]:
-  """Outputs of layers 1..L (inference mode, BatchNorm running statistics), each [n, -1].
+                   layers: Sequence[str] | None = None) -> list[np.ndarray]:
+  """Outputs of every top-level layer (inference mode, BatchNorm running statistics), each
+  flattened to [n, -1], in call order: the logits last.
 
-  Entry i equals `model.apply(variables, images, train=False, stop=i + 1)` flattened, but layers
-  are run one at a time on the previous output so the network is evaluated only once.
-  `num_layers` defaults to `model.num_layers` (every layer, the head's logits last).
-  """
-  if num_layers is None:
-    num_layers = model.num_layers
+  Any flax model called as `model.apply(variables, x, train=False)` whose top-level submodules
+  are its layers; `layers` defaults to `transfer.layer_order`. One forward pass computes all."""
   x = jax.numpy.asarray(images)
-  feats = []
-  for i in range(num_layers):
-    x = _apply_layer(model, variables, x, i)
-    feats.append(np.asarray(x).reshape(x.shape[0], -1))
-  return feats
+  layers = tuple(layers or transfer.layer_order(model, x[:1], train=False))
+  try:
+    hash(model)
+    outputs = _outputs_jit(model, layers, variables, x)
+  except TypeError:
+    outputs = jax.jit(functools.partial(_outputs, model, layers))(variables, x)
+  flat = lambda out: np.concatenate(
+      [np.asarray(leaf).reshape(len(images), -1) for leaf in jax.tree.leaves(out)], axis=1)
+  return [flat(out) for out in outputs]
 
 
 def cka_matrix(feats_a: Sequence[np.ndarray], feats_b: Sequence[np.ndarray]) -> np.ndarray:

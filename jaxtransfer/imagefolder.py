@@ -268,6 +268,30 @@ def fingerprint(obj: Any, files: Sequence[str] = (), root: str = '') -> str:
   return h.hexdigest()
 
 
+def content_fingerprint(splits: dict[str, list[tuple[str, int]]]) -> str:
+  """Identity of an image tree's content wherever it lies: sha256 over the class names and every
+  image's path relative to the tree ('train/<class>/<file>') with its size in bytes.
+
+  Not the root's location nor mtimes (unlike `folder_fingerprint`, the cache key), so a copy,
+  extraction or mount elsewhere is the same data: a study names its data by this."""
+  h = hashlib.sha256(
+      json.dumps({
+          'kind': 'image_folder_content', 'version': 1, 'classes': list(folder_class_names(splits))
+      }).encode())
+  for split in SPLITS:
+    for path, _ in splits[split]:
+      relative = '/'.join((split, os.path.basename(os.path.dirname(path)), os.path.basename(path)))
+      h.update(f'\0{relative}\0{os.stat(path).st_size}'.encode())
+  return h.hexdigest()
+
+
+def identify(root: str | os.PathLike) -> tuple[str, tuple[int, ...]]:
+  """(content fingerprint, H x W x C of the first image) of an image tree: what a study needs to
+  know of its data before decoding it all (its identity, and the input shape of its model)."""
+  splits = scan_image_folder(root)
+  return content_fingerprint(splits), decode_image(splits['train'][0][0]).shape
+
+
 def folder_fingerprint(root: str, splits: dict[str, list[tuple[str, int]]]) -> str:
   """Identity of an image tree: resolved root + file names, sizes and mtimes."""
   resolved = str(pathlib.Path(root).resolve())

@@ -12,13 +12,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import zlib
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 
-from jaxtransfer import cifar, conditions, models, results, train, transfer
+from jaxtransfer import cifar, conditions, models, modelspec, results, train, transfer
 from jaxtransfer import splits as splits_lib
 
 HALVINGS = ('random', 'dissimilar')
@@ -45,22 +44,26 @@ class StudyConfig:
   dataset: str = _opt(
       'cifar10', 'TFDS dataset name (our TF-free builder). Ignored when '
       '--image_folder is given.', tuple(cifar.TFDS_NAMES))
-  image_folder: str = _opt(
-      '', 'A {train,test}/<class>/*.png|jpg tree to use instead of TFDS '
-      '(offline copies, your own datasets).')
+  data_fingerprint: str = _opt(
+      '', 'The identity of the data when --image_folder gives it (set from the folder: sha256 '
+      'over its class names, image paths relative to it and file sizes), so the study is the '
+      'same wherever the folder lies. Given, the folder must match it.')
   # Model.
   model: str = _opt(
-      'final', "The seed's network: 'initial' (8 convs of 3 filters, no "
-      "pooling) or 'final' (3 conv-BN blocks + pools).", tuple(models.MODELS))
+      'final', "The network: the seed's 'initial' (8 convs of 3 filters, no pooling) or "
+      "'final' (3 conv-BN blocks + pools), or your own flax module as MODULE:ATTR or "
+      'path/to/file.py:ATTR, ATTR(num_classes) returning it (contract: '
+      'jaxtransfer/modelspec.py).')
   widths: tuple[int, ...] = _opt(
       tuple(models.FinalNet.widths), "Filters of the final net's three blocks; the "
-      "default 8,16,32 gives the seed's 512 features into the head.")
+      "default 8,16,32 gives the seed's 512 features into the head. Built-in nets only.")
   layer_defaults: str = _opt(
       'pytorch', "Which framework's layer defaults the nets start from: "
       "'pytorch' (the seed's: kaiming-uniform weights and uniform biases "
       'in +-1/sqrt(fan_in), unbiased BatchNorm running variance) or '
       "'flax' (lecun-normal weights, zero biases, biased running "
-      'variance; the studies published before 2026-11-26).', tuple(models.LAYER_DEFAULTS))
+      'variance; the studies published before 2026-11-26). Built-in nets only.',
+      tuple(models.LAYER_DEFAULTS))
   # Protocol.
   halves: str = _opt(
       'random', "How classes split into A and B: 'random' halves, or "
@@ -108,12 +111,17 @@ class StudyConfig:
     return json.loads(json.dumps(dataclasses.asdict(self)))
 
   def hash(self) -> str:
-    return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:12]
+    return config_hash(self.to_json())
 
   def train_config(self) -> train.TrainConfig:
     """The optimisation settings, field by field (TrainConfig's other fields at its defaults)."""
     names = {f.name for f in dataclasses.fields(train.TrainConfig)}
     return train.TrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+def config_hash(config: dict) -> str:
+  """The name of a study: a hash of its whole config in JSON form (`StudyConfig.to_json`)."""
+  return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class ConfigError(ValueError):
@@ -133,10 +141,13 @@ def _choice(name: str, value: str, choices: Sequence[str]) -> None:
     raise ConfigError(f'--{name} {value!r}: expected one of {", ".join(choices)}')
 
 
-def validate(config: StudyConfig) -> StudyConfig:
+def validate(config: StudyConfig, *, model_fn: modelspec.ModelFn | None = None,
+             image_shape: Sequence[int] = cifar.IMAGE_SHAPE) -> StudyConfig:
   """The config with every check of the CLI applied and its values normalised: depths default
-  to 1..L-1 and are sorted, `splits` naming every split becomes () (the same study), the image
-  folder is absolute. Raises ConfigError (one line) on anything that cannot run."""
+  to 1..L-1 and are sorted, `splits` naming every split becomes () (the same study). A model of
+  your own (`--model=MODULE:ATTR`, or `model_fn`, which `model` then names) is imported and
+  checked on a batch of `image_shape` images. Raises ConfigError (one line) on anything that
+  cannot run."""
   for f in dataclasses.fields(StudyConfig):
     if f.metadata['choices'] and not isinstance(f.default, tuple):
       _choice(f.name, getattr(config, f.name), f.metadata['choices'])
@@ -144,7 +155,18 @@ def validate(config: StudyConfig) -> StudyConfig:
   if config.model == 'final' and (len(widths) != 3 or min(widths) < 1):
     raise ConfigError(f'--widths needs three positive integers, got '
                       f'{",".join(map(str, config.widths))}')
-  layers = num_layers(config.model, widths)
+  try:
+    if model_fn is not None and modelspec.is_builtin(config.model):
+      config = dataclasses.replace(config, model=modelspec.name_of(model_fn))
+    if not modelspec.is_builtin(config.model):
+      defaults = StudyConfig()
+      for name, value in (('widths', widths), ('layer_defaults', config.layer_defaults)):
+        if value != getattr(defaults, name):
+          raise ConfigError(f'--{name} applies to the built-in nets only, not to --model '
+                            f'{config.model}')
+    layers = len(model_info(config, model_fn, image_shape).layers)
+  except modelspec.ModelError as e:
+    raise ConfigError(str(e)) from None
   depths = _ints('depths', config.depths) or tuple(range(1, layers))
   bad = [d for d in depths if not 1 <= d < layers]
   if bad:
@@ -172,9 +194,31 @@ def validate(config: StudyConfig) -> StudyConfig:
     split_ids = ()  # all of them: the same study as no --splits
   if config.sweep:
     parse_sweep(config.sweep)
-  return dataclasses.replace(
-      config, widths=widths, depths=tuple(sorted(set(depths))), conditions=chosen, splits=split_ids,
-      image_folder=os.path.abspath(config.image_folder) if config.image_folder else '')
+  return dataclasses.replace(config, widths=widths, depths=tuple(sorted(set(depths))),
+                             conditions=chosen, splits=split_ids)
+
+
+def model_info(config: StudyConfig, model_fn: modelspec.ModelFn | None = None,
+               image_shape: Sequence[int] = cifar.IMAGE_SHAPE) -> modelspec.ModelInfo:
+  """The study's model's layers and BatchNorm; a built-in net's without tracing it."""
+  if modelspec.is_builtin(config.model) and model_fn is None:
+    net = models.make_model(config.model, 2, config.widths)
+    return modelspec.ModelInfo(tuple(name for name, _ in net.layer_specs()),
+                               config.model == 'final')
+  make = modelspec.factory(config.model, config.widths, config.layer_defaults, model_fn)
+  return modelspec.inspect(make, config.model, image_shape)
+
+
+def with_data(config: StudyConfig, fingerprint: str) -> StudyConfig:
+  """`config` identified by its data: `fingerprint` is the content fingerprint of the image
+  folder the study reads ('' for a TFDS dataset, named by --dataset)."""
+  if config.data_fingerprint and not fingerprint:
+    raise ConfigError(f'--data_fingerprint {config.data_fingerprint} names the content of an '
+                      'image folder: give it with --image_folder')
+  if config.data_fingerprint and config.data_fingerprint != fingerprint:
+    raise ConfigError(f'--image_folder holds other data ({fingerprint}) than '
+                      f'--data_fingerprint {config.data_fingerprint}')
+  return dataclasses.replace(config, data_fingerprint=fingerprint)
 
 
 def parse_sweep(sweep: str) -> tuple[str, tuple[int, ...]]:
@@ -195,6 +239,10 @@ def parse_sweep(sweep: str) -> tuple[str, tuple[int, ...]]:
 # Fields added after studies were published, with the value those studies ran with (not today's
 # default): a study.json without the field ran that way.
 LEGACY_VALUES = {'layer_defaults': 'flax'}
+# Fields removed since, with the value that meant nothing: a study.json holding it reads as if it
+# did not. (A recorded image-folder path means something: `migrate` turns it into the folder's
+# `data_fingerprint`.)
+REMOVED_VALUES = {'image_folder': ''}
 
 
 def sweep_studies(config: StudyConfig) -> list[tuple[str, StudyConfig]]:
@@ -206,8 +254,10 @@ def sweep_studies(config: StudyConfig) -> list[tuple[str, StudyConfig]]:
 
 def with_defaults(recorded: dict) -> dict:
   """A config as recorded in a study.json, with the fields added since at the values its study
-  ran with (LEGACY_VALUES) or else at their defaults."""
-  return {**StudyConfig().to_json(), **LEGACY_VALUES, **recorded}
+  ran with (LEGACY_VALUES) or else at their defaults, and removed fields at their empty value
+  dropped (REMOVED_VALUES)."""
+  kept = {k: v for k, v in recorded.items() if k not in REMOVED_VALUES or v != REMOVED_VALUES[k]}
+  return {**StudyConfig().to_json(), **LEGACY_VALUES, **kept}
 
 
 def from_json(recorded: Any, where: str) -> StudyConfig:
@@ -238,10 +288,6 @@ def from_json(recorded: Any, where: str) -> StudyConfig:
 def differing(a: dict, b: dict, ignore: Sequence[str] = ()) -> list[str]:
   """The config fields whose values differ between `a` and `b`, sorted."""
   return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
-
-
-def num_layers(model: str, widths: Sequence[int]) -> int:
-  return models.make_model(model, 2, widths).num_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,17 +364,25 @@ def runs(config: StudyConfig) -> list[Run]:
   ]
 
 
-def plan(config: StudyConfig, layer_names: Sequence[str],
-         halves: Sequence[splits_lib.Split]) -> list[Stack]:
-  """All runs, grouped into stacks by (structure, target size), base stacks first."""
+def plan(config: StudyConfig, layer_names: Sequence[str], halves: Sequence[splits_lib.Split],
+         sizes: Mapping[tuple[int, str], tuple[int, int]] | None = None) -> list[Stack]:
+  """All runs, grouped into stacks by (structure, target classes, target examples), base stacks
+  first (every later stack grafts from them).
+
+  `sizes[(split, half)]` = (train, test) examples of that half (default: the same for every
+  half of a size, as in a balanced dataset). Members of a stack train and evaluate on arrays of
+  one shape, so halves with other counts (unbalanced classes) train in stacks of their own,
+  named with a `-N<train>-M<test>` suffix where a name would otherwise repeat."""
   groups: dict[tuple, list[Run]] = {}
   for run in runs(config):
-    key = (structure_for(run, layer_names,
-                         config.frozen_batchnorm), len(half_classes(halves, run.split, run.target)))
+    key = (structure_for(run, layer_names, config.frozen_batchnorm),
+           len(half_classes(halves, run.split,
+                            run.target)), sizes[(run.split, run.target)] if sizes else None)
     groups.setdefault(key, []).append(run)
+  names = [_stack_name(structure, size) for structure, size, _ in groups]
   return [
-      Stack(_stack_name(structure, size), structure, tuple(group))
-      for (structure, size), group in groups.items()
+      Stack(name + (f'-N{counts[0]}-M{counts[1]}' if names.count(name) > 1 else ''), structure,
+            tuple(group)) for name, ((structure, _, counts), group) in zip(names, groups.items())
   ]
 
 

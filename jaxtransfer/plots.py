@@ -1,5 +1,6 @@
 """Every figure, written as PNG and PDF: accuracy against transferred depth n (the paper's Fig. 2),
-the same relative to the base net (Fig. 3, lower panel), sweeps and the CKA heat-map."""
+the same relative to the base net (Fig. 3, lower panel), learning curves, sweeps and the CKA
+heat-map."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import matplotlib
 
 matplotlib.use('Agg')  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxtransfer import conditions, results  # noqa: E402
@@ -104,6 +106,39 @@ def write_all(rows: Sequence[dict], directory: str) -> list[str]:
                           title='Test accuracy vs transferred layers (paper Fig. 2)') +
           transfer_figure(rows, os.path.join(figures, 'transfer_relative'), relative=True,
                           title='Relative to base net (paper Fig. 3, lower)'))
+
+
+def curves_figure(records: Sequence[dict], stem: str) -> list[str]:
+  """Learning curves from metrics.jsonl records: accuracy against epoch, one panel per condition,
+  one colour per depth n, the mean over its models; train solid, test dashed where recorded."""
+  train, test = results.curves(records, 'train_accuracy'), results.curves(records, 'test_accuracy')
+  shown = [c for c in conditions.TABLE if any(cond == c.name for cond, _ in train)]
+  cols = min(3, len(shown))
+  rows = -(-len(shown) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), sharex=True, sharey=True,
+                           squeeze=False)
+  depths = sorted({d for _, d in train})
+  colour = lambda d: plt.get_cmap('viridis')(depths.index(d) / max(len(depths) - 1, 1))
+  for ax, cond in zip(axes.flat, shown):
+    for (name, depth), (epochs, means) in sorted(train.items()):
+      if name == cond.name:
+        label = 'base' if cond is conditions.BASE else f'n = {depth}'
+        ax.plot(epochs, means, color=colour(depth), lw=1.5, label=label)
+        if (name, depth) in test:
+          ax.plot(*test[(name, depth)], color=colour(depth), lw=1.5, ls='--')
+    ax.set_title(cond.label, fontsize=9)
+    ax.grid(alpha=.3)
+    ax.legend(fontsize=7, loc='lower right')
+  for ax in axes.flat[len(shown):]:
+    ax.axis('off')
+  for ax in axes[-1]:
+    ax.set_xlabel('epoch')
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  for ax in axes[:, 0]:
+    ax.set_ylabel('accuracy')
+  kind = 'train (solid) and test (dashed)' if test else 'train'
+  fig.suptitle(f'Learning curves: {kind} accuracy, mean over models', fontsize=10)
+  return save_figure(fig, stem)
 
 
 def sweep_figure(summary: dict, param: str, stem: str) -> list[str]:

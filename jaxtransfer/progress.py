@@ -31,9 +31,11 @@ class Progress:
     self.total -= model_epochs
 
   def epoch(self, label: str, epoch: int, epochs: int, metrics: np.ndarray) -> None:
-    """`metrics`: [K, 2] (mean loss, train accuracy) of the stack's K members."""
+    """`metrics`: [K, 2] (mean loss, train accuracy) of the stack's K members, or [K, 3] with
+    their test accuracy."""
     self.done += len(metrics)
     elapsed = time.perf_counter() - self.start
     eta = elapsed / self.done * max(self.total - self.done, 0)
+    test = f' test acc {metrics[:, 2].mean():.3f}' if metrics.shape[1] > 2 else ''
     self.log(f'{label} epoch {epoch + 1}/{epochs}: loss {metrics[:, 0].mean():.3f} '
-             f'train acc {metrics[:, 1].mean():.3f} | ETA {eta / 60:.1f} min')
+             f'train acc {metrics[:, 1].mean():.3f}{test} | ETA {eta / 60:.1f} min')

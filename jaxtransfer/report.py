@@ -171,6 +171,37 @@ def _halves(rows: Sequence[dict], class_names: Sequence[str] | None) -> list[str
   return [f'- split {s}: A = {name(a)}; B = {name(b)}' for s, (a, b) in sorted(seen.items())]
 
 
+def curves(records: Sequence[dict], figures: Sequence[str] = (), last: int = 3) -> list[str]:
+  """The learning-curves section, from metrics.jsonl records: the figure, and how much test
+  accuracy moves from one epoch to the next near the end, per condition."""
+  figure = next((f for f in figures if f.endswith('curves.png')), None)
+  lines = ['## Learning curves', '']
+  if figure:
+    lines += [
+        f'[{figure}]({figure}): train (solid) and, where recorded, test (dashed) accuracy '
+        'per epoch, the mean over the models of each condition and depth.', ''
+    ]
+  changes = results.epoch_changes(records, last)
+  if not changes:
+    lines += [
+        'Test accuracy per epoch was not recorded for every epoch of any model (run with '
+        '`--eval_every_epoch` to record it), or the models trained one epoch only.', ''
+    ]
+    return lines
+  lines += [
+      'How much test accuracy moves from one epoch to the next near the end: |Δ| over each '
+      f'model\'s last {last} epoch-to-epoch changes (fewer if it trained fewer epochs). With no '
+      'learning-rate decay, a final accuracy is one draw from this wobble.', '',
+      '| condition | mean \\|Δ\\| | max \\|Δ\\| | models |', '|---|---|---|---|'
+  ]
+  for c in conditions.TABLE:
+    if c.name in changes:
+      flat = [d for model in changes[c.name] for d in model]
+      lines.append(f'| {c.name} | {np.mean(flat):.3f} | {np.max(flat):.3f} | '
+                   f'{len(changes[c.name])} |')
+  return lines + ['']
+
+
 def at_chance(row: dict) -> bool:
   """Test accuracy at or below 1/k for the k classes of the run's target half: a model that
   learned nothing (kept in the tables: it may be the honest result of its condition)."""
@@ -209,8 +240,10 @@ def flagged(rows: Sequence[dict]) -> list[str]:
 
 
 def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = (),
-           class_names: Sequence[str] | None = None, note: str = '') -> str:
-  """The whole report.md; `note`, if given, is a paragraph under the title. Diverged models are
+           class_names: Sequence[str] | None = None, note: str = '',
+           metrics: Sequence[dict] = ()) -> str:
+  """The whole report.md; `note`, if given, is a paragraph under the title; `metrics` (the
+  per-epoch records of metrics.jsonl) add the learning-curves section. Diverged models are
   listed, and left out of everything else (`results.usable`)."""
   everything, rows = rows, results.usable(rows)
   left_out = f' ({len(everything) - len(rows)} diverged, left out)' if len(rows) < len(
@@ -253,6 +286,8 @@ def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = (),
       if seminar and quoted:
         parts.append(f'  Seminar: {quoted}.')
       parts.append('')
+  if metrics:
+    parts += curves(metrics, figures)
   if figures:
     parts += ['## Figures', ''] + [f'![{f}]({f})' for f in figures if f.endswith('.png')] + ['']
   parts += [

@@ -251,3 +251,37 @@ def paired(rows: Sequence[dict], cond_a: str, cond_b: str, depth: int) -> list[f
       for r in select(rows, condition=cond_a, depth=depth)
       if (r['split'], r['target'], r['seed']) in b
   ]
+
+
+# Learning curves: metrics.jsonl records (one per model and epoch, `workdir.read_metrics`).
+
+
+def curves(records: Sequence[dict], key: str) -> dict[tuple[str, int], tuple[list, list]]:
+  """(epochs, mean of `key` over the models at each epoch) per (condition, depth); records
+  without `key` (e.g. test accuracy, recorded only with --eval_every_epoch) are left out."""
+  values: dict[tuple[str, int], dict[int, list[float]]] = {}
+  for r in records:
+    if key in r:
+      values.setdefault((r['condition'], r['depth']), {}).setdefault(r['epoch'], []).append(r[key])
+  return {
+      group: (sorted(by_epoch), [float(np.mean(by_epoch[e])) for e in sorted(by_epoch)])
+      for group, by_epoch in values.items()
+  }
+
+
+def epoch_changes(records: Sequence[dict], last: int = 3,
+                  key: str = 'test_accuracy') -> dict[str, list[list[float]]]:
+  """|change of `key`| between consecutive epochs, each model's last `last` changes (fewer when it
+  trained fewer epochs), per condition and model: how much a final value rests on the epoch it
+  was taken at. Models with an epoch missing `key` are left out."""
+  by_run: dict[tuple[str, str], dict[int, float]] = {}
+  for r in records:
+    by_run.setdefault((r['condition'], r['run']), {})[r['epoch']] = r.get(key)
+  out: dict[str, list[list[float]]] = {}
+  for (condition, _), by_epoch in sorted(by_run.items()):
+    epochs = sorted(by_epoch)
+    series = [by_epoch[e] for e in epochs]
+    if len(series) < 2 or None in series or epochs != list(range(1, len(epochs) + 1)):
+      continue
+    out.setdefault(condition, []).append(np.abs(np.diff(series[-(last + 1):])).tolist())
+  return out

@@ -54,15 +54,12 @@ def label_map(classes: Sequence[int], num_classes: int) -> np.ndarray:
 def class_indices(labels: np.ndarray, classes: Sequence[int],
                   per_class: int | None = None) -> np.ndarray:
   """Sorted int32 indices of the examples of `classes`; with `per_class`, the first that many
-  of each class (deterministic, so data-size sweeps are nested subsets)."""
+  of each class, or all of a class that has fewer (a cap: deterministic, so data-size sweeps are
+  nested subsets)."""
   parts = []
   for c in classes:
     idx = np.flatnonzero(labels == c)
-    if per_class is not None:
-      if per_class > idx.size:
-        raise ValueError(f'{per_class} images per class requested, class {c} has {idx.size}')
-      idx = idx[:per_class]
-    parts.append(idx)
+    parts.append(idx if per_class is None else idx[:per_class])
   return np.sort(np.concatenate(parts)).astype(np.int32)
 
 

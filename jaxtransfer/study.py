@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtransfer import (cifar, conditions, estimate, flops, imagefolder, migrate, modelspec, plots,
+                         report, results, train, transfer)
 from jaxtransfer import data as data_lib
 from jaxtransfer import features as features_lib
-from jaxtransfer import estimate, flops, models, plots, report, results, train, transfer
 from jaxtransfer import plan as plan_lib
 from jaxtransfer import splits as splits_lib
 from jaxtransfer.plan import Run, Stack, StudyConfig
@@ -25,48 +26,82 @@ from jaxtransfer.progress import Progress
 from jaxtransfer.workdir import Corrupt, Workdir
 
 
-def run(config: StudyConfig, workdir: Workdir, *, data_dir: str | None = None,
+def resolve(config: StudyConfig, *, image_folder: str | None = None,
+            model_fn: modelspec.ModelFn | None = None) -> StudyConfig:
+  """The study `config` names, as its workdir records it: validated (a model of your own checked
+  on the data's image shape) and identified by its data (`image_folder`'s content fingerprint).
+  Raises ConfigError or DataError (one line); writes nothing."""
+  fingerprint, shape = imagefolder.identify(image_folder) if image_folder else ('',
+                                                                                cifar.IMAGE_SHAPE)
+  config = plan_lib.validate(config, model_fn=model_fn, image_shape=shape)
+  return plan_lib.with_data(config, fingerprint)
+
+
+def prepare(config: StudyConfig, workdir: Workdir, image_folder: str | None = None) -> StudyConfig:
+  """Make sure `workdir` is new or holds the (`resolve`d) study `config`: a record that named
+  this very image folder by path is migrated (`migrate.adopt`); nothing else is written."""
+  migrate.adopt(workdir.path, image_folder, config.data_fingerprint)
+  workdir.check(config)
+  return config
+
+
+def run(config: StudyConfig, workdir: Workdir, *, image_folder: str | None = None,
+        model_fn: modelspec.ModelFn | None = None, data_dir: str | None = None,
         manual_dir: str | None = None, cache_dir: str | None = None,
         progress: Progress | None = None, mesh=None, member_map: str | None = None,
-        feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB, wait_for_lock: bool = False,
-        retrain_corrupt: bool = False) -> str:
+        feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB, eval_every_epoch: bool = False,
+        wait_for_lock: bool = False, retrain_corrupt: bool = False) -> str:
   """The whole study: data, plan, training (resumable), results, figures, report.md.
 
-  `member_map` (`train.MEMBER_MAPS`; default 'auto', the platform's) says how members run
-  inside a device; it is not part of the study: results agree up to float noise. The workdir is
-  locked for the whole run (`wait_for_lock`: wait for another run holding it, instead of
-  refusing). Every finished stack's rows and checkpoint are verified before anything is written;
-  `retrain_corrupt` retrains the stacks that fail, instead of refusing. `feature_budget_mb`
-  bounds the memory of precomputed frozen prefixes (see `features`)."""
-  config = plan_lib.validate(config)
+  `image_folder`: where the data is, when not a TFDS dataset (the study records its content,
+  not its path). `model_fn(num_classes)`: a flax module of your own (`config.model` names it;
+  contract in `modelspec`). The rest are run options, not part of the study: `member_map`
+  (`train.MEMBER_MAPS`; default 'auto', the platform's) says how members run inside a device
+  (results agree up to float noise); `feature_budget_mb` bounds the memory of precomputed frozen
+  prefixes (see `features`); `eval_every_epoch` also records every member's test accuracy after
+  each epoch in metrics.jsonl. The workdir is locked for the whole run (`wait_for_lock`: wait for
+  another run holding it, instead of refusing). Every finished stack's rows and checkpoint are
+  verified before anything is written; `retrain_corrupt` retrains the stacks that fail, instead
+  of refusing."""
+  config = resolve(config, image_folder=image_folder, model_fn=model_fn)
   member_map = train.resolve_member_map(member_map)
   progress = progress or Progress(None)
   with workdir.lock(wait_for_lock, on_wait=progress.log):
-    workdir.check(config)
+    prepare(config, workdir, image_folder)
     workdir.remove_leftovers()
-    return _run_locked(config, workdir, data_dir=data_dir, manual_dir=manual_dir,
-                       cache_dir=cache_dir, progress=progress, mesh=mesh, member_map=member_map,
-                       feature_budget_mb=feature_budget_mb, retrain_corrupt=retrain_corrupt)
+    return _run_locked(config, workdir, image_folder=image_folder, model_fn=model_fn,
+                       data_dir=data_dir, manual_dir=manual_dir, cache_dir=cache_dir,
+                       progress=progress, mesh=mesh, member_map=member_map,
+                       feature_budget_mb=feature_budget_mb, eval_every_epoch=eval_every_epoch,
+                       retrain_corrupt=retrain_corrupt)
 
 
-def _run_locked(config: StudyConfig, workdir: Workdir, *, data_dir, manual_dir, cache_dir,
-                progress: Progress, mesh, member_map: str, feature_budget_mb: int,
-                retrain_corrupt: bool) -> str:
-  train_ds, test_ds = _load(config, data_dir, manual_dir, cache_dir)
-  halves, make, layer_names, stacks = _plan(config, train_ds)
+def _run_locked(config: StudyConfig, workdir: Workdir, *, image_folder, model_fn, data_dir,
+                manual_dir, cache_dir, progress: Progress, mesh, member_map: str,
+                feature_budget_mb: int, eval_every_epoch: bool, retrain_corrupt: bool) -> str:
+  train_ds, test_ds = _load(config, image_folder, data_dir, manual_dir, cache_dir)
+  halves, make, layer_names, stacks = _plan(config, train_ds, test_ds, model_fn)
   workdir.claim(config, train_ds.class_names)
   progress.log(f'study {config.hash()}: {sum(len(s.runs) for s in stacks)} models in '
                f'{len(stacks)} stacks, {len(train_ds)} train / {len(test_ds)} test images, '
                f'{jax.device_count()} {jax.default_backend()} device(s), members under '
                f'{member_map}')
+  progress.log(class_counts(train_ds, test_ds, config.train_per_class))
+  notes = moot_flags(config, plan_lib.model_info(config, model_fn, train_ds.images.shape[1:]))
+  for note in notes:
+    progress.log(note)
   mean, std = data_lib.channel_stats(train_ds.images)
   device_data = train.to_device(train_ds, test_ds, mean, std)
   rows = train_stacks(config, workdir, make, device_data, train_ds.labels, test_ds.labels, halves,
                       stacks, progress=progress, mesh=mesh, member_map=member_map,
-                      feature_budget_mb=feature_budget_mb, retrain_corrupt=retrain_corrupt)
+                      feature_budget_mb=feature_budget_mb, eval_every_epoch=eval_every_epoch,
+                      retrain_corrupt=retrain_corrupt)
   results.write(workdir.path, rows)
   paths = plots.write_all(rows, workdir.path)
   diverged = [r for r in rows if r['diverged']]
+  metrics = workdir.read_metrics()
+  if metrics:
+    paths += plots.curves_figure(metrics, workdir.file('figures', 'curves'))
   if config.cka_images:
     from jaxtransfer import similarity  # only when asked
     paths += similarity.write(config, workdir, stacks, halves, make, layer_names, test_ds, mean,
@@ -74,7 +109,9 @@ def _run_locked(config: StudyConfig, workdir: Workdir, *, data_dir, manual_dir, 
   figures = [os.path.relpath(p, workdir.path) for p in paths]
   path = workdir.file('report.md')
   results.atomic_write_text(
-      path, report.render(rows, config.to_json(), figures, class_names=train_ds.class_names))
+      path,
+      report.render(rows, config.to_json(), figures, class_names=train_ds.class_names,
+                    note=' '.join(notes), metrics=metrics))
   if diverged:
     logging.warning(
         '%d of %d models diverged (non-finite loss or weights), e.g. %s: results.csv flags them '
@@ -83,21 +120,53 @@ def _run_locked(config: StudyConfig, workdir: Workdir, *, data_dir, manual_dir, 
   return path
 
 
-def _load(config: StudyConfig, data_dir, manual_dir, cache_dir):
+def _load(config: StudyConfig, image_folder: str | None, data_dir, manual_dir, cache_dir):
   """(train, test) `ArrayDataset`s of the study's data (through the decoded-array cache)."""
-  load = lambda split: data_lib.load(split, dataset=config.dataset, image_folder=config.image_folder
-                                     or None, data_dir=data_dir, manual_dir=manual_dir, cache_dir=
-                                     cache_dir)
+  load = lambda split: data_lib.load(split, dataset=config.dataset, image_folder=image_folder,
+                                     data_dir=data_dir, manual_dir=manual_dir, cache_dir=cache_dir)
   return load('train'), load('test')
 
 
-def _plan(config: StudyConfig, train_ds):
-  """(halves, model maker by class count, layer names, stacks) of a study on `train_ds`."""
+def _plan(config: StudyConfig, train_ds, test_ds, model_fn: modelspec.ModelFn | None = None):
+  """(halves, model maker by class count, layer names, stacks) of a study on this data."""
   halves = plan_lib.make_halves(config, train_ds.class_names)
-  make = lambda k: models.make_model(config.model, k, config.widths, config.layer_defaults)
+  make = modelspec.factory(config.model, config.widths, config.layer_defaults, model_fn)
   example = np.zeros((1,) + train_ds.images.shape[1:], np.float32)
   layer_names = transfer.layer_order(make(2), example, train=False)
-  return halves, make, layer_names, plan_lib.plan(config, layer_names, halves)
+  sizes = half_sizes(config, halves, train_ds.labels, test_ds.labels)
+  return halves, make, layer_names, plan_lib.plan(config, layer_names, halves, sizes)
+
+
+def half_sizes(config: StudyConfig, halves: Sequence[splits_lib.Split], train_labels: np.ndarray,
+               test_labels: np.ndarray) -> dict[tuple[int, str], tuple[int, int]]:
+  """(train, test) examples of every half of every split, as its members use them (the train
+  images capped at --train_per_class per class): the shapes `plan.plan` stacks by."""
+  per_class = config.train_per_class or None
+  return {(s, half): (len(splits_lib.class_indices(train_labels, classes, per_class)),
+                      len(splits_lib.class_indices(test_labels, classes)))
+          for s, pair in enumerate(halves) for half, classes in zip('AB', pair)}
+
+
+def class_counts(train_ds, test_ds, per_class: int = 0) -> str:
+  """The study log's line of images per class, train/test (and the --train_per_class cap)."""
+  count = lambda ds: np.bincount(ds.labels, minlength=len(ds.class_names))
+  pairs = list(zip(train_ds.class_names, count(train_ds), count(test_ds)))
+  cap = f' (training on at most {per_class} per class)' if per_class else ''
+  if len({(n, m) for _, n, m in pairs}) == 1:
+    return f'images per class: {pairs[0][1]} train / {pairs[0][2]} test, every class{cap}'
+  return ('images per class, train/test (unbalanced)' + cap + ': ' +
+          ', '.join(f'{name} {n}/{m}' for name, n, m in pairs))
+
+
+def moot_flags(config: StudyConfig, info: modelspec.ModelInfo) -> list[str]:
+  """What a flag cannot do for this model, said in the log and the report, not refused."""
+  if info.batchnorm or not any(conditions.get(c).frozen for c in config.conditions):
+    return []
+  return [
+      f'The model `{config.model}` has no BatchNorm layer, so --frozen_batchnorm '
+      f'(`{config.frozen_batchnorm}`) changes nothing: frozen layers are fixed functions '
+      'of their input either way.'
+  ]
 
 
 def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], Any],
@@ -105,9 +174,10 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
                  halves: Sequence[splits_lib.Split], stacks: list[Stack], *, progress: Progress,
                  mesh=None, member_map: str | None = None,
                  feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB,
-                 retrain_corrupt: bool = False) -> list[dict]:
+                 eval_every_epoch: bool = False, retrain_corrupt: bool = False) -> list[dict]:
   """Train every unfinished stack in order; return all rows (finished ones read back, after
-  every one was verified).
+  every one was verified, with this study's config hash: a study renamed by a change of its
+  identity fields, e.g. migrated to a data fingerprint, keeps its stacks).
 
   A stack whose frozen prefix is a fixed function of the image (`features.applicable`) trains
   on the prefix's output, computed once, when it fits in `feature_budget_mb` (0: never)."""
@@ -122,6 +192,7 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
     rows = done[stack.name]
     label = f'[{i + 1}/{len(stacks)} {stack.name} K={len(stack.runs)} {member_map}]'
     if rows is not None:
+      rows = [{**r, 'config_hash': config.hash()} for r in rows]
       progress.skip(len(stack.runs) * config.epochs)
       progress.log(f'{label} done, skipped')
     else:
@@ -145,11 +216,13 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
         progress.epoch(label, epoch, config.epochs, metrics)
         workdir.append_metrics([{
             'stack': stack.name, 'run': r.name, **plan_lib.run_fields(r), 'epoch': epoch + 1,
-            'loss': float(m[0]), 'train_accuracy': float(m[1])
+            'loss': float(m[0]), 'train_accuracy': float(m[1]),
+            **({'test_accuracy': float(m[2])} if len(m) > 2 else {})
         } for r, m in zip(stack.runs, metrics)])
 
       result = train.train_stack(model, stack.structure, tconfig, data, members, mesh=mesh,
-                                 member_map=member_map, on_epoch=on_epoch, features=features)
+                                 member_map=member_map, on_epoch=on_epoch, features=features,
+                                 eval_every_epoch=eval_every_epoch)
       finite = _finite_members(result.variables)
       rows = [
           _row(config, halves, r, stack.structure, result.test_accuracy[j],
@@ -194,7 +267,8 @@ def _finite_members(variables) -> np.ndarray:
   return finite
 
 
-def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, data_dir: str | None = None,
+def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder: str | None = None,
+            model_fn: modelspec.ModelFn | None = None, data_dir: str | None = None,
             manual_dir: str | None = None, cache_dir: str | None = None, mesh=None,
             member_map: str | None = None) -> str:
   """The plan and what it will cost here (`estimate`), as text: nothing is trained or written.
@@ -202,13 +276,13 @@ def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, data_dir: st
   The data is loaded (class names, halves and sizes come from it) and a small stack is trained
   for a few seconds (`estimate.probe`). A `workdir` is only read: a study with other flags is
   refused as a run would, and its finished stacks are left out of the estimate."""
-  config = plan_lib.validate(config)
+  config = resolve(config, image_folder=image_folder, model_fn=model_fn)
   member_map = train.resolve_member_map(member_map)
   if workdir is not None:
     workdir.check(config)
-  train_ds, test_ds = _load(config, data_dir, manual_dir, cache_dir)
+  train_ds, test_ds = _load(config, image_folder, data_dir, manual_dir, cache_dir)
   studies = plan_lib.sweep_studies(config) if config.sweep else [('', config)]
-  planned = [(folder, sub, *_plan(sub, train_ds)) for folder, sub in studies]
+  planned = [(folder, sub, *_plan(sub, train_ds, test_ds, model_fn)) for folder, sub in studies]
   mesh = mesh or jax.make_mesh((jax.device_count(),), (train.MODEL_AXIS,))
 
   def sizes(sub: StudyConfig, halves, run: Run) -> tuple[int, int, int]:

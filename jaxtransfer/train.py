@@ -314,16 +314,18 @@ def _to_host(x: jax.Array) -> np.ndarray:
 def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, data: DeviceData,
                 members: Members, *, mesh: Mesh | None = None, member_map: str | None = None,
                 on_epoch: Callable[[int, np.ndarray], None] | None = None,
-                features: Features | None = None) -> StackResult:
+                features: Features | None = None, eval_every_epoch: bool = False) -> StackResult:
   """Initialise, graft, train for `config.epochs` and evaluate a stack of K members.
 
   `mesh`: a 1-D mesh with axis `MODEL_AXIS` (default: all local devices; with several
   processes under `jax.distributed`, all global devices). `member_map`: one of MEMBER_MAPS,
   how members run inside a device ('auto'/None: `default_member_map()`; results agree up to
   float noise). `on_epoch(epoch, metrics)` gets the [K, 2] (mean loss, running accuracy) of
-  every finished epoch. With `features`, steps and evaluation read each member's precomputed
-  prefix output instead of `data` (then used only for the image shape), and `members` index
-  into it.
+  every finished epoch, and with `eval_every_epoch` [K, 3], the test accuracy after that epoch
+  third: the one evaluation function, compiled once, runs after every epoch instead of after
+  the last only (read-only: the same training, and the last epoch's value is the result's test
+  accuracy). With `features`, steps and evaluation read each member's precomputed prefix output
+  instead of `data` (then used only for the image shape), and `members` index into it.
   """
   start = time.perf_counter()
   timings = dict.fromkeys(('compile', 'init', 'train', 'evaluate'), 0.0)
@@ -362,15 +364,21 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   epoch_keys = lambda epoch: jax.vmap(jax.random.fold_in, in_axes=(0, None))(members.shuffle_keys,
                                                                              epoch)
   epoch_fn = compile_(fns.epoch, state, epoch_keys(0), members.train_idx, members.label_map, data)
+  eval_args = lambda state: (state, members.test_idx, members.label_map, data)
+  eval_fn = compile_(fns.evaluate, *eval_args(state)) if eval_every_epoch else None
   metrics = np.zeros((k, 2), np.float32)
+  test_acc = None
   for epoch in range(config.epochs):
     state, epoch_metrics = timed('train', epoch_fn, state, epoch_keys(epoch), members.train_idx,
                                  members.label_map, data)
     metrics = _to_host(epoch_metrics)[:k]
+    if eval_fn is not None:
+      test_acc = timed('evaluate', eval_fn, *eval_args(state))
+      metrics = np.concatenate([metrics, _to_host(test_acc)[:k, None].astype(metrics.dtype)], 1)
     if on_epoch is not None:
       on_epoch(epoch, metrics)
-  eval_args = (state, members.test_idx, members.label_map, data)
-  test_acc = timed('evaluate', compile_(fns.evaluate, *eval_args), *eval_args)
+  if test_acc is None:
+    test_acc = timed('evaluate', compile_(fns.evaluate, *eval_args(state)), *eval_args(state))
   variables = jax.tree.map(lambda x: _to_host(x)[:k], state.variables())
   return StackResult(variables, metrics[:, 1], metrics[:, 0],
                      _to_host(test_acc)[:k],

@@ -24,6 +24,7 @@ def _shard(finished, path, split, similarity=True):
   results.atomic_write_json(os.path.join(path, 'study.json'), meta)
   rows = results.read_csv(os.path.join(finished, 'results.csv'))
   results.write(path, results.select(rows, split=split))
+  Workdir(path).append_metrics([r for r in Workdir(finished).read_metrics() if r['split'] == split])
   if similarity:
     cka = json.load(open(os.path.join(finished, 'figures', 'cka.json')))
     cka['records'] = [r for r in cka['records'] if r['split'] == split]
@@ -52,7 +53,7 @@ def test_pooled_shards_equal_the_whole_study(finished, tmp_path):
   whole = open(os.path.join(finished, 'report.md')).read()
   tables = lambda t: t[t.index('## Test accuracy'):t.index('## Figures')]
   assert tables(text) == tables(whole)  # tables, claims and verdicts
-  assert (f'Pooled from the shards `{one}` (split 1), `{two}` (split 0); the layer-similarity '
+  assert (f'Pooled from the shards `../one` (split 1), `../two` (split 0); the layer-similarity '
           "(CKA) figure averages every shard's models.") in text
   assert os.path.getsize(os.path.join(out, 'figures', 'transfer_relative.png')) > 1000
   # The pooled CKA figure is drawn from every shard's models: the whole study's records.
@@ -136,7 +137,8 @@ def test_pool_refuses_duplicates_and_an_out_inside_a_shard(finished, tmp_path):
   for out in (os.path.join(one, 'pooled'), two):
     with pytest.raises(ValueError, match='is inside the shard'):
       campaigns.pool([one, two], out)
-  assert sorted(os.listdir(one)) == ['figures', 'results.csv', 'results.json', 'study.json']
+  assert sorted(
+      os.listdir(one)) == ['figures', 'metrics.jsonl', 'results.csv', 'results.json', 'study.json']
   os.remove(os.path.join(two, 'results.csv'))
   open(os.path.join(two, 'results.csv'), 'w').write(','.join(results.FIELDS) + '\n')
   proc = subprocess.run(

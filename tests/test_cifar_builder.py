@@ -8,6 +8,7 @@ import os
 import pickle
 import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -241,6 +242,35 @@ def test_load_tfds_path_under_mock_data(tmp_path, monkeypatch, dataset, num_clas
   assert ds.labels.dtype == np.int32 and ((0 <= ds.labels) & (ds.labels < num_classes)).all()
   assert len(ds.class_names) == num_classes
   assert len(list((tmp_path / 'cache').iterdir())) == 1
+
+
+def test_offline_download_fails_fast_naming_the_offline_sources(tmp_path, monkeypatch):
+  # No network here: the real URL fails the probe; so does a host that cannot resolve anywhere.
+  archive = cifar.ARCHIVES['cifar10']
+  monkeypatch.setitem(cifar.ARCHIVES, 'cifar10',
+                      dataclasses.replace(archive, url='https://cifar.invalid/cifar.tar.gz'))
+  start = time.perf_counter()
+  with pytest.raises(DataError) as e:
+    data.load('train', dataset='cifar10', data_dir=str(tmp_path / 'tfds'),
+              cache_dir=str(tmp_path / 'cache'))
+  assert time.perf_counter() - start < 30
+  message = str(e.value)
+  assert message.startswith('cannot download cifar.tar.gz: cannot reach cifar.invalid:443 (')
+  assert '--manual_dir=DIR' in message and '--image_folder=PATH' in message
+  assert '\n' not in message and not prepared_leftovers(tmp_path / 'tfds')
+
+
+def test_network_probe_sees_a_listening_host_and_times_out_on_silence():
+  import socket
+
+  from jaxtransfer import network
+  with socket.socket() as server:
+    server.bind(('127.0.0.1', 0))
+    server.listen()
+    port = server.getsockname()[1]
+    assert network.unreachable(f'http://127.0.0.1:{port}/x', timeout=2) == ''
+  assert network.unreachable(f'http://127.0.0.1:{port}/x',
+                             timeout=2).startswith(f'cannot reach 127.0.0.1:{port}')
 
 
 def test_tensorflow_is_never_imported():

@@ -1,5 +1,6 @@
 """Linear CKA: its defining invariances, an independent HSIC cross-check, and layer features."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -114,7 +115,25 @@ def test_layer_features_shapes_and_logits(tiny_net):
   np.testing.assert_allclose(feats[-1], logits, rtol=1e-5, atol=1e-6)
   conv3 = apply(variables, x, train=False, stop=3)
   np.testing.assert_allclose(feats[2], conv3.reshape(6, -1), rtol=1e-5, atol=1e-6)
-  assert len(cka.layer_features(model, variables, x, num_layers=2)) == 2
+  assert len(cka.layer_features(model, variables, x, layers=('conv1', 'conv2'))) == 2
+
+
+class _TwoDense(nn.Module):
+  """A model of someone else's: no start/stop slicing, a layer called by a method of its own."""
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    hidden = nn.Dense(4, name='hidden')(x.reshape(len(x), -1))
+    return nn.Dense(3, name='out')(nn.relu(hidden))
+
+
+def test_layer_features_of_any_flax_model():
+  model, x = _TwoDense(), _rng(7).normal(size=(5, 2, 2, 3)).astype(np.float32)
+  variables = model.init(jax.random.key(0), x)
+  hidden, out = cka.layer_features(model, variables, x)
+  expected = nn.Dense(4).apply({'params': variables['params']['hidden']}, x.reshape(5, -1))
+  np.testing.assert_allclose(hidden, expected, rtol=1e-6)
+  np.testing.assert_allclose(out, model.apply(variables, x), rtol=1e-6)
 
 
 def test_cka_matrix_of_self(tiny_net):

@@ -91,12 +91,12 @@ def test_member_map_reaches_the_trainer_and_not_the_study(finished, image_folder
   record = lambda path: json.load(open(os.path.join(path, 'study.json')))['config_hash']
   assert record(workdir) == record(finished)  # the same study as without the flag
   stream = io.StringIO()
-  config = plan.StudyConfig(image_folder=image_folder, widths=(2, 2, 2), num_splits=2,
-                            depths=(1, 2), epochs=1, batch_size=8)
+  config = plan.StudyConfig(widths=(2, 2, 2), num_splits=2, depths=(1, 2), epochs=1, batch_size=8)
   with pytest.raises(Stop):
-    study.run(config, Workdir(str(tmp_path / 'api')), progress=Progress(stream), member_map='auto',
-              cache_dir=str(tmp_path / 'cache'))
+    study.run(config, Workdir(str(tmp_path / 'api')), image_folder=image_folder,
+              progress=Progress(stream), member_map='auto', cache_dir=str(tmp_path / 'cache'))
   assert seen == ['vmap', 'map']  # auto on CPU
-  first, stack = stream.getvalue().splitlines()[:2]
+  lines = stream.getvalue().splitlines()
+  first, stack = lines[0], next(line for line in lines if line.startswith('['))
   assert first.endswith(f'{jax.device_count()} cpu device(s), members under map')
   assert stack == '[1/5 base-k2 K=4 map] training'

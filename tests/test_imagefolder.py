@@ -147,3 +147,24 @@ def test_array_dataset_checks_dtypes():
   with pytest.raises(imagefolder.DataError):
     imagefolder.ArrayDataset(images, np.zeros(3, np.int32), ('a',))
   assert len(imagefolder.ArrayDataset(images, np.zeros(2, np.int32), ('a',))) == 2
+
+
+def test_content_fingerprint_follows_the_data_not_its_place(tree, tmp_path):
+  """A copy elsewhere (new paths, new mtimes) is the same data; a renamed or resized file is not."""
+  import shutil
+  root, _ = tree
+  fingerprint, shape = imagefolder.identify(root)
+  assert shape == (SIZE, SIZE, 3) and len(fingerprint) == 64
+  copy = tmp_path / 'elsewhere' / 'copy'
+  shutil.copytree(root, copy, copy_function=shutil.copy)  # fresh mtimes
+  assert imagefolder.identify(copy)[0] == fingerprint
+  splits = imagefolder.scan_image_folder(copy)
+  assert imagefolder.folder_fingerprint(str(copy), splits) != imagefolder.folder_fingerprint(
+      str(root), imagefolder.scan_image_folder(root))  # the decode cache stays per place
+  first = splits['train'][0][0]
+  os.rename(first, first.replace('0000', '0009'))
+  renamed = imagefolder.identify(copy)[0]
+  assert renamed != fingerprint
+  with open(splits['test'][0][0], 'ab') as f:
+    f.write(b'\0')  # one byte more
+  assert imagefolder.identify(copy)[0] not in (fingerprint, renamed)

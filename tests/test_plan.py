@@ -57,14 +57,48 @@ def test_flags_take_their_defaults_and_choices_from_the_config():
 
 def test_validate_normalises_like_the_cli(tmp_path):
   config = plan.validate(
-      plan.StudyConfig(num_splits=2, splits=('1', '0', '1'), widths=('2', '2', '2'),
-                       image_folder='rel/folder'))
+      plan.StudyConfig(num_splits=2, splits=('1', '0', '1'), widths=('2', '2', '2')))
   assert config.depths == (1, 2, 3, 4, 5, 6)  # 1..L-1 of the 7-layer final net
   assert config.splits == () and config.widths == (2, 2, 2)  # every split: the whole study
-  assert config.image_folder == os.path.abspath('rel/folder')
   assert plan.validate(config) == config
+  assert plan.validate(plan.StudyConfig(model='initial')).depths == tuple(range(1, 9))
   with pytest.raises(plan.ConfigError, match="--frozen_batchnorm 'frozen': expected one of"):
     plan.validate(plan.StudyConfig(frozen_batchnorm='frozen'))
+
+
+def test_a_study_is_named_by_its_datas_content_not_its_path():
+  config = plan.validate(plan.StudyConfig())
+  assert 'image_folder' not in config.to_json()  # where the data is: a run option, not identity
+  named = plan.with_data(config, 'f' * 64)
+  assert named.data_fingerprint == 'f' * 64 and named.hash() != config.hash()
+  assert plan.with_data(named, 'f' * 64) == named  # given, it must match
+  with pytest.raises(plan.ConfigError, match='--image_folder holds other data'):
+    plan.with_data(named, 'e' * 64)
+  with pytest.raises(plan.ConfigError, match='give it with --image_folder'):
+    plan.with_data(named, '')
+  # A study.json of before: an empty image_folder (TFDS data) reads as today's config.
+  assert plan.with_defaults({**config.to_json(), 'image_folder': ''}) == config.to_json()
+  assert plan.config_hash(config.to_json()) == config.hash()
+
+
+def test_unbalanced_halves_train_in_stacks_of_their_own_size():
+  layers = ('conv1', 'conv2', 'head')
+  halves = splits.random_halves(4, 2, seed=0)
+  config = plan.StudyConfig(num_splits=2, depths=(1,), conditions=('BnB', 'AnB+'))
+  balanced = {(s, h): (16, 8) for s in range(2) for h in 'AB'}
+  plain = plan.plan(config, layers, halves)
+  assert plan.plan(config, layers, halves, balanced) == plain  # same stacks, same names
+  sizes = {**balanced, (1, 'A'): (13, 8), (1, 'B'): (16, 7)}
+  stacks = plan.plan(config, layers, halves, sizes)
+  names = [s.name for s in stacks]
+  assert len(set(names)) == len(names)
+  assert {r for s in stacks for r in s.runs} == {r for s in plain for r in s.runs}
+  for stack in stacks:
+    counts = {sizes[(r.split, r.target)] for r in stack.runs}
+    assert len(counts) == 1  # every member of a stack: one array shape
+    assert stack.name.endswith('-N{}-M{}'.format(*counts.pop()))
+  assert sorted(names) == sorted(
+      f'{s.name}-N{n}-M{m}' for s in plain for n, m in ((16, 8), (13, 8), (16, 7)))
 
 
 @pytest.mark.parametrize('name, source_of_B, frozen', [('BnB', 'B', True), ('BnB+', 'B', False),
@@ -92,3 +126,19 @@ def test_published_studies_keep_the_recipe_they_ran_with():
       plan.StudyConfig(),
       **{k: tuple(v) if isinstance(v, list) else v for k, v in published.items()})
   assert plan.differing(old, new.to_json()) == ['layer_defaults']
+
+
+def test_published_studies_name_their_data_by_content_and_still_pool():
+  """Migrated from the path /tmp/cifar/cifar10-jpeg to its content (experiments/migrate_study)."""
+  folders = ('seed-1split-update', 'seed-split1-update', 'seed-1split-fixed', 'seed-split1-fixed')
+  records = [
+      json.load(open(os.path.join(ROOT, 'results', 'cifar10', f, 'study.json'))) for f in folders
+  ]
+  configs = [plan.with_defaults(r['config']) for r in records]
+  assert {c['data_fingerprint'] for c in configs
+         } == {'e8ae1be30bd6e776705bb4a9a328b8dcc6e3115abf3ea682b830b5719fdd1293'}
+  assert not any('/tmp' in json.dumps(r) or 'image_folder' in r['config'] for r in records)
+  for record, config in zip(records, configs):
+    assert record['config_hash'] == plan.config_hash(config)
+  for shard_a, shard_b in (configs[:2], configs[2:]):  # each policy's two shards still pool
+    assert plan.differing(shard_a, shard_b) == ['num_splits', 'splits']

@@ -61,3 +61,23 @@ def test_diverged_rows_are_left_out_and_listed():
                                  1)
   assert len(pairs) == 5
   assert report.render([dict(r, diverged=True) for r in ROWS], {}).count('nothing to tabulate')
+
+
+def test_learning_curves_say_how_much_test_accuracy_moves_near_the_end():
+  from jaxtransfer import report
+  record = lambda run, condition, epoch, test: {
+      'run': run, 'condition': condition, 'depth': 0 if condition == 'base' else 1, 'epoch': epoch,
+      'train_accuracy': 0.5 + 0.1 * epoch, **({} if test is None else {'test_accuracy': test})
+  }
+  records = [record('a', 'base', e, t) for e, t in enumerate([.5, .6, .7, .65, .68], 1)]
+  records += [record('b', 'BnB', e, t) for e, t in enumerate([.5, .52, .5, .51, .5], 1)]
+  records += [record('c', 'BnB', e, None) for e in range(1, 6)]  # trained without the flag
+  assert results.epoch_changes(records) == {
+      'base': [pytest.approx([0.1, 0.05, 0.03])], 'BnB': [pytest.approx([0.02, 0.01, 0.01])]
+  }
+  text = '\n'.join(report.curves(records, ['figures/curves.png']))
+  assert '[figures/curves.png](figures/curves.png)' in text
+  assert '| base | 0.060 | 0.100 | 1 |' in text and '| BnB | 0.013 | 0.020 | 1 |' in text
+  assert 'not recorded' in '\n'.join(report.curves(records[-5:]))
+  epochs, means = results.curves(records, 'train_accuracy')[('BnB', 1)]
+  assert epochs == [1, 2, 3, 4, 5] and means == pytest.approx([0.6, 0.7, 0.8, 0.9, 1.0])

@@ -10,7 +10,7 @@ import pytest
 
 from jaxtransfer import plan, results, study, train
 from jaxtransfer.workdir import Workdir
-from tests.conftest import ROOT, run_cli, tiny_args
+from tests.conftest import ROOT, make_image_folder, run_cli, tiny_args
 
 
 def without_timings(path):
@@ -118,8 +118,9 @@ def test_cli_rejects_unknown_flag_value(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.main', '--model=resnet', f'--workdir={tmp_path}'],
       cwd=ROOT, capture_output=True, text=True)
-  assert proc.returncode != 0
-  assert "value should be one of <initial|final>" in proc.stderr
+  assert proc.returncode == 2
+  assert proc.stderr.endswith("error: --model 'resnet': expected initial, final, MODULE:ATTR or "
+                              'path/to/file.py:ATTR\n')
   assert os.listdir(tmp_path) == []
 
 
@@ -132,13 +133,11 @@ def test_python_api_refuses_what_the_cli_refuses(image_folder, tmp_path, capsys,
   extra = [f'--{k}={flag(v)}' for k, v in fields.items()]
   assert run_cli(*tiny_args(image_folder, tmp_path / 'cli', *extra)) == 2
   cli_error = capsys.readouterr().err.strip().removeprefix('error: ')
-  config = plan.StudyConfig(
-      **{
-          'image_folder': image_folder, 'widths': (2, 2, 2), 'num_splits': 2, 'depths': (1, 2),
-          'epochs': 1, 'batch_size': 8, **fields
-      })
+  config = plan.StudyConfig(**{
+      'widths': (2, 2, 2), 'num_splits': 2, 'depths': (1, 2), 'epochs': 1, 'batch_size': 8, **fields
+  })
   with pytest.raises(plan.ConfigError) as excinfo:
-    study.run(config, Workdir(str(tmp_path / 'api')))
+    study.run(config, Workdir(str(tmp_path / 'api')), image_folder=image_folder)
   assert str(excinfo.value) == cli_error
   assert not os.path.exists(tmp_path / 'api')
 
@@ -157,3 +156,92 @@ def test_fixed_prefixes_computed_once_give_the_plain_results(image_folder, tmp_p
     assert (a['condition'], a['depth'], a['target']) == (b['condition'], b['depth'], b['target'])
     assert a['train_accuracy'] == pytest.approx(b['train_accuracy'], abs=1e-6)
     assert a['final_loss'] == pytest.approx(b['final_loss'], rel=1e-5)
+
+
+def test_a_moved_image_folder_resumes_without_training(finished, image_folder, tmp_path,
+                                                       monkeypatch):
+  """The study is its data's content: the same folder elsewhere (another machine, another mount)
+  resumes the workdir; --eval_every_epoch, a run option, changes nothing of it either."""
+  workdir, moved = str(tmp_path / 'wd'), str(tmp_path / 'mounted' / 'elsewhere')
+  shutil.copytree(finished, workdir)
+  shutil.copytree(image_folder, moved, copy_function=shutil.copy)  # new paths, new mtimes
+  trained = []
+  original = train.train_stack
+  monkeypatch.setattr(train, 'train_stack', lambda *a, **k: trained.append(1) or original(*a, **k))
+  assert run_cli(*tiny_args(moved, workdir, '--eval_every_epoch')) == 0
+  assert trained == []
+  assert without_timings(os.path.join(workdir, 'results.csv')) == without_timings(
+      os.path.join(finished, 'results.csv'))
+  for name in ('study.json', 'report.md', 'results.json', os.path.join('figures', 'cka.json')):
+    text = open(os.path.join(workdir, name)).read()
+    assert image_folder not in text and moved not in text and str(tmp_path) not in text, name
+
+
+def test_a_study_recorded_by_path_is_migrated(finished, image_folder, tmp_path, capsys):
+  """study.json files of before named their image folder by absolute path: resumed from that very
+  path they are migrated on the fly; from elsewhere, `experiments.migrate_study` does it."""
+  record = json.load(open(os.path.join(finished, 'study.json')))
+  legacy = {
+      **record, 'config': {
+          **{
+              k: v for k, v in record['config'].items() if k != 'data_fingerprint'
+          }, 'image_folder': image_folder
+      }, 'config_hash': 'legacy'
+  }
+  migrated = lambda path: json.load(open(os.path.join(path, 'study.json')))
+  # At the recorded path: migrated when the study resumes (prepare: before anything else).
+  same = tmp_path / 'same'
+  results.atomic_write_json(str(same / 'study.json'), legacy)
+  config = study.resolve(
+      plan.StudyConfig(
+          **{'widths': (2, 2, 2), 'num_splits': 2, 'depths': (1, 2), 'epochs': 1, 'batch_size': 8}),
+      image_folder=image_folder)
+  assert study.prepare(config, Workdir(str(same)), image_folder) == config
+  assert migrated(same) == {**record, 'config_hash_before_migration': 'legacy'}
+  # Elsewhere: refused in one line naming the command, which migrates it.
+  moved, other = str(tmp_path / 'moved'), str(tmp_path / 'other')
+  shutil.copytree(image_folder, moved)
+  results.atomic_write_json(os.path.join(other, 'study.json'), legacy)
+  assert run_cli(*tiny_args(moved, other)) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and f'records its image folder by path ({image_folder})' in err
+  assert f'python -m experiments.migrate_study {other} --image_folder=PATH' in err
+  migrate = lambda *argv: subprocess.run([sys.executable, '-m', 'experiments.migrate_study', *argv],
+                                         cwd=ROOT, capture_output=True, text=True)
+  wrong = tmp_path / 'wrong'
+  make_image_folder(wrong, ('x', 'y', 'z', 'w'), 2, 1)
+  proc = migrate(other, f'--image_folder={wrong}')
+  assert proc.returncode == 2 and 'not the data of that study' in proc.stderr
+  assert migrated(other) == legacy  # refused: untouched
+  proc = migrate(other, f'--image_folder={moved}')
+  assert proc.returncode == 0, proc.stderr
+  assert migrated(other) == {**record, 'config_hash_before_migration': 'legacy'}
+  assert Workdir(other).check(study.resolve(config, image_folder=moved)) is None  # resumable
+  assert 'nothing to migrate' in migrate(other, f'--image_folder={moved}').stderr
+
+
+def test_an_unbalanced_image_folder_trains_on_every_image(tmp_path, capfd):
+  """Classes with different numbers of images: every member trains on all its half's images
+  (--train_per_class a cap), in stacks of equal shapes; the log gives the counts per class."""
+  root = tmp_path / 'unbalanced'
+  make_image_folder(root, 4, train_per_class=8, test_per_class=4)
+  for split, name, keep in (('train', 'class1', 3), ('train', 'class2', 6), ('test', 'class3', 2)):
+    for f in sorted(os.listdir(root / split / name))[keep:]:
+      os.remove(root / split / name / f)
+  workdir = tmp_path / 'wd'
+  args = [
+      a for a in tiny_args(root, workdir, '--num_splits=1', '--depths=1', '--conditions=BnB',
+                           '--train_per_class=7', '--cka_images=0') if a != '--quiet'
+  ]
+  assert run_cli(*args) == 0
+  err = capfd.readouterr().err
+  assert ('images per class, train/test (unbalanced) (training on at most 7 per class): '
+          'class0 8/4, class1 3/4, class2 6/4, class3 8/2') in err
+  rows = results.read_csv(str(workdir / 'results.csv'))
+  assert sorted(r['condition'] for r in rows) == ['BnB', 'BnB', 'base', 'base']
+  capped = {0: 7, 1: 3, 2: 6, 3: 7}
+  for row in results.select(rows, condition='base'):
+    classes = [int(c) for c in row[f'classes_{row["target"]}'].split()]
+    train_n, test_n = sum(capped[c] for c in classes), sum(4 - 2 * (c == 3) for c in classes)
+    assert f'base-k2-N{train_n}-M{test_n}.json' in os.listdir(workdir / 'stacks')
+    assert row['test_accuracy'] * test_n == pytest.approx(round(row['test_accuracy'] * test_n))

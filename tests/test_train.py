@@ -124,6 +124,19 @@ def test_learns_and_reports_per_member_metrics(stacked, stacked_epochs):
                              atol=1e-4)
 
 
+def test_evaluating_every_epoch_changes_nothing_but_records_test_accuracy(stacked):
+  """--eval_every_epoch is read-only: the same trained variables and final test accuracy."""
+  epochs = []
+  out = train.train_stack(MODEL, train.Structure(), CONFIG, DATA, members(HALVES),
+                          on_epoch=lambda e, m: epochs.append(m), eval_every_epoch=True)
+  jax.tree.map(np.testing.assert_array_equal, out.variables, stacked.variables)
+  np.testing.assert_array_equal(out.test_accuracy, stacked.test_accuracy)
+  assert [m.shape for m in epochs] == [(3, 3), (3, 3)]
+  np.testing.assert_array_equal(epochs[-1][:, 2], stacked.test_accuracy)
+  np.testing.assert_array_equal(epochs[-1][:, :2],
+                                np.stack([stacked.train_loss, stacked.train_accuracy], 1))
+
+
 def test_partial_last_batch_is_trained_on():
   """40 examples at batch 16: 2 full batches + 1 of 8, every epoch."""
   seen = []

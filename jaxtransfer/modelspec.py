@@ -1,0 +1,169 @@
+"""A study's network by name: one of the seed's nets or the researcher's own flax module.
+
+`--model` is 'final' or 'initial' (`models.MODELS`), or `MODULE:ATTR` / `path/to/file.py:ATTR`.
+The contract a model of your own meets, checked here on the data's image shape before anything
+trains (each failure is one line):
+
+- `ATTR(num_classes)` returns a `flax.linen.Module`;
+- it is called as `model.init(key, x, train=False)` and `model.apply(variables, x, train=bool)`
+  (with the non-param collections, e.g. batch_stats, mutable in training) on float NHWC images
+  normalised per channel, and returns [batch, num_classes] logits;
+- its top-level submodules, in the order the forward pass first calls them
+  (`transfer.layer_order`), are its transferable layers: at least 2, since the first n <= L - 1
+  are copied and the rest trained afresh (so a head whose shape depends on the class count is
+  fine);
+- training draws no randomness (no dropout): the trainer passes no PRNG streams to `apply`.
+
+BatchNorm is optional: `flax.linen.BatchNorm` layers follow `--frozen_batchnorm` like the seed's;
+without any, that flag changes nothing (the study says so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxtransfer import models, transfer
+
+ModelFn = Callable[[int], nn.Module]
+_PROBE_CLASSES = 2  # the class count a model is checked with (any works: the head is not grafted)
+
+
+class ModelError(ValueError):
+  """A model that cannot be loaded or does not meet the contract; one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+  """What the protocol needs to know of a model: its layers in call order, and whether any
+  BatchNorm layer makes `--frozen_batchnorm` matter."""
+
+  layers: tuple[str, ...]
+  batchnorm: bool
+
+
+def is_builtin(spec: str) -> bool:
+  return spec in models.MODELS
+
+
+def _one_line(e: BaseException) -> str:
+  first = (str(e).strip().splitlines() or [''])[0]
+  return f'{type(e).__name__}: {first}' if first else type(e).__name__
+
+
+def load(spec: str) -> ModelFn:
+  """The callable a `MODULE:ATTR` or `path/to/file.py:ATTR` spec names (imported once)."""
+  source, _, attr = spec.rpartition(':')
+  if not source or not attr:
+    raise ModelError(f'--model {spec!r}: expected {", ".join(models.MODELS)}, MODULE:ATTR or '
+                     'path/to/file.py:ATTR')
+  if source.endswith('.py') and not os.path.isfile(source):
+    raise ModelError(f'--model {spec}: no file {source}')
+  try:
+    module = _import_file(source) if source.endswith('.py') else importlib.import_module(source)
+  except ModuleNotFoundError as e:
+    raise ModelError(f'--model {spec}: cannot import {source}: no module named '
+                     f'{e.name or source}') from None
+  except Exception as e:  # pylint: disable=broad-except  # the user's code: any error, one line
+    raise ModelError(f'--model {spec}: importing {source} failed: {_one_line(e)}') from None
+  obj = module
+  for part in attr.split('.'):
+    if not hasattr(obj, part):
+      raise ModelError(f'--model {spec}: {source} has no attribute {attr}')
+    obj = getattr(obj, part)
+  if not callable(obj):
+    raise ModelError(f'--model {spec}: {attr} is of type {type(obj).__name__}, not a callable '
+                     'ATTR(num_classes) returning a flax module')
+  return obj
+
+
+def _import_file(path: str):
+  """A model file as a module, once per file per process (under a name from its real path)."""
+  real = os.path.realpath(path)
+  name = 'jaxtransfer_model_' + hashlib.sha256(real.encode()).hexdigest()[:16]
+  if name in sys.modules:
+    return sys.modules[name]
+  spec = importlib.util.spec_from_file_location(name, real)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses (flax modules) look their module up while defined
+  try:
+    spec.loader.exec_module(module)
+  except BaseException:
+    del sys.modules[name]
+    raise
+  return module
+
+
+def factory(spec: str, widths: Sequence[int] = models.FinalNet.widths,
+            layer_defaults: str = 'pytorch', model_fn: ModelFn | None = None) -> ModelFn:
+  """num_classes -> module: `model_fn` if given, else the built-in net or the imported spec."""
+  if model_fn is not None:
+    return model_fn
+  if is_builtin(spec):
+    return lambda k: models.make_model(spec, k, widths, layer_defaults)
+  return load(spec)
+
+
+def name_of(model_fn: ModelFn) -> str:
+  """'module:qualname' of a model function, the name it gets in a study's identity."""
+  module, name = getattr(model_fn, '__module__', None), getattr(model_fn, '__qualname__', None)
+  if not module or not name or '<' in name:
+    raise ModelError(f'model_fn {model_fn!r} has no importable name: give the config a model '
+                     'name for it (the study\'s identity)')
+  return f'{module}:{name}'
+
+
+def inspect(model_fn: ModelFn, spec: str, image_shape: Sequence[int]) -> ModelInfo:
+  """Check `model_fn` against the contract on one (abstract) batch of `image_shape` images."""
+  try:
+    model = model_fn(_PROBE_CLASSES)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ModelError(f'--model {spec}: calling it with num_classes={_PROBE_CLASSES} failed: '
+                     f'{_one_line(e)}') from None
+  if not isinstance(model, nn.Module):
+    raise ModelError(f'--model {spec}: returned an object of type {type(model).__name__}, not a '
+                     'flax.linen Module')
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  where = f'a batch of {"x".join(map(str, image_shape))} images'
+  try:
+    layers = tuple(transfer.layer_order(model, x, train=False))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  except Exception as e:  # pylint: disable=broad-except
+    raise ModelError(f'--model {spec}: model.init(key, x, train=False) fails on {where}: '
+                     f'{_one_line(e)}') from None
+  state = [c for c in shapes if c != 'params']
+  batchnorm = []
+
+  def spot_batchnorm(next_fun, args, kwargs, context):
+    batchnorm.append(isinstance(context.module, nn.BatchNorm))
+    return next_fun(*args, **kwargs)
+
+  def train_step(variables):
+    if state:
+      return model.apply(variables, x, train=True, mutable=state)[0]
+    return model.apply(variables, x, train=True)
+
+  try:
+    with nn.intercept_methods(spot_batchnorm):
+      logits = jax.eval_shape(train_step, shapes)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ModelError(f'--model {spec}: model.apply(variables, x, train=True) fails on {where} '
+                     f'(a model that draws randomness in training, e.g. dropout, is not '
+                     f'supported): {_one_line(e)}') from None
+  if getattr(logits, 'shape', None) != (1, _PROBE_CLASSES):
+    raise ModelError(f'--model {spec}: returns {getattr(logits, "shape", type(logits).__name__)} '
+                     f'for 1 image and {_PROBE_CLASSES} classes, expected logits of shape '
+                     f'(1, {_PROBE_CLASSES})')
+  if len(layers) < 2:
+    raise ModelError(f'--model {spec} has {len(layers)} top-level layer(s) {list(layers)}; '
+                     'transfer needs at least 2 (the first n are copied, the rest trained)')
+  return ModelInfo(layers, any(batchnorm))

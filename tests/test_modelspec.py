@@ -1,0 +1,160 @@
+"""The researcher's own network: a model file outside the package runs a whole study; a spec that
+breaks the contract is refused in one line, by the CLI and the Python API alike."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import flax.linen as nn
+import pytest
+
+from jaxtransfer import modelspec, plan, results, study
+from jaxtransfer.workdir import Workdir
+from tests.conftest import ROOT, run_cli
+
+EXAMPLE = os.path.join(ROOT, 'examples', 'small_vgg.py')
+
+
+def own_args(image_folder, workdir, model, *extra):
+  """A small study of one split, both directions, depth 1 (the built-ins' --widths left alone)."""
+  return (f'--image_folder={image_folder}', f'--workdir={workdir}', f'--model={model}',
+          '--num_splits=1', '--depths=1', '--conditions=BnB,AnB+', '--epochs=2', '--batch_size=8',
+          f'--cache_dir={workdir}-cache', '--quiet', *extra)
+
+
+def test_a_model_file_outside_the_package_runs_to_results_figures_and_report(
+    image_folder, tmp_path):
+  net = tmp_path / 'elsewhere' / 'net.py'
+  os.makedirs(net.parent)
+  shutil.copy(EXAMPLE, net)  # the README's example, as a file of the researcher's own
+  workdir = tmp_path / 'wd'
+  assert run_cli(*own_args(image_folder, workdir, f'{net}:SmallVGG', '--eval_every_epoch')) == 0
+  rows = results.read_csv(str(workdir / 'results.csv'))
+  assert sorted((r['condition'], r['depth'])
+                for r in rows) == [('AnB+', 1)] * 2 + [('BnB', 1)] * 2 + [('base', 0)] * 2
+  recorded = json.load(open(workdir / 'study.json'))['config']
+  assert recorded['model'] == f'{net}:SmallVGG' and recorded['depths'] == [1]
+  # Learning curves: every model's test accuracy after every epoch, the last one its result.
+  metrics = Workdir(str(workdir)).read_metrics()
+  assert len(metrics) == 6 * 2 and all('test_accuracy' in m for m in metrics)
+  last = {m['run']: m['test_accuracy'] for m in metrics if m['epoch'] == 2}
+  assert sorted(last.values()) == sorted(r['test_accuracy'] for r in rows)
+  cka = json.load(open(workdir / 'figures' / 'cka.json'))
+  assert cka['layers'] == ['block1', 'block2', 'block3', 'head']
+  for name in ('transfer', 'transfer_relative', 'curves', 'cka'):
+    assert os.path.getsize(workdir / 'figures' / f'{name}.png') > 1000
+  report = open(workdir / 'report.md').read()
+  assert f'model `{net}:SmallVGG`' in report and '![figures/curves.png]' in report
+  assert '| condition | mean \\|Δ\\| | max \\|Δ\\| | models |' in report
+  assert '| base |' in report.split('## Learning curves')[1].split('## Figures')[0]
+  assert 'The seminar (PyTorch' not in report  # no comparison with the seed's net
+
+
+MODELS_FILE = '''
+import flax.linen as nn
+
+NOT_CALLABLE = 3
+
+
+def returns_a_number(num_classes):
+  return 3
+
+
+class OneLayer(nn.Module):
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.Dense(self.num_classes)(x.reshape(len(x), -1))
+
+
+class NoTrainArgument(nn.Module):
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(self.num_classes)(nn.Dense(4)(x.reshape(len(x), -1)))
+
+
+class Dropout(nn.Module):
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Dropout(0.5, deterministic=not train)(nn.Dense(4, name='a')(x.reshape(len(x), -1)))
+    return nn.Dense(self.num_classes, name='b')(x)
+
+
+class NoLogits(nn.Module):
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.Dense(7, name='b')(nn.Dense(4, name='a')(x.reshape(len(x), -1)))
+'''
+
+
+@pytest.mark.parametrize('model, extra, message', [
+    ('resnet',
+     (), "--model 'resnet': expected initial, final, MODULE:ATTR or path/to/file.py:ATTR"),
+    ('no_such_module_here:Net', (), 'cannot import no_such_module_here: no module named'),
+    ('{dir}/missing.py:Net', (), '{dir}/missing.py:Net: no file {dir}/missing.py'),
+    ('{dir}/nets.py:Missing', (), 'has no attribute Missing'),
+    ('{dir}/nets.py:NOT_CALLABLE', (), 'NOT_CALLABLE is of type int, not a callable'),
+    ('{dir}/nets.py:returns_a_number',
+     (), 'returned an object of type int, not a flax.linen Module'),
+    ('{dir}/nets.py:OneLayer',
+     (), "has 1 top-level layer(s) ['Dense_0']; transfer needs at least 2"),
+    ('{dir}/nets.py:NoTrainArgument', (), 'model.init(key, x, train=False) fails'),
+    ('{dir}/nets.py:Dropout', (), 'dropout, is not supported'),
+    ('{dir}/nets.py:NoLogits', (), 'returns (1, 7) for 1 image and 2 classes'),
+    ('{dir}/nets.py:NoLogits', ('--widths=2,2,2',), '--widths applies to the built-in nets only'),
+    ('{dir}/nets.py:NoLogits', ('--layer_defaults=flax',), '--layer_defaults applies to the built'),
+    (f'{EXAMPLE}:SmallVGG', ('--depths=4',), 'out of range: the'),
+])
+def test_a_model_off_the_contract_is_one_line_in_cli_and_api(image_folder, tmp_path, capsys, model,
+                                                             extra, message):
+  (tmp_path / 'nets.py').write_text(MODELS_FILE)
+  model, message = model.format(dir=tmp_path), message.format(dir=tmp_path)
+  workdir = tmp_path / 'wd'
+  assert run_cli(f'--image_folder={image_folder}', f'--workdir={workdir}', f'--model={model}',
+                 '--quiet', *extra) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and err.count('\n') == 1 and message in err, err
+  assert os.listdir(workdir) == []
+  fields = dict(arg[2:].split('=') for arg in extra)
+  fields = {k: tuple(v.split(',')) if k in ('widths', 'depths') else v for k, v in fields.items()}
+  with pytest.raises(plan.ConfigError) as excinfo:
+    study.run(plan.StudyConfig(model=model, **fields), Workdir(str(tmp_path / 'api')),
+              image_folder=image_folder)
+  assert f'error: {excinfo.value}\n' == err
+  assert not os.path.exists(tmp_path / 'api')
+
+
+class TwoDense(nn.Module):
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    return nn.Dense(self.num_classes, name='out')(nn.Dense(4, name='hidden')(x.reshape(len(x), -1)))
+
+
+def test_model_fn_is_named_in_the_study_and_its_missing_batchnorm_said():
+  config = plan.validate(plan.StudyConfig(conditions=('BnB',)), model_fn=TwoDense)
+  assert config.model == 'tests.test_modelspec:TwoDense' and config.depths == (1,)
+  named = plan.validate(plan.StudyConfig(model='mine'), model_fn=TwoDense)
+  assert named.model == 'mine'
+  with pytest.raises(plan.ConfigError, match='has no importable name: give the config a model'):
+    plan.validate(plan.StudyConfig(), model_fn=lambda k: TwoDense(k))
+  info = plan.model_info(config, TwoDense)
+  assert info == modelspec.ModelInfo(('hidden', 'out'), batchnorm=False)
+  assert 'no BatchNorm layer, so --frozen_batchnorm (`update`) changes nothing' in ' '.join(
+      study.moot_flags(config, info))
+  assert study.moot_flags(dataclasses.replace(config, conditions=('BnB+',)), info) == []
+  example = plan.validate(plan.StudyConfig(model=f'{EXAMPLE}:SmallVGG'))
+  assert example.depths == (1, 2, 3)  # 1..L-1 from the model's own 4 layers
+  assert plan.model_info(example).batchnorm
+  assert not plan.model_info(plan.StudyConfig(model=f'{EXAMPLE}:without_batchnorm')).batchnorm
+  assert not plan.model_info(plan.StudyConfig(model='initial')).batchnorm

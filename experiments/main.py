@@ -161,7 +161,8 @@ def dry_run() -> str:
   set_cpu_devices()
   return study.dry_run(config, Workdir(FLAGS.workdir), image_folder=FLAGS.image_folder,
                        data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
-                       cache_dir=FLAGS.cache_dir, member_map=FLAGS.member_map)
+                       cache_dir=FLAGS.cache_dir, member_map=FLAGS.member_map,
+                       feature_budget_mb=FLAGS.feature_budget_mb)
 
 
 def main(argv):

@@ -16,7 +16,10 @@ The time model, printed with every estimate:
   smaller stacks are charged as if time grew linearly with K (an upper bound: a GPU is less
   busy at small K).
 * Time is proportional to training FLOPs (`jaxtransfer.flops`: frozen layers pruned): a frozen
-  stack costs its share of the full net's FLOPs. Measured on CPU this holds to about 20% per
+  stack costs its share of the full net's FLOPs. A frozen prefix under `fixed` whose output fits
+  `--feature_budget_mb` is computed once (`features`): its forward pass is charged once per
+  image, not per step (the small trained rest runs below the probe's FLOP rate, so these
+  stacks are the least exact). Measured on CPU this holds to about 20% per
   structure (benchmarks/README.md).
 * `overhead`: the probe stack's wall time less its epochs (compiling init, epoch and evaluate,
   initialising, one evaluation batch, copying results back), charged to every stack (each stack
@@ -107,13 +110,20 @@ class StackCost(NamedTuple):
 
 
 def stack_cost(name: str, k: int, frozen: int, macs: Sequence[int], *, epochs: int,
-               train_images: int, test_images: int, probe_: Probe, done: bool) -> StackCost:
-  """A stack's FLOPs and estimated seconds (the time model above)."""
+               train_images: int, test_images: int, probe_: Probe, done: bool,
+               prefix_once: bool = False) -> StackCost:
+  """A stack's FLOPs and estimated seconds (the time model above). `prefix_once`: the frozen
+  prefix's output is computed once (`features`), so the steps skip its forward pass."""
   per_image = flops.training_flops_per_image(macs, frozen)
   forward = flops.forward_flops_per_image(macs)
+  once = 0
+  if prefix_once:
+    prefix = flops.forward_flops_per_image(macs[:frozen])
+    per_image, forward = per_image - prefix, forward - prefix
+    once = (train_images + test_images) * prefix
   slots = math.ceil(k / probe_.devices)
   seconds = probe_.overhead + probe_.seconds_per_flop * slots * (epochs * train_images * per_image +
-                                                                 test_images * forward)
+                                                                 test_images * forward + once)
   return StackCost(name, k,
                    len(macs) - frozen, len(macs), train_images, test_images, per_image,
                    float(k) * epochs * train_images * per_image,

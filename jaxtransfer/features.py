@@ -36,17 +36,17 @@ def applicable(model: Any, structure: train.Structure) -> bool:
 
 def nbytes(model: Any, members: train.Members, data: train.DeviceData, start: int) -> int:
   """Bytes of float32 features of every member's train and test examples."""
-  shape = _prefix_shape(model, members, data, start)
   k, n = members.train_idx.shape
-  m = members.test_idx.shape[1]
-  return k * (n + m) * int(np.prod(shape)) * 4
+  return stack_nbytes(model, k, n, members.test_idx.shape[1], data.train_images.shape[1:], start)
 
 
-def _prefix_shape(model, members, data, start) -> tuple[int, ...]:
-  source = jax.tree.map(lambda x: x[0], members.sources)
-  example = jax.ShapeDtypeStruct((1,) + data.train_images.shape[1:], jnp.float32)
-  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, stop=start), source, example)
-  return out.shape[1:]
+def stack_nbytes(model: Any, k: int, train_images: int, test_images: int,
+                 image_shape: tuple[int, ...], start: int) -> int:
+  """Bytes of float32 features of `k` members' train and test images (what `compute` keeps)."""
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, stop=start), variables, x)
+  return k * (train_images + test_images) * int(np.prod(out.shape[1:])) * 4
 
 
 def compute(model: Any, members: train.Members, data: train.DeviceData,

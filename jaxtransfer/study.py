@@ -270,7 +270,8 @@ def _finite_members(variables) -> np.ndarray:
 def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder: str | None = None,
             model_fn: modelspec.ModelFn | None = None, data_dir: str | None = None,
             manual_dir: str | None = None, cache_dir: str | None = None, mesh=None,
-            member_map: str | None = None) -> str:
+            member_map: str | None = None,
+            feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB) -> str:
   """The plan and what it will cost here (`estimate`), as text: nothing is trained or written.
 
   The data is loaded (class names, halves and sizes come from it) and a small stack is trained
@@ -314,11 +315,15 @@ def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder
       k, n_train, n_test = sizes(sub, halves, stack.runs[0])
       if k not in macs:
         macs[k] = flops.layer_macs(make(k), train_ds.images.shape[1:])
+      start, model = len(stack.structure.frozen_layers), make(k)
+      prefix_once = features_lib.applicable(model, stack.structure) and features_lib.stack_nbytes(
+          model, len(stack.runs), n_train, n_test, train_ds.images.shape[1:],
+          start) <= feature_budget_mb * 2**20
       costs.append(
           estimate.stack_cost(
-              stack.name, len(stack.runs), len(stack.structure.frozen_layers), macs[k],
-              epochs=sub.epochs, train_images=n_train, test_images=n_test, probe_=probe,
-              done=sub_workdir is not None and os.path.exists(sub_workdir.rows_file(stack))))
+              stack.name, len(stack.runs), start, macs[k], epochs=sub.epochs, train_images=n_train,
+              test_images=n_test, probe_=probe, done=sub_workdir is not None and
+              os.path.exists(sub_workdir.rows_file(stack)), prefix_once=prefix_once))
     if folder:
       lines.append(f'sweep study {folder}:')
     lines += estimate.render_stacks(costs, sub.epochs)

@@ -48,8 +48,9 @@ def _macs(jaxpr) -> int:
 def layer_macs(model, image_shape: Sequence[int] = (32, 32, 3)) -> list[int]:
   """Forward multiply-accumulates per image of each of the model's layers, in order."""
   if not hasattr(model, 'num_layers'):
-    raise ValueError(f'counting FLOPs per layer needs a model that runs a slice of its layers '
-                     f'(num_layers, start/stop: the built-in nets); {type(model).__name__} does not')
+    raise ValueError(
+        f'counting FLOPs per layer needs a model that runs a slice of its layers '
+        f'(num_layers, start/stop: the built-in nets); {type(model).__name__} does not')
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
   macs = []

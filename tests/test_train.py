@@ -290,3 +290,17 @@ def test_two_processes_equal_one_process(stacked, tmp_path):
   for out in outs:  # every process gets the whole stack's results
     np.testing.assert_allclose(np.load(out), stacked.variables['params']['head']['dense']['kernel'],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_init_compiled_at_a_low_optimisation_level_gives_the_same_state():
+  """train_stack compiles initialisation with INIT_COMPILER_OPTIONS (it compiles several times
+  faster): the initial state must be the default level's, bit for bit."""
+  example = jnp.zeros((1,) + DATA.train_images.shape[1:], jnp.float32)
+  trainer = train.Trainer(MODEL, train.Structure(), CONFIG, example)
+  key = jax.random.key(7)
+  low = jax.jit(trainer.init).lower(key, None).compile(train.INIT_COMPILER_OPTIONS)(key, None)
+  default = jax.jit(trainer.init)(key, None)
+  assert jax.tree.structure(low) == jax.tree.structure(default)
+  for a, b in zip(jax.tree.leaves(low), jax.tree.leaves(default)):
+    np.testing.assert_array_equal(a, b)
+  assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(low.params))

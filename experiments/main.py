@@ -137,8 +137,8 @@ def run(progress: Progress) -> str:
   """The whole study for the parsed flags; returns the report path."""
   check_writable(FLAGS.workdir)
   workdir = Workdir(FLAGS.workdir)
-  config = config_from_flags(
-  )  # refused here before JAX starts; the workdir is checked under its lock
+  # A bad config is refused here, before JAX starts; the workdir is checked under its lock.
+  config = config_from_flags()
   enable_compilation_cache()
   set_cpu_devices()
   if FLAGS.distributed:

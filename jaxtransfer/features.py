@@ -34,10 +34,16 @@ def applicable(model: Any, structure: train.Structure) -> bool:
           {'start', 'stop'} <= set(inspect.signature(model.__call__).parameters))
 
 
-def nbytes(model: Any, members: train.Members, data: train.DeviceData, start: int) -> int:
-  """Bytes of float32 features of every member's train and test examples."""
-  k, n = members.train_idx.shape
-  return stack_nbytes(model, k, n, members.test_idx.shape[1], data.train_images.shape[1:], start)
+def planned_nbytes(model: Any, structure: train.Structure, k: int, train_images: int,
+                   test_images: int, image_shape: tuple[int, ...], budget_mb: int) -> int | None:
+  """Bytes of a stack's prefix features if they are to be computed once: the structure allows
+  it (`applicable`) and they fit in `budget_mb`; else None (the stack trains the plain way). The
+  one decision, for the trainer and for the dry run's estimate."""
+  if not applicable(model, structure):
+    return None
+  size = stack_nbytes(model, k, train_images, test_images, image_shape,
+                      len(structure.frozen_layers))
+  return size if size <= budget_mb * 2**20 else None
 
 
 def stack_nbytes(model: Any, k: int, train_images: int, test_images: int,

@@ -179,8 +179,8 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
   every one was verified, with this study's config hash: a study renamed by a change of its
   identity fields, e.g. migrated to a data fingerprint, keeps its stacks).
 
-  A stack whose frozen prefix is a fixed function of the image (`features.applicable`) trains
-  on the prefix's output, computed once, when it fits in `feature_budget_mb` (0: never)."""
+  A stack whose frozen prefix is a fixed function of the image trains on the prefix's output,
+  computed once, when it fits in `feature_budget_mb` (0: never; `features.planned_nbytes`)."""
   per_class = config.train_per_class or None
   tconfig = config.train_config()
   member_map = train.resolve_member_map(member_map)
@@ -204,12 +204,13 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
       members = stack_members(stack.runs, classes, train_labels, test_labels, per_class, sources)
       model = make(len(classes[0]))
       features = None
-      if features_lib.applicable(model, stack.structure):
-        start = len(stack.structure.frozen_layers)
-        size = features_lib.nbytes(model, members, data, start)
-        if size <= feature_budget_mb * 2**20:
-          features, members = features_lib.compute(model, members, data, start)
-          label += f' (prefix features: {size / 2**20:.0f} MB)'
+      size = features_lib.planned_nbytes(model, stack.structure, *members.train_idx.shape,
+                                         members.test_idx.shape[1], data.train_images.shape[1:],
+                                         feature_budget_mb)
+      if size is not None:
+        features, members = features_lib.compute(model, members, data,
+                                                 len(stack.structure.frozen_layers))
+        label += f' (prefix features: {size / 2**20:.0f} MB)'
       progress.log(f'{label} training')
 
       def on_epoch(epoch, metrics, stack=stack, label=label):
@@ -316,9 +317,9 @@ def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder
       if k not in macs:
         macs[k] = flops.layer_macs(make(k), train_ds.images.shape[1:])
       start, model = len(stack.structure.frozen_layers), make(k)
-      prefix_once = features_lib.applicable(model, stack.structure) and features_lib.stack_nbytes(
-          model, len(stack.runs), n_train, n_test, train_ds.images.shape[1:],
-          start) <= feature_budget_mb * 2**20
+      prefix_once = features_lib.planned_nbytes(model, stack.structure, len(stack.runs), n_train,
+                                                n_test, train_ds.images.shape[1:],
+                                                feature_budget_mb) is not None
       costs.append(
           estimate.stack_cost(
               stack.name, len(stack.runs), start, macs[k], epochs=sub.epochs, train_images=n_train,

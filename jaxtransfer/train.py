@@ -337,9 +337,9 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   example = jnp.zeros((1,) + data.train_images.shape[1:], jnp.float32)
   trainer = Trainer(model, structure, config, example, features.start if features else 0)
 
-  fns = stack_functions(trainer, mesh, member_map, shared_data=features is None)
+  shared = features is None  # data replicated to every member, or each member's own features
+  fns = stack_functions(trainer, mesh, member_map, shared_data=shared)
   sharded, replicated = NamedSharding(mesh, P(MODEL_AXIS)), NamedSharding(mesh, P())
-  shared = features is None
   data = data if shared else _pad_members(features.data, k_padded)
 
   def compile_(jitted, *args, options=None):

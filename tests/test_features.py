@@ -26,7 +26,13 @@ def test_cached_prefix_trains_like_the_plain_path(stacked):
   cached, indexed = features.compute(MODEL, ms, DATA, start=3)
   k, n = ms.train_idx.shape
   assert cached.data.train_images.shape == (k, n, 4, 4, 2)  # conv3's output (after 1 pool)
-  assert features.nbytes(MODEL, ms, DATA, 3) == k * (n + ms.test_idx.shape[1]) * 4 * 4 * 2 * 4
+  m, shape = ms.test_idx.shape[1], DATA.train_images.shape[1:]
+  size = k * (n + m) * 4 * 4 * 2 * 4
+  assert features.stack_nbytes(MODEL, k, n, m, shape, 3) == size
+  assert features.planned_nbytes(MODEL, structure, k, n, m, shape, budget_mb=1) == size
+  assert features.planned_nbytes(MODEL, structure, k, n, m, shape, budget_mb=0) is None
+  assert features.planned_nbytes(MODEL, train.Structure(prefix, prefix, 'update'), k, n, m, shape,
+                                 budget_mb=1) is None
   fast = train.train_stack(MODEL, structure, CONFIG, DATA, indexed, features=cached)
   np.testing.assert_allclose(fast.train_loss, plain.train_loss, rtol=1e-5)
   np.testing.assert_allclose(fast.train_accuracy, plain.train_accuracy)

@@ -23,7 +23,7 @@ def run_sweep(config: StudyConfig, workdir: Workdir, *, progress: Progress | Non
                          model_fn=kwargs.get('model_fn'))
   progress = progress or Progress(None)
   param, values = plan_lib.parse_sweep(config.sweep)
-  with workdir.lock(wait_for_lock, on_wait=progress.log):
+  with workdir.lock(wait_for_lock, log=progress.log):
     study.prepare(config, workdir, kwargs.get('image_folder'))
     return _sweep_locked(config, workdir, param, values, progress=progress,
                          wait_for_lock=wait_for_lock, **kwargs)

@@ -66,7 +66,7 @@ def run(config: StudyConfig, workdir: Workdir, *, image_folder: str | None = Non
   config = resolve(config, image_folder=image_folder, model_fn=model_fn)
   member_map = train.resolve_member_map(member_map)
   progress = progress or Progress(None)
-  with workdir.lock(wait_for_lock, on_wait=progress.log):
+  with workdir.lock(wait_for_lock, log=progress.log):
     prepare(config, workdir, image_folder)
     workdir.remove_leftovers()
     return _run_locked(config, workdir, image_folder=image_folder, model_fn=model_fn,

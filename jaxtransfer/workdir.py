@@ -178,11 +178,13 @@ class Workdir:
 
   @contextlib.contextmanager
   def lock(self, wait: bool = False,
-           on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+           log: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold the workdir for one run: an advisory OS lock (flock) on `lock`, so the kernel
     releases it when the process ends, however (kill -9 included). A second run is refused at
-    once with the holder's pid and host, or, with `wait`, blocks until the holder ends. Only the
-    first process of a distributed run locks: the others are the same run."""
+    once with the holder's pid and host, or, with `wait`, blocks until the holder ends. A lock
+    file that is still there but unlocked was left by a run that died: `log` says whose, since
+    its work is resumed now. Only the first process of a distributed run locks: the others are
+    the same run."""
     if not _primary():
       yield
       return
@@ -193,18 +195,22 @@ class Workdir:
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
-        holder = os.read(fd, 200).decode(errors='replace').strip() or 'another process'
+        holder = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'another process'
         if not wait:
           os.close(fd)
           raise Busy(f'workdir {self.path} is in use by {holder} (lock file {path}); let that '
                      'run finish, or pass --wait_for_lock to wait for it') from None
-        if on_wait:
-          on_wait(f'waiting for workdir {self.path}, in use by {holder}')
+        if log:
+          log(f'waiting for workdir {self.path}, in use by {holder}')
         fcntl.flock(fd, fcntl.LOCK_EX)
       if _same_file(fd, path):
         break
       os.close(fd)  # the holder removed the file as we waited on it: lock the new one
     try:
+      died = os.pread(fd, 200, 0).decode(errors='replace').strip()  # a clean exit removes the file
+      if died and log:
+        log(f'the run of {died} ended without releasing workdir {self.path} (killed?): '
+            'resuming its work')
       os.ftruncate(fd, 0)
       os.write(
           fd, f'pid {os.getpid()} on {socket.gethostname()} since '

@@ -67,9 +67,15 @@ def test_a_second_run_is_refused_at_once_and_a_killed_holder_frees_the_workdir(
     holder.kill()  # SIGKILL: no cleanup runs in the holder
     holder.wait()
   assert os.path.exists(workdir / 'lock')  # stale: the kernel released its lock
-  with Workdir(str(workdir)).lock():
+  said = []
+  with Workdir(str(workdir)).lock(log=said.append):
     assert open(workdir / 'lock').read().startswith(f'pid {os.getpid()} on ')
   assert not os.path.exists(workdir / 'lock')
+  assert len(said) == 1 and said[0].startswith(f'the run of pid {holder.pid} on ') and (
+      'ended without releasing' in said[0]), said
+  with Workdir(str(workdir)).lock(log=said.append):  # after a clean exit: nothing to say
+    pass
+  assert len(said) == 1
 
 
 def test_waiting_for_the_lock_then_resuming_and_cleaning_leftovers(finished, image_folder,

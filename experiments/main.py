@@ -3,8 +3,9 @@ r"""Runs a transferability study end to end: base nets, transfer grid, results, 
   python -m experiments.main --flagfile=experiments/configs/seed.flags --workdir=/tmp/seed
 
 Rerunning the same command resumes: finished stacks of models are not retrained. Every study
-flag is a field of `jaxtransfer.plan.StudyConfig` (default, help and choices come from there);
-the flags below it only say where things are and how to run.
+flag is a field of `jaxtransfer.plan.StudyConfig`, every run option one of `plan.RunOptions`
+(default, help and choices come from there); the flags defined here only say where the data and
+the workdir are and how this process uses its devices.
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ import tempfile
 
 from absl import app, flags, logging
 
-from jaxtransfer import campaigns, data, features, plan, study, train, workdir as workdir_lib
+from jaxtransfer import campaigns, data, plan, study
 from jaxtransfer.progress import Progress
 from jaxtransfer.workdir import Workdir
 
 FLAGS = flags.FLAGS
 
 
-def define_study_flags() -> None:
-  """One flag per StudyConfig field: enums for choices, lists for tuples."""
-  for field in dataclasses.fields(plan.StudyConfig):
+def define_flags(cls: type) -> None:
+  """One flag per field of a config dataclass: enums for choices, lists for tuples."""
+  for field in dataclasses.fields(cls):
     name, default = field.name, field.default
     help_, choices = field.metadata['help'], field.metadata['choices']
     if isinstance(default, tuple):
@@ -42,48 +43,20 @@ def define_study_flags() -> None:
       flags.DEFINE_string(name, default, help_)
 
 
-define_study_flags()
-# Where the data is (not part of a study's identity).
+define_flags(plan.StudyConfig)
+define_flags(plan.RunOptions)  # how to run: not part of the study
 flags.DEFINE_string(
     'image_folder', None, 'A {train,test}/<class>/*.png|jpg tree to use instead of TFDS '
     '(offline copies, your own datasets; classes may have different numbers of images). The '
     'study records its content (--data_fingerprint), not where it is: moved, it resumes.')
-flags.DEFINE_string('data_dir', None, 'Where TFDS datasets are prepared (default: ~/tensorflow_'
-                    'datasets).')
-flags.DEFINE_string(
-    'manual_dir', None, 'Folder holding a local copy of the official archive '
-    '(e.g. cifar-10-python.tar.gz); used instead of downloading.')
-flags.DEFINE_string(
-    'cache_dir', None, 'Where decoded arrays and compiled programs are cached '
-    f'(default: {data.DEFAULT_CACHE_DIR}).')
-# How to run.
 flags.DEFINE_string(
     'workdir', None, 'Directory for checkpoints, results, figures and report. '
     'Rerunning with the same flags resumes there.')
 flags.DEFINE_bool('quiet', False, 'No progress output.')
 flags.DEFINE_bool(
-    'wait_for_lock', False, 'If another run holds the workdir, wait for it to end '
-    '(default: refuse at once, naming the holder).')
-flags.DEFINE_bool(
-    workdir_lib.RETRAIN_FLAG.lstrip('-'), False, 'Retrain the finished stacks whose rows file or '
-    'checkpoint fails verification (damaged, or written by hand), instead of refusing to run.')
-flags.DEFINE_bool(
-    'eval_every_epoch', False, 'Also evaluate every model on its test images after each '
-    'epoch, into metrics.jsonl, the learning-curves figure and report (read-only: the same '
-    'study, the same results; costs one evaluation per epoch).')
-flags.DEFINE_integer(
-    'feature_budget_mb', features.DEFAULT_BUDGET_MB, 'Memory for the outputs '
-    'of frozen prefixes under --frozen_batchnorm=fixed, computed once per stack '
-    'instead of at every step (same results, faster); a stack needing more '
-    'trains the plain way. 0: never.')
-flags.DEFINE_bool(
     'dry_run', False, 'Print the plan (stacks, models, model-epochs, training FLOPs) and '
     'an estimate of its wall time on this backend from a probe of a few seconds; '
     'trains nothing and writes nothing.')
-flags.DEFINE_enum(
-    'member_map', 'auto', list(train.MEMBER_MAPS), 'How a stack\'s members run on a '
-    'device: vmap (one batched kernel; the accelerators\' default), map (in turn; '
-    'CPU\'s default) or auto. Not part of the study: results agree up to float noise.')
 flags.DEFINE_integer(
     'cpu_devices', min(os.cpu_count() or 1, 8), 'On the CPU backend, split '
     'the cores into this many JAX devices: a stack\'s members then train in '
@@ -99,12 +72,16 @@ flags.DEFINE_integer('process_id', None, 'This process\'s index (with --distribu
 flags.mark_flag_as_required('workdir')
 
 
+def from_flags(cls: type):
+  """The config dataclass `cls` with the flags' values (checked as the Python API checks it)."""
+  values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(cls)}
+  return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 def config_from_flags() -> plan.StudyConfig:
   """The flags' study, checked and normalised by the same validator as the Python API, and
   identified by its data (the content of --image_folder)."""
-  values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(plan.StudyConfig)}
-  values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-  return study.resolve(plan.StudyConfig(**values), image_folder=FLAGS.image_folder)
+  return study.resolve(from_flags(plan.StudyConfig), image_folder=FLAGS.image_folder)
 
 
 def check_writable(path: str) -> None:
@@ -138,7 +115,7 @@ def run(progress: Progress) -> str:
   check_writable(FLAGS.workdir)
   workdir = Workdir(FLAGS.workdir)
   # A bad config is refused here, before JAX starts; the workdir is checked under its lock.
-  config = config_from_flags()
+  config, options = config_from_flags(), from_flags(plan.RunOptions)
   enable_compilation_cache()
   set_cpu_devices()
   if FLAGS.distributed:
@@ -146,23 +123,18 @@ def run(progress: Progress) -> str:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts; else unused
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   run_fn = campaigns.run_sweep if config.sweep else study.run
-  return run_fn(config, workdir, image_folder=FLAGS.image_folder, data_dir=FLAGS.data_dir,
-                manual_dir=FLAGS.manual_dir, cache_dir=FLAGS.cache_dir, progress=progress,
-                member_map=FLAGS.member_map, feature_budget_mb=FLAGS.feature_budget_mb,
-                wait_for_lock=FLAGS.wait_for_lock, retrain_corrupt=FLAGS.retrain_corrupt,
-                eval_every_epoch=FLAGS.eval_every_epoch)
+  return run_fn(config, workdir, image_folder=FLAGS.image_folder, options=options,
+                progress=progress)
 
 
 def dry_run() -> str:
   """The plan and its estimate for the parsed flags. The workdir is only read (a study there
   with other flags is refused, its finished stacks left out); the compilation cache stays off,
   so the probe's compile times are those of a first run."""
-  config = config_from_flags()
+  config, options = config_from_flags(), from_flags(plan.RunOptions)
   set_cpu_devices()
   return study.dry_run(config, Workdir(FLAGS.workdir), image_folder=FLAGS.image_folder,
-                       data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
-                       cache_dir=FLAGS.cache_dir, member_map=FLAGS.member_map,
-                       feature_budget_mb=FLAGS.feature_budget_mb)
+                       options=options)
 
 
 def main(argv):

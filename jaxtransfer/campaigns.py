@@ -6,27 +6,28 @@ import json
 import os
 from typing import Sequence
 
-from jaxtransfer import migrate, plots, report, results, similarity, study
+from jaxtransfer import migrate, modelspec, plots, report, results, similarity, study
 from jaxtransfer import plan as plan_lib
 from jaxtransfer import workdir as workdir_lib
-from jaxtransfer.plan import StudyConfig
+from jaxtransfer.plan import RunOptions, StudyConfig
 from jaxtransfer.progress import Progress
 from jaxtransfer.workdir import Workdir
 
 
-def run_sweep(config: StudyConfig, workdir: Workdir, *, progress: Progress | None = None,
-              wait_for_lock: bool = False, **kwargs) -> str:
+def run_sweep(config: StudyConfig, workdir: Workdir, *, image_folder: str | None = None,
+              model_fn: modelspec.ModelFn | None = None, options: RunOptions = RunOptions(),
+              progress: Progress | None = None, mesh=None) -> str:
   """One full (resumable) study per value of the swept flag in `workdir/<param>-<value>/`,
-  then a figure and `sweep.md` of how the co-adaptation dip and fine-tuning gain move. The
-  sweep's workdir is locked for the whole sweep, each sub-study's for its own run."""
-  config = study.resolve(config, image_folder=kwargs.get('image_folder'),
-                         model_fn=kwargs.get('model_fn'))
+  then a figure and `sweep.md` of how the co-adaptation dip and fine-tuning gain move; the
+  arguments are `study.run`'s. The sweep's workdir is locked for the whole sweep, each
+  sub-study's for its own run."""
+  config = study.resolve(config, image_folder=image_folder, model_fn=model_fn)
   progress = progress or Progress(None)
   param, values = plan_lib.parse_sweep(config.sweep)
-  with workdir.lock(wait_for_lock, log=progress.log):
-    study.prepare(config, workdir, kwargs.get('image_folder'))
-    return _sweep_locked(config, workdir, param, values, progress=progress,
-                         wait_for_lock=wait_for_lock, **kwargs)
+  with workdir.lock(options.wait_for_lock, log=progress.log):
+    study.prepare(config, workdir, image_folder)
+    kwargs = dict(image_folder=image_folder, model_fn=model_fn, options=options, mesh=mesh)
+    return _sweep_locked(config, workdir, param, values, progress=progress, **kwargs)
 
 
 def _sweep_locked(config: StudyConfig, workdir: Workdir, param: str, values: Sequence[int], *,

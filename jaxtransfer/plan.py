@@ -17,7 +17,8 @@ from typing import Any, Mapping, Sequence
 
 import jax
 
-from jaxtransfer import cifar, conditions, models, modelspec, results, train, transfer
+from jaxtransfer import (cifar, conditions, data, features, models, modelspec, results, train,
+                         transfer)
 from jaxtransfer import splits as splits_lib
 
 HALVINGS = ('random', 'dissimilar')
@@ -139,6 +140,49 @@ def _ints(name: str, values: Sequence) -> tuple[int, ...]:
 def _choice(name: str, value: str, choices: Sequence[str]) -> None:
   if value not in choices:
     raise ConfigError(f'--{name} {value!r}: expected one of {", ".join(choices)}')
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+  """How and where a study runs, never what it finds: not part of its identity (hash, workdir),
+  so any of these may change between a run and its resumption.
+
+  The one source of these defaults and help texts, as `StudyConfig` is of the study's:
+  `experiments/main.py` defines a flag per field; the checks run on construction, for the CLI
+  and the Python API alike."""
+
+  data_dir: str | None = _opt(None,
+                              'Where TFDS datasets are prepared (default: ~/tensorflow_datasets).')
+  manual_dir: str | None = _opt(
+      None, 'Folder holding a local copy of the official archive (e.g. '
+      'cifar-10-python.tar.gz); used instead of downloading.')
+  cache_dir: str | None = _opt(
+      None, 'Where decoded arrays and compiled programs are cached (default: '
+      f'{data.DEFAULT_CACHE_DIR}).')
+  member_map: str = _opt(
+      'auto', "How a stack's members run on a device: vmap (one batched kernel; the "
+      "accelerators' default), map (in turn; CPU's default) or auto. Results agree up to float "
+      'noise.', train.MEMBER_MAPS)
+  feature_budget_mb: int = _opt(
+      features.DEFAULT_BUDGET_MB, 'Memory for the outputs of frozen prefixes under '
+      '--frozen_batchnorm=fixed, computed once per stack instead of at every step (same '
+      'results, faster); a stack needing more trains the plain way. 0: never.')
+  eval_every_epoch: bool = _opt(
+      False, 'Also evaluate every model on its test images after each epoch, into '
+      'metrics.jsonl, the learning-curves figure and report (read-only: the same study, the '
+      'same results; costs one evaluation per epoch).')
+  wait_for_lock: bool = _opt(
+      False, 'If another run holds the workdir, wait for it to end (default: refuse at once, '
+      'naming the holder).')
+  retrain_corrupt: bool = _opt(
+      False, 'Retrain the finished stacks whose rows file or checkpoint fails verification '
+      '(damaged, or written by hand), instead of refusing to run.')
+
+  def __post_init__(self):
+    _choice('member_map', self.member_map, train.MEMBER_MAPS)
+    if not isinstance(self.feature_budget_mb, int) or self.feature_budget_mb < 0:
+      raise ConfigError(f'--feature_budget_mb must be an integer >= 0 (MB), got '
+                        f'{self.feature_budget_mb!r}')
 
 
 def validate(config: StudyConfig, *, model_fn: modelspec.ModelFn | None = None,

@@ -21,7 +21,7 @@ from jaxtransfer import data as data_lib
 from jaxtransfer import features as features_lib
 from jaxtransfer import plan as plan_lib
 from jaxtransfer import splits as splits_lib
-from jaxtransfer.plan import Run, Stack, StudyConfig
+from jaxtransfer.plan import RunOptions, Run, Stack, StudyConfig
 from jaxtransfer.progress import Progress
 from jaxtransfer.workdir import Corrupt, Workdir
 
@@ -46,46 +46,33 @@ def prepare(config: StudyConfig, workdir: Workdir, image_folder: str | None = No
 
 
 def run(config: StudyConfig, workdir: Workdir, *, image_folder: str | None = None,
-        model_fn: modelspec.ModelFn | None = None, data_dir: str | None = None,
-        manual_dir: str | None = None, cache_dir: str | None = None,
-        progress: Progress | None = None, mesh=None, member_map: str | None = None,
-        feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB, eval_every_epoch: bool = False,
-        wait_for_lock: bool = False, retrain_corrupt: bool = False) -> str:
+        model_fn: modelspec.ModelFn | None = None, options: RunOptions = RunOptions(),
+        progress: Progress | None = None, mesh=None) -> str:
   """The whole study: data, plan, training (resumable), results, figures, report.md.
 
   `image_folder`: where the data is, when not a TFDS dataset (the study records its content,
   not its path). `model_fn(num_classes)`: a flax module of your own (`config.model` names it;
-  contract in `modelspec`). The rest are run options, not part of the study: `member_map`
-  (`train.MEMBER_MAPS`; default 'auto', the platform's) says how members run inside a device
-  (results agree up to float noise); `feature_budget_mb` bounds the memory of precomputed frozen
-  prefixes (see `features`); `eval_every_epoch` also records every member's test accuracy after
-  each epoch in metrics.jsonl. The workdir is locked for the whole run (`wait_for_lock`: wait for
-  another run holding it, instead of refusing). Every finished stack's rows and checkpoint are
-  verified before anything is written; `retrain_corrupt` retrains the stacks that fail, instead
-  of refusing."""
+  contract in `modelspec`). `options`: how to run it (`plan.RunOptions`: not part of the study).
+  The workdir is locked for the whole run, and every finished stack's rows and checkpoint are
+  verified before anything is written."""
   config = resolve(config, image_folder=image_folder, model_fn=model_fn)
-  member_map = train.resolve_member_map(member_map)
   progress = progress or Progress(None)
-  with workdir.lock(wait_for_lock, log=progress.log):
+  with workdir.lock(options.wait_for_lock, log=progress.log):
     prepare(config, workdir, image_folder)
     workdir.remove_leftovers()
     return _run_locked(config, workdir, image_folder=image_folder, model_fn=model_fn,
-                       data_dir=data_dir, manual_dir=manual_dir, cache_dir=cache_dir,
-                       progress=progress, mesh=mesh, member_map=member_map,
-                       feature_budget_mb=feature_budget_mb, eval_every_epoch=eval_every_epoch,
-                       retrain_corrupt=retrain_corrupt)
+                       options=options, progress=progress, mesh=mesh)
 
 
-def _run_locked(config: StudyConfig, workdir: Workdir, *, image_folder, model_fn, data_dir,
-                manual_dir, cache_dir, progress: Progress, mesh, member_map: str,
-                feature_budget_mb: int, eval_every_epoch: bool, retrain_corrupt: bool) -> str:
-  train_ds, test_ds = _load(config, image_folder, data_dir, manual_dir, cache_dir)
+def _run_locked(config: StudyConfig, workdir: Workdir, *, image_folder, model_fn,
+                options: RunOptions, progress: Progress, mesh) -> str:
+  train_ds, test_ds = _load(config, image_folder, options)
   halves, make, layer_names, stacks = _plan(config, train_ds, test_ds, model_fn)
   workdir.claim(config, train_ds.class_names)
   progress.log(f'study {config.hash()}: {sum(len(s.runs) for s in stacks)} models in '
                f'{len(stacks)} stacks, {len(train_ds)} train / {len(test_ds)} test images, '
                f'{jax.device_count()} {jax.default_backend()} device(s), members under '
-               f'{member_map}')
+               f'{train.resolve_member_map(options.member_map)}')
   progress.log(class_counts(train_ds, test_ds, config.train_per_class))
   notes = moot_flags(config, plan_lib.model_info(config, model_fn, train_ds.images.shape[1:]))
   for note in notes:
@@ -93,9 +80,7 @@ def _run_locked(config: StudyConfig, workdir: Workdir, *, image_folder, model_fn
   mean, std = data_lib.channel_stats(train_ds.images)
   device_data = train.to_device(train_ds, test_ds, mean, std)
   rows = train_stacks(config, workdir, make, device_data, train_ds.labels, test_ds.labels, halves,
-                      stacks, progress=progress, mesh=mesh, member_map=member_map,
-                      feature_budget_mb=feature_budget_mb, eval_every_epoch=eval_every_epoch,
-                      retrain_corrupt=retrain_corrupt)
+                      stacks, options=options, progress=progress, mesh=mesh)
   results.write(workdir.path, rows)
   paths = plots.write_all(rows, workdir.path)
   diverged = [r for r in rows if r['diverged']]
@@ -120,10 +105,11 @@ def _run_locked(config: StudyConfig, workdir: Workdir, *, image_folder, model_fn
   return path
 
 
-def _load(config: StudyConfig, image_folder: str | None, data_dir, manual_dir, cache_dir):
+def _load(config: StudyConfig, image_folder: str | None, options: RunOptions):
   """(train, test) `ArrayDataset`s of the study's data (through the decoded-array cache)."""
   load = lambda split: data_lib.load(split, dataset=config.dataset, image_folder=image_folder,
-                                     data_dir=data_dir, manual_dir=manual_dir, cache_dir=cache_dir)
+                                     data_dir=options.data_dir, manual_dir=options.manual_dir,
+                                     cache_dir=options.cache_dir)
   return load('train'), load('test')
 
 
@@ -171,21 +157,19 @@ def moot_flags(config: StudyConfig, info: modelspec.ModelInfo) -> list[str]:
 
 def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], Any],
                  data: train.DeviceData, train_labels: np.ndarray, test_labels: np.ndarray,
-                 halves: Sequence[splits_lib.Split], stacks: list[Stack], *, progress: Progress,
-                 mesh=None, member_map: str | None = None,
-                 feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB,
-                 eval_every_epoch: bool = False, retrain_corrupt: bool = False) -> list[dict]:
+                 halves: Sequence[splits_lib.Split], stacks: list[Stack], *,
+                 options: RunOptions = RunOptions(), progress: Progress, mesh=None) -> list[dict]:
   """Train every unfinished stack in order; return all rows (finished ones read back, after
   every one was verified, with this study's config hash: a study renamed by a change of its
   identity fields, e.g. migrated to a data fingerprint, keeps its stacks).
 
   A stack whose frozen prefix is a fixed function of the image trains on the prefix's output,
-  computed once, when it fits in `feature_budget_mb` (0: never; `features.planned_nbytes`)."""
+  computed once, when it fits in `options.feature_budget_mb` (`features.planned_nbytes`)."""
   per_class = config.train_per_class or None
   tconfig = config.train_config()
-  member_map = train.resolve_member_map(member_map)
+  member_map = train.resolve_member_map(options.member_map)
   done = _finished(workdir, stacks, plan_lib.expected_rows(config, plan_lib.runs(config), halves),
-                   retrain_corrupt, progress)
+                   options.retrain_corrupt, progress)
   progress.plan(sum(len(s.runs) for s in stacks) * config.epochs)
   all_rows, bases = [], None
   for i, stack in enumerate(stacks):
@@ -206,7 +190,7 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
       features = None
       size = features_lib.planned_nbytes(model, stack.structure, *members.train_idx.shape,
                                          members.test_idx.shape[1], data.train_images.shape[1:],
-                                         feature_budget_mb)
+                                         options.feature_budget_mb)
       if size is not None:
         features, members = features_lib.compute(model, members, data,
                                                  len(stack.structure.frozen_layers))
@@ -223,7 +207,7 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
 
       result = train.train_stack(model, stack.structure, tconfig, data, members, mesh=mesh,
                                  member_map=member_map, on_epoch=on_epoch, features=features,
-                                 eval_every_epoch=eval_every_epoch)
+                                 eval_every_epoch=options.eval_every_epoch)
       finite = _finite_members(result.variables)
       rows = [
           _row(config, halves, r, stack.structure, result.test_accuracy[j],
@@ -269,20 +253,18 @@ def _finite_members(variables) -> np.ndarray:
 
 
 def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder: str | None = None,
-            model_fn: modelspec.ModelFn | None = None, data_dir: str | None = None,
-            manual_dir: str | None = None, cache_dir: str | None = None, mesh=None,
-            member_map: str | None = None,
-            feature_budget_mb: int = features_lib.DEFAULT_BUDGET_MB) -> str:
+            model_fn: modelspec.ModelFn | None = None, options: RunOptions = RunOptions(),
+            mesh=None) -> str:
   """The plan and what it will cost here (`estimate`), as text: nothing is trained or written.
 
   The data is loaded (class names, halves and sizes come from it) and a small stack is trained
   for a few seconds (`estimate.probe`). A `workdir` is only read: a study with other flags is
   refused as a run would, and its finished stacks are left out of the estimate."""
   config = resolve(config, image_folder=image_folder, model_fn=model_fn)
-  member_map = train.resolve_member_map(member_map)
+  member_map = train.resolve_member_map(options.member_map)
   if workdir is not None:
     workdir.check(config)
-  train_ds, test_ds = _load(config, image_folder, data_dir, manual_dir, cache_dir)
+  train_ds, test_ds = _load(config, image_folder, options)
   studies = plan_lib.sweep_studies(config) if config.sweep else [('', config)]
   planned = [(folder, sub, *_plan(sub, train_ds, test_ds, model_fn)) for folder, sub in studies]
   mesh = mesh or jax.make_mesh((jax.device_count(),), (train.MODEL_AXIS,))
@@ -319,7 +301,7 @@ def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder
       start, model = len(stack.structure.frozen_layers), make(k)
       prefix_once = features_lib.planned_nbytes(model, stack.structure, len(stack.runs), n_train,
                                                 n_test, train_ds.images.shape[1:],
-                                                feature_budget_mb) is not None
+                                                options.feature_budget_mb) is not None
       costs.append(
           estimate.stack_cost(
               stack.name, len(stack.runs), start, macs[k], epochs=sub.epochs, train_images=n_train,

@@ -177,8 +177,7 @@ class Workdir:
     results.atomic_write_json(meta, {**record, 'class_names': list(class_names)})
 
   @contextlib.contextmanager
-  def lock(self, wait: bool = False,
-           log: Callable[[str], None] | None = None) -> Iterator[None]:
+  def lock(self, wait: bool = False, log: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold the workdir for one run: an advisory OS lock (flock) on `lock`, so the kernel
     releases it when the process ends, however (kill -9 included). A second run is refused at
     once with the holder's pid and host, or, with `wait`, blocks until the holder ends. A lock

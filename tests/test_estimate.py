@@ -94,7 +94,8 @@ def test_member_map_reaches_the_trainer_and_not_the_study(finished, image_folder
   config = plan.StudyConfig(widths=(2, 2, 2), num_splits=2, depths=(1, 2), epochs=1, batch_size=8)
   with pytest.raises(Stop):
     study.run(config, Workdir(str(tmp_path / 'api')), image_folder=image_folder,
-              progress=Progress(stream), member_map='auto', cache_dir=str(tmp_path / 'cache'))
+              progress=Progress(stream), options=plan.RunOptions(member_map='auto',
+                                                                 cache_dir=str(tmp_path / 'cache')))
   assert seen == ['vmap', 'map']  # auto on CPU
   lines = stream.getvalue().splitlines()
   first, stack = lines[0], next(line for line in lines if line.startswith('['))

@@ -9,6 +9,7 @@ from absl import flags
 
 from experiments import main as cli
 from jaxtransfer import conditions, plan, splits, train
+from jaxtransfer import workdir as workdir_lib
 from tests.conftest import ROOT
 
 FLAGS = flags.FLAGS
@@ -44,7 +45,7 @@ def test_every_flagfile_parses_to_a_valid_study(flagfile, monkeypatch):
 def test_flags_take_their_defaults_and_choices_from_the_config():
   FLAGS.unparse_flags()
   FLAGS(['main', '--workdir=unused'])
-  for field in dataclasses.fields(plan.StudyConfig):
+  for field in dataclasses.fields(plan.StudyConfig) + dataclasses.fields(plan.RunOptions):
     value = FLAGS[field.name].value
     default = field.default
     assert (tuple(value) if isinstance(value, list) else value) == (tuple(map(
@@ -53,6 +54,21 @@ def test_flags_take_their_defaults_and_choices_from_the_config():
       assert FLAGS[field.name].parser.enum_values == list(field.metadata['choices'])
   config = plan.StudyConfig(epochs=3, batch_size=8, learning_rate=0.1)
   assert config.train_config() == train.TrainConfig(epochs=3, batch_size=8, learning_rate=0.1)
+  assert cli.from_flags(plan.RunOptions) == plan.RunOptions()
+  FLAGS.unparse_flags()
+  FLAGS([
+      'main', '--workdir=unused', '--member_map=vmap', '--feature_budget_mb=0',
+      workdir_lib.RETRAIN_FLAG
+  ])  # the flag its recovery message names
+  assert cli.from_flags(plan.RunOptions) == plan.RunOptions(member_map='vmap', feature_budget_mb=0,
+                                                            retrain_corrupt=True)
+
+
+def test_run_options_are_checked_on_construction():
+  with pytest.raises(plan.ConfigError, match="--member_map 'pmap': expected one of auto, map"):
+    plan.RunOptions(member_map='pmap')
+  with pytest.raises(plan.ConfigError, match='--feature_budget_mb must be an integer >= 0'):
+    plan.RunOptions(feature_budget_mb=-1)
 
 
 def test_validate_normalises_like_the_cli(tmp_path):

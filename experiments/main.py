@@ -112,10 +112,11 @@ def set_cpu_devices() -> None:
 
 def run(progress: Progress) -> str:
   """The whole study for the parsed flags; returns the report path."""
+  # A bad config is refused here, before JAX starts and before the workdir is made; the study
+  # the workdir holds is checked under its lock.
+  config, options = config_from_flags(), from_flags(plan.RunOptions)
   check_writable(FLAGS.workdir)
   workdir = Workdir(FLAGS.workdir)
-  # A bad config is refused here, before JAX starts; the workdir is checked under its lock.
-  config, options = config_from_flags(), from_flags(plan.RunOptions)
   enable_compilation_cache()
   set_cpu_devices()
   if FLAGS.distributed:

@@ -108,9 +108,10 @@ def test_missing_data_unwritable_workdir_too_many_splits(image_folder, tmp_path,
   assert os.listdir(tmp_path / 'fresh') == []  # nothing claimed before the check
   assert run_cli(*tiny_args(tmp_path / 'nowhere', tmp_path / 'wd')) == 2
   assert 'nowhere' in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / 'wd')  # a bad flag is refused before the workdir is made
   blocker = tmp_path / 'file'
   blocker.write_text('')
-  assert run_cli(*tiny_args(tmp_path / 'nowhere', blocker / 'wd')) == 2
+  assert run_cli(*tiny_args(image_folder, blocker / 'wd')) == 2
   assert 'not writable' in capsys.readouterr().err
 
 
@@ -133,6 +134,7 @@ def test_python_api_refuses_what_the_cli_refuses(image_folder, tmp_path, capsys,
   extra = [f'--{k}={flag(v)}' for k, v in fields.items()]
   assert run_cli(*tiny_args(image_folder, tmp_path / 'cli', *extra)) == 2
   cli_error = capsys.readouterr().err.strip().removeprefix('error: ')
+  assert not os.path.exists(tmp_path / 'cli')
   config = plan.StudyConfig(**{
       'widths': (2, 2, 2), 'num_splits': 2, 'depths': (1, 2), 'epochs': 1, 'batch_size': 8, **fields
   })

@@ -109,18 +109,25 @@ class StackCost(NamedTuple):
   done: bool  # finished in the workdir already: a run skips it, the estimate leaves it out
 
 
+def member_flops_per_image(macs: Sequence[int], frozen: int,
+                           prefix_once: bool = False) -> tuple[int, int, int]:
+  """(training step, evaluation, prefix computed once) FLOPs per image of a stack's member whose
+  first `frozen` layers are frozen; with `prefix_once` (`features`) the steps skip the prefix."""
+  per_image = flops.training_flops_per_image(macs, frozen)
+  forward = flops.forward_flops_per_image(macs)
+  if not prefix_once:
+    return per_image, forward, 0
+  prefix = flops.forward_flops_per_image(macs[:frozen])
+  return per_image - prefix, forward - prefix, prefix
+
+
 def stack_cost(name: str, k: int, frozen: int, macs: Sequence[int], *, epochs: int,
                train_images: int, test_images: int, probe_: Probe, done: bool,
                prefix_once: bool = False) -> StackCost:
   """A stack's FLOPs and estimated seconds (the time model above). `prefix_once`: the frozen
   prefix's output is computed once (`features`), so the steps skip its forward pass."""
-  per_image = flops.training_flops_per_image(macs, frozen)
-  forward = flops.forward_flops_per_image(macs)
-  once = 0
-  if prefix_once:
-    prefix = flops.forward_flops_per_image(macs[:frozen])
-    per_image, forward = per_image - prefix, forward - prefix
-    once = (train_images + test_images) * prefix
+  per_image, forward, prefix = member_flops_per_image(macs, frozen, prefix_once)
+  once = (train_images + test_images) * prefix
   slots = math.ceil(k / probe_.devices)
   seconds = probe_.overhead + probe_.seconds_per_flop * slots * (epochs * train_images * per_image +
                                                                  test_images * forward + once)

@@ -12,8 +12,10 @@ import numpy as np
 class Progress:
   """Writes progress lines to `stream` (stderr by default); `Progress(None)` is silent.
 
-  The ETA counts model-epochs: `plan` sets the total, `skip` removes finished stacks, `epoch`
-  adds the members of a stack as each epoch ends.
+  The ETA counts work: `plan` sets the total, `skip` removes finished stacks, `epoch` adds a
+  stack's epoch as it ends. A unit of work is the caller's (the driver weighs an epoch of a
+  stack by its FLOPs on the busiest device, so cheap frozen stacks do not inflate the ETA; the
+  default, one unit per member, counts model-epochs).
   """
   def __init__(self, stream: TextIO | None = sys.stderr):
     self.stream = stream
@@ -24,16 +26,17 @@ class Progress:
     if self.stream is not None:
       print(message, file=self.stream, flush=True)
 
-  def plan(self, model_epochs: int) -> None:
-    self.total, self.done, self.start = model_epochs, 0, time.perf_counter()
+  def plan(self, work: float) -> None:
+    self.total, self.done, self.start = work, 0, time.perf_counter()
 
-  def skip(self, model_epochs: int) -> None:
-    self.total -= model_epochs
+  def skip(self, work: float) -> None:
+    self.total -= work
 
-  def epoch(self, label: str, epoch: int, epochs: int, metrics: np.ndarray) -> None:
+  def epoch(self, label: str, epoch: int, epochs: int, metrics: np.ndarray,
+            work: float | None = None) -> None:
     """`metrics`: [K, 2] (mean loss, train accuracy) of the stack's K members, or [K, 3] with
-    their test accuracy."""
-    self.done += len(metrics)
+    their test accuracy; `work`: that epoch's (default: K)."""
+    self.done += len(metrics) if work is None else work
     elapsed = time.perf_counter() - self.start
     eta = elapsed / self.done * max(self.total - self.done, 0)
     test = f' test acc {metrics[:, 2].mean():.3f}' if metrics.shape[1] > 2 else ''

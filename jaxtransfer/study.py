@@ -7,6 +7,7 @@ analysis (`similarity`) each live in their own module; this one puts them togeth
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -170,14 +171,17 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
   member_map = train.resolve_member_map(options.member_map)
   done = _finished(workdir, stacks, plan_lib.expected_rows(config, plan_lib.runs(config), halves),
                    options.retrain_corrupt, progress)
-  progress.plan(sum(len(s.runs) for s in stacks) * config.epochs)
+  work = epoch_work(stacks, make, halves, half_sizes(config, halves, train_labels,
+                                                     test_labels), data.train_images.shape[1:],
+                    mesh.size if mesh else jax.device_count(), options.feature_budget_mb)
+  progress.plan(sum(work.values()) * config.epochs)
   all_rows, bases = [], None
   for i, stack in enumerate(stacks):
     rows = done[stack.name]
     label = f'[{i + 1}/{len(stacks)} {stack.name} K={len(stack.runs)} {member_map}]'
     if rows is not None:
       rows = [{**r, 'config_hash': config.hash()} for r in rows]
-      progress.skip(len(stack.runs) * config.epochs)
+      progress.skip(work[stack.name] * config.epochs)
       progress.log(f'{label} done, skipped')
     else:
       sources = None
@@ -198,7 +202,7 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
       progress.log(f'{label} training')
 
       def on_epoch(epoch, metrics, stack=stack, label=label):
-        progress.epoch(label, epoch, config.epochs, metrics)
+        progress.epoch(label, epoch, config.epochs, metrics, work[stack.name])
         workdir.append_metrics([{
             'stack': stack.name, 'run': r.name, **plan_lib.run_fields(r), 'epoch': epoch + 1,
             'loss': float(m[0]), 'train_accuracy': float(m[1]),
@@ -223,6 +227,30 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
         bases = None  # re-read with the new stack included
     all_rows.extend(rows)
   return all_rows
+
+
+def epoch_work(stacks: Sequence[Stack], make: Callable[[int], Any],
+               halves: Sequence[splits_lib.Split], sizes: dict[tuple[int, str], tuple[int, int]],
+               image_shape: Sequence[int], devices: int, budget_mb: int) -> dict[str, float]:
+  """One epoch of each stack as the progress ETA weighs it: the training FLOPs of the busiest
+  device (`estimate`'s time model: members spread over devices, frozen layers pruned, a prefix
+  computed once skipped), so cheap frozen stacks do not inflate the ETA. Models whose layers
+  cannot be counted (`flops.layer_macs`) weigh one unit per member."""
+  macs, work = {}, {}
+  for stack in stacks:
+    run = stack.runs[0]
+    classes = len(plan_lib.half_classes(halves, run.split, run.target))
+    n_train, n_test = sizes[(run.split, run.target)]
+    try:
+      macs[classes] = macs.get(classes) or flops.layer_macs(make(classes), image_shape)
+    except ValueError:
+      return {s.name: float(len(s.runs)) for s in stacks}
+    once = features_lib.planned_nbytes(make(classes), stack.structure, len(stack.runs), n_train,
+                                       n_test, image_shape, budget_mb) is not None
+    per_image, _, _ = estimate.member_flops_per_image(macs[classes],
+                                                      len(stack.structure.frozen_layers), once)
+    work[stack.name] = float(math.ceil(len(stack.runs) / devices) * n_train * per_image)
+  return work
 
 
 def _finished(workdir: Workdir, stacks: Sequence[Stack], expected: dict, retrain_corrupt: bool,

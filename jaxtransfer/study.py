@@ -236,21 +236,34 @@ def epoch_work(stacks: Sequence[Stack], make: Callable[[int], Any],
   device (`estimate`'s time model: members spread over devices, frozen layers pruned, a prefix
   computed once skipped), so cheap frozen stacks do not inflate the ETA. Models whose layers
   cannot be counted (`flops.layer_macs`) weigh one unit per member."""
-  macs, work = {}, {}
+  try:
+    shapes = list(stack_shapes(stacks, make, halves, sizes, image_shape, budget_mb))
+  except ValueError:
+    return {s.name: float(len(s.runs)) for s in stacks}
+  work = {}
+  for stack, macs, n_train, _, once in shapes:
+    per_image, _, _ = estimate.member_flops_per_image(macs, len(stack.structure.frozen_layers),
+                                                      once)
+    work[stack.name] = float(math.ceil(len(stack.runs) / devices) * n_train * per_image)
+  return work
+
+
+def stack_shapes(stacks: Sequence[Stack], make: Callable[[int], Any],
+                 halves: Sequence[splits_lib.Split], sizes: dict[tuple[int, str], tuple[int, int]],
+                 image_shape: Sequence[int], budget_mb: int):
+  """Per stack, what its cost follows from: (stack, layer MACs of its model, a member's train
+  and test images, prefix computed once?), for the dry run's estimate and the progress ETA.
+  Raises ValueError for a model whose layers cannot be counted (`flops.layer_macs`)."""
+  macs = {}
   for stack in stacks:
     run = stack.runs[0]
     classes = len(plan_lib.half_classes(halves, run.split, run.target))
     n_train, n_test = sizes[(run.split, run.target)]
-    try:
-      macs[classes] = macs.get(classes) or flops.layer_macs(make(classes), image_shape)
-    except ValueError:
-      return {s.name: float(len(s.runs)) for s in stacks}
+    if classes not in macs:
+      macs[classes] = flops.layer_macs(make(classes), image_shape)
     once = features_lib.planned_nbytes(make(classes), stack.structure, len(stack.runs), n_train,
                                        n_test, image_shape, budget_mb) is not None
-    per_image, _, _ = estimate.member_flops_per_image(macs[classes],
-                                                      len(stack.structure.frozen_layers), once)
-    work[stack.name] = float(math.ceil(len(stack.runs) / devices) * n_train * per_image)
-  return work
+    yield stack, macs[classes], n_train, n_test, once
 
 
 def _finished(workdir: Workdir, stacks: Sequence[Stack], expected: dict, retrain_corrupt: bool,
@@ -297,17 +310,14 @@ def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder
   planned = [(folder, sub, *_plan(sub, train_ds, test_ds, model_fn)) for folder, sub in studies]
   mesh = mesh or jax.make_mesh((jax.device_count(),), (train.MODEL_AXIS,))
 
-  def sizes(sub: StudyConfig, halves, run: Run) -> tuple[int, int, int]:
-    """(classes, train images, test images) of a member of the run's target half."""
-    classes = plan_lib.half_classes(halves, run.split, run.target)
-    return (len(classes),
-            len(splits_lib.class_indices(train_ds.labels, classes, sub.train_per_class or None)),
-            len(splits_lib.class_indices(test_ds.labels, classes)))
+  sizes = lambda sub, halves: half_sizes(sub, halves, train_ds.labels, test_ds.labels)
 
   # The probe: the first study's largest stack, in the base structure (every layer trained).
   _, sub, halves, make, _, stacks = planned[0]
   largest = max(stacks, key=lambda s: len(s.runs))
-  k, model_epoch, _ = sizes(sub, halves, largest.runs[0])
+  run = largest.runs[0]
+  k = len(plan_lib.half_classes(halves, run.split, run.target))
+  model_epoch = sizes(sub, halves)[(run.split, run.target)][0]
   mean, std = data_lib.channel_stats(train_ds.images)
   probe = estimate.probe(make(k), sub.train_config(), train.to_device(train_ds, test_ds, mean, std),
                          k=mesh.size if member_map == 'map' else len(largest.runs),
@@ -318,23 +328,19 @@ def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder
       f'{len(train_ds.class_names)} classes; {mesh.size} {jax.default_backend()} device(s), '
       f'members under {member_map}'
   ]
-  macs, total, n_models = {}, 0.0, 0
+  total, n_models = 0.0, 0
   for folder, sub, halves, make, _, stacks in planned:
     sub_workdir = Workdir(workdir.file(folder)) if workdir is not None and folder else workdir
     costs = []
-    for stack in stacks:
-      k, n_train, n_test = sizes(sub, halves, stack.runs[0])
-      if k not in macs:
-        macs[k] = flops.layer_macs(make(k), train_ds.images.shape[1:])
-      start, model = len(stack.structure.frozen_layers), make(k)
-      prefix_once = features_lib.planned_nbytes(model, stack.structure, len(stack.runs), n_train,
-                                                n_test, train_ds.images.shape[1:],
-                                                options.feature_budget_mb) is not None
+    for stack, macs, n_train, n_test, once in stack_shapes(stacks, make, halves, sizes(sub, halves),
+                                                           train_ds.images.shape[1:],
+                                                           options.feature_budget_mb):
       costs.append(
           estimate.stack_cost(
-              stack.name, len(stack.runs), start, macs[k], epochs=sub.epochs, train_images=n_train,
-              test_images=n_test, probe_=probe, done=sub_workdir is not None and
-              os.path.exists(sub_workdir.rows_file(stack)), prefix_once=prefix_once))
+              stack.name, len(stack.runs), len(stack.structure.frozen_layers), macs,
+              epochs=sub.epochs, train_images=n_train, test_images=n_test, probe_=probe,
+              done=sub_workdir is not None and os.path.exists(sub_workdir.rows_file(stack)),
+              prefix_once=once))
     if folder:
       lines.append(f'sweep study {folder}:')
     lines += estimate.render_stacks(costs, sub.epochs)

@@ -4,7 +4,9 @@ r"""Prints finished studies' difference-from-base tables side by side, as one ma
       results/cifar10/seed-1split-fixed=fixed
 
 Each argument is a study folder holding results.csv, optionally `=LABEL`; a label is appended to
-that study's column names. Each study is paired against its own base nets.
+that study's column names. Each study is paired against its own base nets. When every study has
+AnB and BnB, a second table gives AnB − BnB (specificity) per study and each later study minus
+the first, with Welch's 95% interval (different studies share no nets to pair on).
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import sys
 from absl import app
 
 from jaxtransfer import report, results
+from jaxtransfer.conditions import ANB, BNB
 
 
 def table(studies: list[tuple[str, str]]) -> str:
   """studies: (folder, label) pairs -> the base accuracies and one relative table. Each folder
   once, each label (column suffix) once; each results.csv checked by `results.read_csv`, and
   diverged models left out."""
-  columns, bases, seen, labels = [], [], {}, {}
+  columns, bases, seen, labels, contrasts = [], [], {}, {}, []
   for folder, label in studies:
     real = os.path.realpath(folder)
     if real in seen:
@@ -37,7 +40,13 @@ def table(studies: list[tuple[str, str]]) -> str:
     suffix = f' ({label})' if label else ''
     columns += [(c + suffix, rows, c) for c in report.conditions_in(rows)]
     bases.append(f'- base nets{suffix or f" ({folder})"}: {report.base_by_target(rows)}')
-  return '\n'.join(bases) + '\n\n' + report.relative_table(columns)
+    contrasts.append((label, rows))
+  text = '\n'.join(bases) + '\n\n' + report.relative_table(columns)
+  specific = (ANB.name, BNB.name)
+  if len(studies) > 1 and all(set(specific) <= set(report.conditions_in(r)) for _, r in contrasts):
+    text += ('\n\nSpecificity, paired within each study; each later study minus the first with '
+             "Welch's 95% interval:\n\n" + report.contrast_table(contrasts, *specific))
+  return text
 
 
 def main(argv: list[str]) -> None:

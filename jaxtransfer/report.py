@@ -87,6 +87,35 @@ def relative_table(columns: Sequence[tuple[str, Sequence[dict], str]]) -> str:
   return '\n'.join(lines)
 
 
+def contrast_table(studies: Sequence[tuple[str, Sequence[dict]]], cond_a: str = ANB.name,
+                   cond_b: str = BNB.name) -> str:
+  """`cond_a` − `cond_b` per depth in each study (paired within it), then each later study
+  minus the first with Welch's interval: whether one study's effect is larger than another's.
+
+  The default, AnB − BnB, is the paper's specificity: it cancels co-adaptation, which BnB
+  shares, so it compares how specific the features of two kinds of halves are."""
+  depths = sorted(
+      {r['depth'] for _, rows in studies for r in results.select(rows, condition=cond_a)})
+  cells = [[results.paired(rows, cond_a, cond_b, d) for d in depths] for _, rows in studies]
+  labels = [f'{cond_a} − {cond_b}{f" ({label})" if label else ""}' for label, _ in studies]
+  first = studies[0][0] or 'first study'
+  labels += [
+      f'{label or "study " + str(i + 2)} − {first}' for i, (label, _) in enumerate(studies[1:])
+  ]
+  lines = ['| n | ' + ' | '.join(labels) + ' |', '|---' * (len(labels) + 1) + '|']
+  for j, d in enumerate(depths):
+    line = [_diff(c[j]) + f' (n={len(c[j])})' if c[j] else '' for c in cells]
+    for c in cells[1:]:
+      if c[j] and cells[0][j]:
+        mean, half = results.welch_ci(c[j], cells[0][j])
+        line.append(f'{mean:+.3f}' + ('' if math.isnan(half) else f' ± {half:.3f}') +
+                    f' ({_side(mean, half)})')
+      else:
+        line.append('')
+    lines.append(f'| {d} | ' + ' | '.join(line) + ' |')
+  return '\n'.join(lines)
+
+
 def base_by_target(rows: Sequence[dict]) -> str:
   """'A 0.631 (n=1), B 0.770 (n=1)': the halves differ in difficulty, so say each."""
   base = results.select(rows, condition=BASE.name)

@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 
 from jaxtransfer import report, results
@@ -23,6 +24,34 @@ def test_relative_table_pairs_each_column_with_its_own_base_nets(tmp_path):
   assert 'base nets (two): A 0.900 ± 0.248 (n=3), B 0.900 ± 0.248 (n=3)' in text
   with pytest.raises(FileNotFoundError, match='results.csv'):
     compare.table([(str(tmp_path / 'missing'), '')])
+
+
+def test_compare_tests_the_specificity_of_a_second_study_against_the_first(tmp_path):
+  from experiments import compare
+
+  # AnB is 0.02 below BnB in the first study and 0.05 below in the second (with some spread):
+  # each study's column pairs within it, the last column is their difference (Welch).
+  def study(drop, spread):
+    anb = [
+        dict(r, condition='AnB', test_accuracy=r['test_accuracy'] - drop + spread * (i % 3 - 1))
+        for i, r in enumerate(results.select(ROWS, condition='BnB'))
+    ]
+    return ROWS + anb
+
+  first, second = study(0.02, 0.001), study(0.05, 0.004)
+  results.write(str(tmp_path / 'one'), first)
+  results.write(str(tmp_path / 'two'), second)
+  text = compare.table([(str(tmp_path / 'one'), ''), (str(tmp_path / 'two'), 'two')])
+  a, b = results.paired(first, 'AnB', 'BnB', 1), results.paired(second, 'AnB', 'BnB', 1)
+  assert len(a) == len(b) == 6
+  mean, half = results.welch_ci(b, a)
+  assert mean == pytest.approx(-0.03)
+  assert '| n | AnB − BnB | AnB − BnB (two) | two − first study |' in text
+  assert (f'| 1 | {np.mean(a):+.3f} ± {results.mean_ci(a)[1]:.3f} (n=6) | '
+          f'{np.mean(b):+.3f} ± {results.mean_ci(b)[1]:.3f} (n=6) | '
+          f'{mean:+.3f} ± {half:.3f} (below) |') in text
+  # Without AnB in every study there is nothing to contrast.
+  assert 'Specificity' not in compare.table([(str(tmp_path / 'one'), '')])
 
 
 def test_compare_refuses_what_it_cannot_pair(tmp_path, capsys):

@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from jaxtransfer import report, results
 from tests.conftest import ROWS
@@ -15,6 +16,20 @@ def test_mean_ci_is_student_t():
   assert mean == 2.0
   assert half == pytest.approx(4.302653 * 1.0 / np.sqrt(3), rel=1e-6)  # t(0.975, 2) s / sqrt(n)
   assert np.isnan(results.mean_ci([0.5])[1])
+
+
+def test_welch_ci_is_welchs_interval_and_the_pooled_one_for_equal_groups():
+  a, b = [1.0, 2.0, 3.0, 4.0], [0.0, 2.0, 4.0, 6.0]
+  mean, half = results.welch_ci(a, b)
+  assert mean == pytest.approx(-0.5)
+  # Welch: se^2 = 1.6667/4 + 6.6667/4, df = 2.0833^2 / (0.4167^2/3 + 1.6667^2/3) = 4.41.
+  se = np.sqrt(5 / 12 + 20 / 12)
+  df = (25 / 12)**2 / ((5 / 12)**2 / 3 + (20 / 12)**2 / 3)
+  assert half == pytest.approx(stats.t.ppf(0.975, df) * se, rel=1e-9)
+  # With equal sizes and variances Welch's df is 2n - 2: the pooled two-sample interval.
+  mean, half = results.welch_ci(a, [x + 1 for x in a])
+  assert (mean, half) == pytest.approx((-1.0, stats.t.ppf(0.975, 6) * np.sqrt(2 * 5 / 3 / 4)))
+  assert np.isnan(results.welch_ci([0.5], a)[1])
 
 
 def test_paired_differences_remove_the_split_spread():

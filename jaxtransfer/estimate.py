@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from typing import NamedTuple, Sequence
 
@@ -56,6 +57,7 @@ class Probe(NamedTuple):
   flops_per_image: int  # training FLOPs per image of the probed (base) structure
   epoch_seconds: float  # the faster of the steady-state epochs
   overhead: float  # the rest of the stack's wall time: compiling, initialising, evaluating
+  load: float = 0.0  # the host's 1-minute load average just before the probe
 
   @property
   def seconds_per_flop(self) -> float:
@@ -82,6 +84,7 @@ def probe(model, config: train.TrainConfig, data: train.DeviceData, *, k: int, n
           jnp.arange(min(config.eval_batch_size, data.test_labels.shape[0]), dtype=jnp.int32)),
       label_map=tile(jnp.arange(num_classes, dtype=jnp.int32) % model.num_classes))
   stamps = []
+  load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0
   start = time.perf_counter()
   train.train_stack(model, train.Structure(), dataclasses.replace(config, epochs=PROBE_EPOCHS),
                     data, members, mesh=mesh, member_map=member_map,
@@ -90,7 +93,7 @@ def probe(model, config: train.TrainConfig, data: train.DeviceData, *, k: int, n
   epoch_seconds = min(b - a for a, b in zip(stamps, stamps[1:]))
   macs = flops.layer_macs(model, data.train_images.shape[1:])
   return Probe(member_map, devices, k, images, flops.training_flops_per_image(macs), epoch_seconds,
-               total - PROBE_EPOCHS * epoch_seconds)
+               total - PROBE_EPOCHS * epoch_seconds, load)
 
 
 class StackCost(NamedTuple):
@@ -171,11 +174,22 @@ def render_stacks(costs: Sequence[StackCost], epochs: int) -> list[str]:
   return lines
 
 
+def busy(load: float, cores: int | None) -> bool:
+  """A host already this loaded shares its cores with the probe, which then measures a slower
+  machine than the study may get: half the cores in use is where the two start to differ."""
+  return load >= 0.5 * (cores or 1)
+
+
 def render_probe(p: Probe, model_epoch_images: int) -> list[str]:
   """What was measured, and the time model's terms."""
   slots = p.members // p.devices
   per_model_epoch = p.seconds_per_flop * model_epoch_images * p.flops_per_image
-  return [
+  warning = [
+      f'note: the host was busy when the probe ran (load average {p.load:.1f} on '
+      f'{os.cpu_count()} cores): its rate, and so the estimate, reflect the shared machine; '
+      'the FLOP counts above do not depend on it'
+  ] if busy(p.load, os.cpu_count()) else []
+  return warning + [
       f'probe (measured now on this backend): a base stack, K={p.members} over {p.devices} '
       f'device(s) under {p.member_map} ({slots} per device), {p.images:,} images per member: '
       f'{p.epoch_seconds:.2f} s per epoch -> {per_model_epoch:.2f} s per '

@@ -37,6 +37,15 @@ def test_time_model():
   assert estimate.total_seconds([cost, done]) == cost.seconds
 
 
+def test_a_probe_on_a_busy_host_says_so():
+  cores = os.cpu_count()
+  quiet = estimate.render_probe(PROBE._replace(load=0.4 * cores), 1000)
+  shared = estimate.render_probe(PROBE._replace(load=0.5 * cores), 1000)
+  assert shared[1:] == quiet
+  assert shared[0].startswith(f'note: the host was busy when the probe ran (load average '
+                              f'{0.5 * cores:.1f} on {cores} cores)')
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(image_folder, tmp_path, capsys):
   workdir = tmp_path / 'wd'
   assert run_cli(*tiny_args(image_folder, workdir, '--dry_run')) == 0

@@ -38,14 +38,16 @@ def table(studies: list[tuple[str, str]]) -> str:
       raise FileNotFoundError(f'{path}: no such file (is {folder} a finished study?)')
     rows = results.usable(results.read_csv(path))
     suffix = f' ({label})' if label else ''
-    columns += [(c + suffix, rows, c) for c in report.conditions_in(rows)]
+    conditions = report.conditions_in(rows)
+    columns += [(c + suffix, rows, c) for c in conditions]
     bases.append(f'- base nets{suffix or f" ({folder})"}: {report.base_by_target(rows)}')
-    contrasts.append((label, rows))
+    contrasts.append((label, rows, set(conditions)))
   text = '\n'.join(bases) + '\n\n' + report.relative_table(columns)
   specific = (ANB.name, BNB.name)
-  if len(studies) > 1 and all(set(specific) <= set(report.conditions_in(r)) for _, r in contrasts):
+  if len(studies) > 1 and all(set(specific) <= conditions for _, _, conditions in contrasts):
     text += ('\n\nSpecificity, paired within each study; each later study minus the first with '
-             "Welch's 95% interval:\n\n" + report.contrast_table(contrasts, *specific))
+             "Welch's 95% interval:\n\n" +
+             report.contrast_table([(label, rows) for label, rows, _ in contrasts], *specific))
   return text
 
 

@@ -184,11 +184,12 @@ def render_probe(p: Probe, model_epoch_images: int) -> list[str]:
   """What was measured, and the time model's terms."""
   slots = p.members // p.devices
   per_model_epoch = p.seconds_per_flop * model_epoch_images * p.flops_per_image
+  cores = os.cpu_count()
   warning = [
-      f'note: the host was busy when the probe ran (load average {p.load:.1f} on '
-      f'{os.cpu_count()} cores): its rate, and so the estimate, reflect the shared machine; '
-      'the FLOP counts above do not depend on it'
-  ] if busy(p.load, os.cpu_count()) else []
+      f'note: the host was busy when the probe ran (load average {p.load:.1f} on {cores} cores): '
+      'its rate, and so the estimate, reflect the shared machine; the FLOP counts above do not '
+      'depend on it'
+  ] if busy(p.load, cores) else []
   return warning + [
       f'probe (measured now on this backend): a base stack, K={p.members} over {p.devices} '
       f'device(s) under {p.member_map} ({slots} per device), {p.images:,} images per member: '

@@ -56,9 +56,12 @@ def table(rows: Sequence[dict]) -> str:
   return f'base (n = 0): {_fmt(base)}\n\n' + '\n'.join(lines)
 
 
-def _diff(values: Sequence[float]) -> str:
-  mean, half = results.mean_ci(values)
+def _interval(mean: float, half: float) -> str:
   return f'{mean:+.3f}' + ('' if math.isnan(half) else f' ± {half:.3f}')
+
+
+def _diff(values: Sequence[float]) -> str:
+  return _interval(*results.mean_ci(values))
 
 
 def relative_table(columns: Sequence[tuple[str, Sequence[dict], str]]) -> str:
@@ -108,8 +111,7 @@ def contrast_table(studies: Sequence[tuple[str, Sequence[dict]]], cond_a: str = 
     for c in cells[1:]:
       if c[j] and cells[0][j]:
         mean, half = results.welch_ci(c[j], cells[0][j])
-        line.append(f'{mean:+.3f}' + ('' if math.isnan(half) else f' ± {half:.3f}') +
-                    f' ({_side(mean, half)})')
+        line.append(f'{_interval(mean, half)} ({_side(mean, half)})')
       else:
         line.append('')
     lines.append(f'| {d} | ' + ' | '.join(line) + ' |')
@@ -354,7 +356,6 @@ def sweep_summary(rows_by_value: dict) -> dict:
 
 
 def render_sweep(summary: dict, param: str, figures: Sequence[str] = ()) -> str:
-  ci = lambda mc: f'{mc[0]:+.3f} ± {mc[1]:.3f}' if not math.isnan(mc[1]) else f'{mc[0]:+.3f}'
   lines = [
       f'# Sweep over {param}', '',
       'base: mean test accuracy of the base nets; dip: BnB − base at the middle depth '
@@ -363,16 +364,16 @@ def render_sweep(summary: dict, param: str, figures: Sequence[str] = ()) -> str:
       '|---|---|---|---|'
   ]
   for value, e in summary.items():
-    dip = f'{ci(e["dip"])} (n={e["dip_depth"]})' if 'dip' in e else ''
+    dip = f'{_interval(*e["dip"])} (n={e["dip_depth"]})' if 'dip' in e else ''
     lines.append(f'| {value} | {e["base"][0]:.3f} | {dip} | '
-                 f'{ci(e["gain"]) if "gain" in e else ""} |')
+                 f'{_interval(*e["gain"]) if "gain" in e else ""} |')
   lines.append('')
   for key, label in (('dip', 'co-adaptation dip'), ('gain', 'fine-tuning gain')):
     vals = [(v, e[key]) for v, e in summary.items() if key in e]
     if len(vals) > 1:
       signs = [_sign_of(mc) for _, mc in vals]
-      lines.append(f'- {label} along {param}: ' +
-                   ', '.join(f'{v}: {ci(mc)} ({sign})' for (v, mc), sign in zip(vals, signs)))
+      lines.append(f'- {label} along {param}: ' + ', '.join(
+          f'{v}: {_interval(*mc)} ({sign})' for (v, mc), sign in zip(vals, signs)))
   lines += [''] + [f'![{f}]({f})' for f in figures if f.endswith('.png')] + ['']
   return '\n'.join(lines)
 

@@ -58,15 +58,20 @@ def main(argv=None) -> None:
   args = parse(argv)
   import jax
   jax.config.update('jax_num_cpu_devices', args.cpu_devices)
-  from jaxtransfer import data, models, plan, results, study, train
+  from jaxtransfer.data import datasets
+  from jaxtransfer.nets import models
+  from jaxtransfer.study import plan, driver
+  from jaxtransfer.analysis import results
+  from jaxtransfer.train import trainer
 
-  load = lambda split: data.load(split, image_folder=args.image_folder, cache_dir=args.cache_dir)
+  load = lambda split: datasets.load(split, image_folder=args.image_folder, cache_dir=args.cache_dir
+                                    )
   train_ds, test_ds = load('train'), load('test')
   names = list(train_ds.class_names)
   halves = [(tuple(names.index(c) for c in HALF_A), tuple(names.index(c) for c in HALF_B))]
   classes = halves[0][1]
   per_class = args.train_per_class or None
-  mean, std = data.channel_stats(train_ds.images)
+  mean, std = datasets.channel_stats(train_ds.images)
   accuracy: dict[str, list[float]] = {}
   seconds: dict[str, float] = {}
   print(
@@ -74,13 +79,13 @@ def main(argv=None) -> None:
       f'{jax.device_count()} {jax.default_backend()} device(s)', flush=True)
 
   runs = [plan.Run(0, 'B', 'base', 0, seed) for seed in range(args.seeds)]
-  members = study.stack_members(runs, [classes] * len(runs), train_ds.labels, test_ds.labels,
-                                per_class, None)
-  device_data = train.to_device(train_ds, test_ds, mean, std)
-  config = train.TrainConfig(epochs=args.epochs)
+  members = driver.stack_members(runs, [classes] * len(runs), train_ds.labels, test_ds.labels,
+                                 per_class, None)
+  device_data = trainer.to_device(train_ds, test_ds, mean, std)
+  config = trainer.TrainConfig(epochs=args.epochs)
   for variant in args.variants.split(','):
     model = models.FinalNet(len(classes), **VARIANTS[variant])
-    result = train.train_stack(model, train.Structure(), config, device_data, members)
+    result = trainer.train_stack(model, trainer.Structure(), config, device_data, members)
     accuracy[variant] = [float(a) for a in result.test_accuracy]
     seconds[variant] = result.seconds
     print(
@@ -94,7 +99,7 @@ def main(argv=None) -> None:
     lookup = {c: i for i, c in enumerate(classes)}
     pick = lambda ds, idx: (torch_seed.to_tensor(ds.images[idx], mean, std),
                             torch.tensor([lookup[int(y)] for y in ds.labels[idx]]))
-    from jaxtransfer import splits
+    from jaxtransfer.data import splits
     train_x, train_y = pick(train_ds, splits.class_indices(train_ds.labels, classes, per_class))
     test_x, test_y = pick(test_ds, splits.class_indices(test_ds.labels, classes))
     start = time.perf_counter()

@@ -1,13 +1,13 @@
 r"""Training throughput of the stacked trainer (steady state, compilation excluded).
 
-Times the trainer's jitted epoch function -- the one `train.train_stack` builds: shard_map over
+Times the trainer's jitted epoch function -- the one `trainer.train_stack` builds: shard_map over
 the model axis, members under `lax.map` ('map') or `jax.vmap` ('vmap'), each member's epoch a
 `lax.scan` of optimiser steps -- on random uint8 images of CIFAR shape, FinalNet, batch 64,
 Adam. Variants (K members, member map, frozen prefix depth) are compiled first, then run in
 interleaved rounds; each figure is the best of the rounds (the median is printed too).
 
 Per variant: images/s, seconds per 25,000-image model-epoch, GFLOP/s against the analytic
-count of `jaxtransfer.flops` (~15.06 MFLOP for FinalNet (8, 16, 32) fine-tuning all layers), the
+count of `jaxtransfer.nets.flops` (~15.06 MFLOP for FinalNet (8, 16, 32) fine-tuning all layers), the
 speed-up over one model at a time (K=1) of the same structure, and on a GPU/TPU whose
 `device_kind` is in PEAK_TFLOPS, the fraction of its peak FLOP/s.
 
@@ -107,9 +107,9 @@ def _ints(text: str) -> list[int]:
 
 @functools.lru_cache(maxsize=None)
 def flops_per_image(widths=(8, 16, 32), num_classes=5, frozen=0, fixed=False) -> int:
-  """Training FLOPs per image of FinalNet, a frozen prefix pruned (see `jaxtransfer.flops`);
+  """Training FLOPs per image of FinalNet, a frozen prefix pruned (see `jaxtransfer.nets.flops`);
   `fixed`: the prefix's forward pass too (its output is computed once, outside the steps)."""
-  from jaxtransfer import flops, models
+  from jaxtransfer.nets import flops, models
   macs = flops.layer_macs(models.FinalNet(num_classes, tuple(widths)))
   return flops.training_flops_per_image(macs, frozen) - (2 * sum(macs[:frozen]) if fixed else 0)
 
@@ -146,9 +146,9 @@ class Variant:
   k: int
   member_map: str = 'map'
   frozen: int = 0
-  block: str = 'fast'  # 'fast': jaxtransfer.models as is; 'flax': stock nn.Conv (autodiff VJP)
+  block: str = 'fast'  # 'fast': jaxtransfer.nets.models as is; 'flax': stock nn.Conv (autodiff VJP)
   devices: int = 1  # devices the model axis is sharded over
-  fixed: bool = False  # frozen prefix under `fixed`, computed once (`jaxtransfer.features`)
+  fixed: bool = False  # frozen prefix under `fixed`, computed once (`jaxtransfer.train.features`)
 
   @property
   def name(self) -> str:
@@ -186,7 +186,7 @@ def make_variants(args, n_devices: int) -> list[Variant]:
 
 
 def _make_model(args, block: str):
-  from jaxtransfer import models
+  from jaxtransfer.nets import models
   model = models.FinalNet(args.num_classes, args.widths)
   if block == 'fast':
     return model
@@ -212,27 +212,27 @@ def _make_model(args, block: str):
 
 
 def _layer_names(args):
-  from jaxtransfer import models
+  from jaxtransfer.nets import models
   return [name for name, _ in models.FinalNet(args.num_classes, args.widths).layer_specs()]
 
 
 def _structure(args, frozen: int, fixed: bool = False):
-  from jaxtransfer import train
+  from jaxtransfer.train import trainer
   names = tuple(_layer_names(args)[:frozen])
-  return train.Structure(graft_layers=names, frozen_layers=names,
-                         batchnorm='fixed' if fixed and frozen else 'update')
+  return trainer.Structure(graft_layers=names, frozen_layers=names,
+                           batchnorm='fixed' if fixed and frozen else 'update')
 
 
 def make_data(n_images: int, seed: int = 0):
   import jax.numpy as jnp
   import numpy as np
-  from jaxtransfer import train
+  from jaxtransfer.train import trainer
   rng = np.random.default_rng(seed)
   images = rng.integers(0, 256, (n_images, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, n_images).astype(np.int32)
-  return train.DeviceData(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(images[:256]),
-                          jnp.asarray(labels[:256]), jnp.asarray([0.49, 0.48, 0.45], jnp.float32),
-                          jnp.asarray([0.25, 0.24, 0.26], jnp.float32))
+  return trainer.DeviceData(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(images[:256]),
+                            jnp.asarray(labels[:256]), jnp.asarray([0.49, 0.48, 0.45], jnp.float32),
+                            jnp.asarray([0.25, 0.24, 0.26], jnp.float32))
 
 
 def _member_inputs(k: int, n: int, n_images: int, seed: int = 1):
@@ -258,12 +258,12 @@ def _compile_fast(fn, *args):
 class InternalRunner:
   """Compiles the trainer's epoch function per variant as `train_stack` does, then times it."""
   def __init__(self, args, data, n_images):
-    from jaxtransfer import train
+    from jaxtransfer.train import trainer
     self.args, self.data, self.n_images = args, data, n_images
     self.trainer_cls = getattr(train, 'Trainer', None) or getattr(train, '_Trainer')
-    self.stack_functions = train.stack_functions
-    self.axis = train.MODEL_AXIS
-    self.config = train.TrainConfig(batch_size=args.batch_size)
+    self.stack_functions = trainer.stack_functions
+    self.axis = trainer.MODEL_AXIS
+    self.config = trainer.TrainConfig(batch_size=args.batch_size)
     self._init_cache = {}
 
   def _trainer(self, v: Variant, start: int = 0):
@@ -298,9 +298,9 @@ class InternalRunner:
     mesh = Mesh(np.array(jax.devices()[:v.devices]), (self.axis,))
     data, shared = self.data, True
     if v.fixed:  # as the study trains these: on each member's prefix output, computed once
-      from jaxtransfer import features, train
-      members = train.Members(keys, keys, train_idx, train_idx[:, :64] % 256, label_map,
-                              state.variables())
+      from jaxtransfer.train import features, trainer
+      members = trainer.Members(keys, keys, train_idx, train_idx[:, :64] % 256, label_map,
+                                state.variables())
       computed, members = features.compute(trainer.model, members, self.data, v.frozen)
       trainer = self._trainer(v, start=v.frozen)
       train_idx, label_map, data, shared = members.train_idx, members.label_map, computed.data, False
@@ -343,7 +343,7 @@ class ApiRunner:
   def measure(self, variants, log):
     import jax
     import numpy as np
-    from jaxtransfer import train
+    from jaxtransfer.train import trainer
     times, compile_s = {}, {}
     sources = {}
     for v in variants:
@@ -355,17 +355,17 @@ class ApiRunner:
           init = lambda k: model.init(k, np.zeros((1, 32, 32, 3), np.float32), train=False)
           sources[v.k] = _compile_fast(jax.vmap(init), jax.random.split(jax.random.key(3), v.k))
         source = sources[v.k]
-      members = train.Members(init_keys=jax.random.split(jax.random.key(0), v.k),
-                              shuffle_keys=jax.random.split(jax.random.key(1),
-                                                            v.k), train_idx=train_idx,
-                              test_idx=train_idx[:, :64] % 256, label_map=label_map, sources=source)
+      members = trainer.Members(init_keys=jax.random.split(jax.random.key(0), v.k),
+                                shuffle_keys=jax.random.split(jax.random.key(1), v.k),
+                                train_idx=train_idx, test_idx=train_idx[:, :64] % 256,
+                                label_map=label_map, sources=source)
       stamps = []
-      config = train.TrainConfig(epochs=1 + self.args.rounds, batch_size=self.args.batch_size)
-      mesh = jax.make_mesh((v.devices,), (train.MODEL_AXIS,), devices=jax.devices()[:v.devices])
+      config = trainer.TrainConfig(epochs=1 + self.args.rounds, batch_size=self.args.batch_size)
+      mesh = jax.make_mesh((v.devices,), (trainer.MODEL_AXIS,), devices=jax.devices()[:v.devices])
       t0 = time.perf_counter()
-      train.train_stack(model, _structure(self.args, v.frozen, v.fixed), config, self.data, members,
-                        mesh=mesh, member_map=v.member_map,
-                        on_epoch=lambda e, m: stamps.append(time.perf_counter()))
+      trainer.train_stack(model, _structure(self.args, v.frozen, v.fixed), config, self.data,
+                          members, mesh=mesh, member_map=v.member_map,
+                          on_epoch=lambda e, m: stamps.append(time.perf_counter()))
       compile_s[v] = stamps[0] - t0  # includes initialisation and one epoch
       times[v] = list(np.diff(stamps))
       log(f'  ran {v.name}: first epoch (compiling) {compile_s[v]:.1f} s')

@@ -3,7 +3,7 @@
   python -m experiments.main --model=examples/small_vgg.py:SmallVGG --image_folder=PATH \
       --workdir=DIR
 
-The contract (jaxtransfer/modelspec.py): `SmallVGG(num_classes)` is a flax.linen Module called
+The contract (jaxtransfer/nets/modelspec.py): `SmallVGG(num_classes)` is a flax.linen Module called
 as `model.apply(variables, x, train=bool)` on normalised NHWC images; its top-level submodules,
 in the order they are called, are the layers a study transfers: block1, block2, block3 and head,
 so depths n = 1..3. The head's shape depends on the class count; only blocks are ever copied.

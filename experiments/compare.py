@@ -16,7 +16,7 @@ import sys
 
 from absl import app
 
-from jaxtransfer import report, results
+from jaxtransfer.analysis import report, results
 from jaxtransfer.conditions import ANB, BNB
 
 

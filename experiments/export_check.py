@@ -2,7 +2,7 @@ r"""Compiles the trainer for GPU and TPU without either: the seed stack's progra
 
   python -m experiments.export_check          # ~20 s on 2 CPU cores; tests/test_export.py runs it
 
-The real stack functions (`train.stack_functions`: init, epoch, evaluate, as `train_stack` runs
+The real stack functions (`trainer.stack_functions`: init, epoch, evaluate, as `train_stack` runs
 them) of a seed-sized stack -- FinalNet (8, 16, 32), 5 classes, K = 20, batch 64, 25,000
 training indices per member, CIFAR-shaped uint8 data -- are lowered from shapes alone with
 `jax.export` for `cuda` and for `tpu`, members under `vmap` (the accelerators' member map), the
@@ -96,14 +96,14 @@ def abstract_inputs(mesh):
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from jaxtransfer import train
-  sharded, replicated = NamedSharding(mesh, P(train.MODEL_AXIS)), NamedSharding(mesh, P())
+  from jaxtransfer.train import trainer
+  sharded, replicated = NamedSharding(mesh, P(trainer.MODEL_AXIS)), NamedSharding(mesh, P())
   s = lambda shape, dtype, sh=sharded: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
-  data = train.DeviceData(s((50_000, 32, 32, 3), jnp.uint8, replicated),
-                          s((50_000,), jnp.int32, replicated),
-                          s((10_000, 32, 32, 3), jnp.uint8, replicated),
-                          s((10_000,), jnp.int32, replicated), s((3,), jnp.float32, replicated),
-                          s((3,), jnp.float32, replicated))
+  data = trainer.DeviceData(s((50_000, 32, 32, 3), jnp.uint8, replicated),
+                            s((50_000,), jnp.int32, replicated),
+                            s((10_000, 32, 32, 3), jnp.uint8, replicated),
+                            s((10_000,), jnp.int32, replicated), s((3,), jnp.float32, replicated),
+                            s((3,), jnp.float32, replicated))
   keys = s((K,), jax.random.key(0).dtype)
   return data, keys, s((K, TRAIN_PER_MEMBER), jnp.int32), s((K, TEST_PER_MEMBER), jnp.int32), s(
       (K, GLOBAL_CLASSES), jnp.int32)
@@ -118,16 +118,18 @@ def export_stack(
   import jax
   import jax.numpy as jnp
   from jax import lax
-  from jaxtransfer import models, train
-  mesh = jax.make_mesh((DEVICES,), (train.MODEL_AXIS,), devices=jax.devices('cpu')[:DEVICES])
+  from jaxtransfer.nets import models
+  from jaxtransfer.train import trainer
+  mesh = jax.make_mesh((DEVICES,), (trainer.MODEL_AXIS,), devices=jax.devices('cpu')[:DEVICES])
   patch = (mock.patch.object(models, 'conv_general_dilated', lax.conv_general_dilated)
            if stock_conv else contextlib.nullcontext())
   data, keys, train_idx, test_idx, label_map = abstract_inputs(mesh)
   out = {}
   with patch:
-    trainer = train.Trainer(models.FinalNet(CLASSES, WIDTHS), train.Structure(),
-                            train.TrainConfig(batch_size=BATCH), jnp.zeros((1, 32, 32, 3)))
-    fns = train.stack_functions(trainer, mesh, member_map)
+    stack_trainer = trainer.Trainer(models.FinalNet(CLASSES, WIDTHS), trainer.Structure(),
+                                    trainer.TrainConfig(batch_size=BATCH), jnp.zeros(
+                                        (1, 32, 32, 3)))
+    fns = trainer.stack_functions(stack_trainer, mesh, member_map)
     state = jax.eval_shape(fns.init, keys, None, data)
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=keys.sharding),
                          state)

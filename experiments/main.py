@@ -3,7 +3,7 @@ r"""Runs a transferability study end to end: base nets, transfer grid, results, 
   python -m experiments.main --flagfile=experiments/configs/seed.flags --workdir=/tmp/seed
 
 Rerunning the same command resumes: finished stacks of models are not retrained. Every study
-flag is a field of `jaxtransfer.plan.StudyConfig`, every run option one of `plan.RunOptions`
+flag is a field of `jaxtransfer.study.plan.StudyConfig`, every run option one of `plan.RunOptions`
 (default, help and choices come from there); the flags defined here only say where the data and
 the workdir are and how this process uses its devices.
 """
@@ -17,9 +17,10 @@ import tempfile
 
 from absl import app, flags, logging
 
-from jaxtransfer import campaigns, data, plan, study
-from jaxtransfer.progress import Progress
-from jaxtransfer.workdir import Workdir
+from jaxtransfer.study import campaigns, plan, driver
+from jaxtransfer.data import datasets
+from jaxtransfer.study.progress import Progress
+from jaxtransfer.study.workdir import Workdir
 
 FLAGS = flags.FLAGS
 
@@ -81,7 +82,7 @@ def from_flags(cls: type):
 def config_from_flags() -> plan.StudyConfig:
   """The flags' study, checked and normalised by the same validator as the Python API, and
   identified by its data (the content of --image_folder)."""
-  return study.resolve(from_flags(plan.StudyConfig), image_folder=FLAGS.image_folder)
+  return driver.resolve(from_flags(plan.StudyConfig), image_folder=FLAGS.image_folder)
 
 
 def check_writable(path: str) -> None:
@@ -97,7 +98,7 @@ def enable_compilation_cache() -> None:
   """Reuse compiled steps across stacks with the same structure and across reruns/resumes."""
   import jax
   if not jax.config.jax_compilation_cache_dir:
-    cache = os.path.expanduser(FLAGS.cache_dir or data.DEFAULT_CACHE_DIR)
+    cache = os.path.expanduser(FLAGS.cache_dir or datasets.DEFAULT_CACHE_DIR)
     jax.config.update('jax_compilation_cache_dir', os.path.join(cache, 'xla'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
@@ -123,7 +124,7 @@ def run(progress: Progress) -> str:
     import jax
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts; else unused
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  run_fn = campaigns.run_sweep if config.sweep else study.run
+  run_fn = campaigns.run_sweep if config.sweep else driver.run
   return run_fn(config, workdir, image_folder=FLAGS.image_folder, options=options,
                 progress=progress)
 
@@ -134,8 +135,8 @@ def dry_run() -> str:
   so the probe's compile times are those of a first run."""
   config, options = config_from_flags(), from_flags(plan.RunOptions)
   set_cpu_devices()
-  return study.dry_run(config, Workdir(FLAGS.workdir), image_folder=FLAGS.image_folder,
-                       options=options)
+  return driver.dry_run(config, Workdir(FLAGS.workdir), image_folder=FLAGS.image_folder,
+                        options=options)
 
 
 def main(argv):

@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from jaxtransfer import migrate
+from jaxtransfer.study import migrate
 
 flags.DEFINE_string('image_folder', None, 'Where the studies\' data is now.')
 flags.mark_flag_as_required('image_folder')

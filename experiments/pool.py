@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags
 
-from jaxtransfer import campaigns
+from jaxtransfer.study import campaigns
 
 flags.DEFINE_string(
     'out', None, 'Directory for the pooled results.csv/json, figures and '

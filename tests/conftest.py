@@ -12,8 +12,9 @@ from absl import flags
 from PIL import Image
 
 from experiments import main as cli
-from jaxtransfer import splits, train
-from jaxtransfer.models import FinalNet
+from jaxtransfer.data import splits
+from jaxtransfer.train import trainer
+from jaxtransfer.nets.models import FinalNet
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +134,7 @@ ROWS = [row(s, t, 'base', 0, 0.6 + 0.1 * s) for s in range(3) for t in 'AB'] + [
 # tests and those built on it.
 
 MODEL = FinalNet(2, widths=(2, 2, 2))
-CONFIG = train.TrainConfig(epochs=2, batch_size=16, learning_rate=0.03)
+CONFIG = trainer.TrainConfig(epochs=2, batch_size=16, learning_rate=0.03)
 NAMES = [f'conv{i}' for i in range(1, 7)]
 
 
@@ -143,9 +144,9 @@ def tiny_data(num_classes=4, train_per_class=20, test_per_class=6, size=8, seed=
   test_labels = np.repeat(np.arange(num_classes), test_per_class).astype(np.int32)
   images = lambda lab: (rng.integers(0, 100, (lab.size, size, size, 3)) + 40 *
                         lab[:, None, None, None]).astype(np.uint8)
-  return train.DeviceData(jnp.asarray(images(labels)), jnp.asarray(labels),
-                          jnp.asarray(images(test_labels)), jnp.asarray(test_labels),
-                          jnp.full(3, .4), jnp.full(3, .25))
+  return trainer.DeviceData(jnp.asarray(images(labels)), jnp.asarray(labels),
+                            jnp.asarray(images(test_labels)), jnp.asarray(test_labels),
+                            jnp.full(3, .4), jnp.full(3, .25))
 
 
 DATA = tiny_data()
@@ -155,7 +156,7 @@ HALVES = [(0, 1), (2, 3), (1, 3)]
 def members(halves, seed=0, sources=None):
   train_labels, test_labels = np.asarray(DATA.train_labels), np.asarray(DATA.test_labels)
   k = len(halves)
-  return train.Members(
+  return trainer.Members(
       init_keys=jax.random.split(jax.random.key(seed),
                                  k), shuffle_keys=jax.random.split(jax.random.key(seed + 1), k),
       train_idx=jnp.asarray(np.stack([splits.class_indices(train_labels, c) for c in halves])),
@@ -171,8 +172,8 @@ def take(tree, i):
 def stacked_run():
   """A base stack of the three HALVES trained for CONFIG, and its (epoch, [K, 2] metrics)."""
   epochs = []
-  result = train.train_stack(MODEL, train.Structure(), CONFIG, DATA, members(HALVES),
-                             on_epoch=lambda e, m: epochs.append((e, m)))
+  result = trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA, members(HALVES),
+                               on_epoch=lambda e, m: epochs.append((e, m)))
   return result, epochs
 
 

@@ -11,8 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtransfer import campaigns, cifar, models, plan, results
-from jaxtransfer.workdir import Workdir
+from jaxtransfer.study import campaigns, plan
+from jaxtransfer.data import cifar
+from jaxtransfer.nets import models
+from jaxtransfer.analysis import results
+from jaxtransfer.study.workdir import Workdir
 from tests.conftest import ROOT, make_image_folder, run_cli
 
 

@@ -16,9 +16,9 @@ from PIL import Image
 
 tfds = pytest.importorskip('tensorflow_datasets')
 
-from jaxtransfer import cifar_builder  # pylint: disable=g-import-not-at-top
-from jaxtransfer import cifar, data, imagefolder
-from jaxtransfer.imagefolder import DataError
+from jaxtransfer.data import cifar_builder  # pylint: disable=g-import-not-at-top
+from jaxtransfer.data import cifar, datasets, imagefolder
+from jaxtransfer.data.imagefolder import DataError
 from tests.conftest import make_image_folder
 
 
@@ -157,7 +157,7 @@ def test_manual_config_end_to_end(fake_cifar10, tmp_path, monkeypatch):
   kwargs = dict(manual_dir=str(manual), data_dir=str(tmp_path / 'tfds'),
                 cache_dir=str(tmp_path / 'cache'))
   for split, (images, labels) in expected.items():
-    ds = data.load(split, **kwargs)
+    ds = datasets.load(split, **kwargs)
     np.testing.assert_array_equal(ds.images, images)  # source order kept
     np.testing.assert_array_equal(ds.labels, labels)
     assert ds.class_names == cifar.CIFAR10_CLASSES
@@ -168,7 +168,7 @@ def test_manual_config_end_to_end(fake_cifar10, tmp_path, monkeypatch):
     raise AssertionError('prepared again despite the cache')
 
   monkeypatch.setattr(cifar_builder, 'prepare', no_prepare)
-  again = data.load('test', **kwargs)
+  again = datasets.load('test', **kwargs)
   np.testing.assert_array_equal(again.images, expected['test'][0])
 
 
@@ -180,7 +180,7 @@ def test_image_folder_config_matches_pil_loader(tmp_path):
   for split in ('train', 'test'):
     source = tfds.data_source('jaxtransfer_cifar10/image_folder', split=split, data_dir=data_dir,
                               builder_kwargs={'image_folder': root}, download=False)
-    from_tfds = data.data_source_to_arrays(source, builder.info.features['label'].names)
+    from_tfds = datasets.data_source_to_arrays(source, builder.info.features['label'].names)
     from_pil = imagefolder.load_image_folder(root, split)
     np.testing.assert_array_equal(from_tfds.images, from_pil.images)
     np.testing.assert_array_equal(from_tfds.labels, from_pil.labels)
@@ -236,8 +236,8 @@ def test_load_tfds_path_under_mock_data(tmp_path, monkeypatch, dataset, num_clas
   # The mock's __getitems__ is broken: read one index at a time under it.
   monkeypatch.setattr(data, '_read_chunk', lambda source, idx: [source[i] for i in idx])
   with tfds.testing.mock_data(num_examples=5):
-    ds = data.load('train', dataset=dataset, data_dir=str(tmp_path / 'tfds'),
-                   cache_dir=str(tmp_path / 'cache'))
+    ds = datasets.load('train', dataset=dataset, data_dir=str(tmp_path / 'tfds'),
+                       cache_dir=str(tmp_path / 'cache'))
   assert ds.images.shape == (5, 32, 32, 3) and ds.images.dtype == np.uint8
   assert ds.labels.dtype == np.int32 and ((0 <= ds.labels) & (ds.labels < num_classes)).all()
   assert len(ds.class_names) == num_classes
@@ -251,8 +251,8 @@ def test_offline_download_fails_fast_naming_the_offline_sources(tmp_path, monkey
                       dataclasses.replace(archive, url='https://cifar.invalid/cifar.tar.gz'))
   start = time.perf_counter()
   with pytest.raises(DataError) as e:
-    data.load('train', dataset='cifar10', data_dir=str(tmp_path / 'tfds'),
-              cache_dir=str(tmp_path / 'cache'))
+    datasets.load('train', dataset='cifar10', data_dir=str(tmp_path / 'tfds'),
+                  cache_dir=str(tmp_path / 'cache'))
   assert time.perf_counter() - start < 30
   message = str(e.value)
   assert message.startswith('cannot download cifar.tar.gz: cannot reach cifar.invalid:443 (')
@@ -263,7 +263,7 @@ def test_offline_download_fails_fast_naming_the_offline_sources(tmp_path, monkey
 def test_network_probe_sees_a_listening_host_and_times_out_on_silence():
   import socket
 
-  from jaxtransfer import network
+  from jaxtransfer.data import network
   with socket.socket() as server:
     server.bind(('127.0.0.1', 0))
     server.listen()

@@ -5,7 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtransfer import cka, models
+from jaxtransfer.analysis import cka
+from jaxtransfer.nets import models
 
 
 def _rng(seed=0):

@@ -8,9 +8,11 @@ import os
 import jax
 import pytest
 
-from jaxtransfer import estimate, flops, models, plan, study, train
-from jaxtransfer.progress import Progress
-from jaxtransfer.workdir import Workdir
+from jaxtransfer.study import estimate, plan, driver
+from jaxtransfer.nets import flops, models
+from jaxtransfer.train import trainer
+from jaxtransfer.study.progress import Progress
+from jaxtransfer.study.workdir import Workdir
 from tests.conftest import run_cli, tiny_args
 
 PROBE = estimate.Probe(member_map='map', devices=2, members=2, images=100, flops_per_image=1000,
@@ -102,9 +104,9 @@ def test_member_map_reaches_the_trainer_and_not_the_study(finished, image_folder
   stream = io.StringIO()
   config = plan.StudyConfig(widths=(2, 2, 2), num_splits=2, depths=(1, 2), epochs=1, batch_size=8)
   with pytest.raises(Stop):
-    study.run(config, Workdir(str(tmp_path / 'api')), image_folder=image_folder,
-              progress=Progress(stream), options=plan.RunOptions(member_map='auto',
-                                                                 cache_dir=str(tmp_path / 'cache')))
+    driver.run(config, Workdir(str(tmp_path / 'api')), image_folder=image_folder,
+               progress=Progress(stream),
+               options=plan.RunOptions(member_map='auto', cache_dir=str(tmp_path / 'cache')))
   assert seen == ['vmap', 'map']  # auto on CPU
   lines = stream.getvalue().splitlines()
   first, stack = lines[0], next(line for line in lines if line.startswith('['))

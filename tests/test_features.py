@@ -8,21 +8,21 @@ accuracy (eval mode, running means) is therefore not compared at this learning r
 import jax
 import numpy as np
 
-from jaxtransfer import features, train
+from jaxtransfer.train import features, trainer
 from tests.conftest import DATA, HALVES, MODEL, NAMES, members
 
-CONFIG = train.TrainConfig(epochs=2, batch_size=16, learning_rate=0.03)
+CONFIG = trainer.TrainConfig(epochs=2, batch_size=16, learning_rate=0.03)
 
 
 def test_cached_prefix_trains_like_the_plain_path(stacked):
   prefix = tuple(NAMES[:3])
   sources = {c: {n: v[n] for n in prefix if n in v} for c, v in stacked.variables.items()}
-  structure = train.Structure(prefix, prefix, 'fixed')
+  structure = trainer.Structure(prefix, prefix, 'fixed')
   assert features.applicable(MODEL, structure)
-  assert not features.applicable(MODEL, train.Structure(prefix, prefix, 'update'))
-  assert not features.applicable(MODEL, train.Structure((), prefix, 'fixed'))  # random frozen
+  assert not features.applicable(MODEL, trainer.Structure(prefix, prefix, 'update'))
+  assert not features.applicable(MODEL, trainer.Structure((), prefix, 'fixed'))  # random frozen
   ms = members(HALVES, 7, sources)
-  plain = train.train_stack(MODEL, structure, CONFIG, DATA, ms)
+  plain = trainer.train_stack(MODEL, structure, CONFIG, DATA, ms)
   cached, indexed = features.compute(MODEL, ms, DATA, start=3)
   k, n = ms.train_idx.shape
   assert cached.data.train_images.shape == (k, n, 4, 4, 2)  # conv3's output (after 1 pool)
@@ -31,9 +31,9 @@ def test_cached_prefix_trains_like_the_plain_path(stacked):
   assert features.stack_nbytes(MODEL, k, n, m, shape, 3) == size
   assert features.planned_nbytes(MODEL, structure, k, n, m, shape, budget_mb=1) == size
   assert features.planned_nbytes(MODEL, structure, k, n, m, shape, budget_mb=0) is None
-  assert features.planned_nbytes(MODEL, train.Structure(prefix, prefix, 'update'), k, n, m, shape,
+  assert features.planned_nbytes(MODEL, trainer.Structure(prefix, prefix, 'update'), k, n, m, shape,
                                  budget_mb=1) is None
-  fast = train.train_stack(MODEL, structure, CONFIG, DATA, indexed, features=cached)
+  fast = trainer.train_stack(MODEL, structure, CONFIG, DATA, indexed, features=cached)
   np.testing.assert_allclose(fast.train_loss, plain.train_loss, rtol=1e-5)
   np.testing.assert_allclose(fast.train_accuracy, plain.train_accuracy)
   signal = lambda v: {

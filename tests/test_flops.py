@@ -1,6 +1,6 @@
 """The analytic FLOP count: MACs read from the traced layers, frozen prefixes pruned."""
 
-from jaxtransfer import flops, models
+from jaxtransfer.nets import flops, models
 
 
 def test_seed_net_counts():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxtransfer import imagefolder
+from jaxtransfer.data import imagefolder
 from tests.conftest import N_TEST, N_TRAIN, SIZE
 
 

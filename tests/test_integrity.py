@@ -14,7 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtransfer import report, results, study, train
+from jaxtransfer.analysis import report, results
+from jaxtransfer.study import driver
+from jaxtransfer.train import trainer
 from tests.conftest import ROOT, copy_study, run_cli, snapshot, tiny_args
 from tests.test_train import DATA, HALVES, MODEL, members
 
@@ -30,7 +32,7 @@ def one_line_error(capsys) -> str:
 
 
 def counting_trainer(monkeypatch) -> list:
-  trained, original = [], train.train_stack
+  trained, original = [], trainer.train_stack
   monkeypatch.setattr(train, 'train_stack', lambda *a, **k: trained.append(1) or original(*a, **k))
   return trained
 
@@ -180,7 +182,7 @@ def test_diverged_models_are_flagged_and_left_out(finished, image_folder, tmp_pa
                                                   caplog):
   workdir = copy_study(finished, tmp_path / 'wd')
   os.remove(os.path.join(workdir, 'stacks', 'frozen-graft-n2-k2.json'))
-  original = train.train_stack
+  original = trainer.train_stack
 
   def diverging(*args, **kwargs):
     """Member 0 ends with non-finite weights (but a finite loss), member 1 with a NaN loss."""
@@ -217,10 +219,10 @@ def test_diverged_models_are_flagged_and_left_out(finished, image_folder, tmp_pa
 
 def test_a_real_divergence_is_caught():
   """An absurd learning rate: the trainer's output is flagged as the driver flags it."""
-  config = train.TrainConfig(epochs=1, batch_size=16, optimizer='sgd', learning_rate=1e38)
-  result = train.train_stack(MODEL, train.Structure(), config, DATA, members(HALVES))
-  finite = study._finite_members(result.variables)
+  config = trainer.TrainConfig(epochs=1, batch_size=16, optimizer='sgd', learning_rate=1e38)
+  result = trainer.train_stack(MODEL, trainer.Structure(), config, DATA, members(HALVES))
+  finite = driver._finite_members(result.variables)
   assert all(
       results.is_diverged(float(loss), bool(ok)) for loss, ok in zip(result.train_loss, finite))
   one_bad = {'a': np.zeros((3, 2), np.float32), 'b': {'c': np.array([[0.], [np.nan], [1.]])}}
-  assert study._finite_members(one_bad).tolist() == [True, False, True]
+  assert driver._finite_members(one_bad).tolist() == [True, False, True]

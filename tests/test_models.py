@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxtransfer import models
+from jaxtransfer.nets import models
 from jaxtransfer.transfer import layer_order
 
 X = jnp.zeros((2, 32, 32, 3))

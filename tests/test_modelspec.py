@@ -9,8 +9,10 @@ import shutil
 import flax.linen as nn
 import pytest
 
-from jaxtransfer import modelspec, plan, results, study
-from jaxtransfer.workdir import Workdir
+from jaxtransfer.nets import modelspec
+from jaxtransfer.study import plan, driver
+from jaxtransfer.analysis import results
+from jaxtransfer.study.workdir import Workdir
 from tests.conftest import ROOT, run_cli
 
 EXAMPLE = os.path.join(ROOT, 'examples', 'small_vgg.py')
@@ -126,8 +128,8 @@ def test_a_model_off_the_contract_is_one_line_in_cli_and_api(image_folder, tmp_p
   fields = dict(arg[2:].split('=') for arg in extra)
   fields = {k: tuple(v.split(',')) if k in ('widths', 'depths') else v for k, v in fields.items()}
   with pytest.raises(plan.ConfigError) as excinfo:
-    study.run(plan.StudyConfig(model=model, **fields), Workdir(str(tmp_path / 'api')),
-              image_folder=image_folder)
+    driver.run(plan.StudyConfig(model=model, **fields), Workdir(str(tmp_path / 'api')),
+               image_folder=image_folder)
   assert f'error: {excinfo.value}\n' == err
   assert not os.path.exists(tmp_path / 'api')
 
@@ -151,8 +153,8 @@ def test_model_fn_is_named_in_the_study_and_its_missing_batchnorm_said():
   info = plan.model_info(config, TwoDense)
   assert info == modelspec.ModelInfo(('hidden', 'out'), batchnorm=False)
   assert 'no BatchNorm layer, so --frozen_batchnorm (`update`) changes nothing' in ' '.join(
-      study.moot_flags(config, info))
-  assert study.moot_flags(dataclasses.replace(config, conditions=('BnB+',)), info) == []
+      driver.moot_flags(config, info))
+  assert driver.moot_flags(dataclasses.replace(config, conditions=('BnB+',)), info) == []
   example = plan.validate(plan.StudyConfig(model=f'{EXAMPLE}:SmallVGG'))
   assert example.depths == (1, 2, 3)  # 1..L-1 from the model's own 4 layers
   assert plan.model_info(example).batchnorm

@@ -1,4 +1,4 @@
-"""The package as a whole: no import cycles, one code style."""
+"""The package as a whole: imports only go down its floors, no import cycles, one code style."""
 
 import ast
 import os
@@ -8,27 +8,66 @@ import sys
 from tests.conftest import ROOT
 
 PACKAGE = os.path.join(ROOT, 'jaxtransfer')
+# The architecture, lowest floor first: a module imports from its own floor or below, never up.
+FLOORS = (
+    ('conditions', 'config', 'files'),  # facts and the schema: no JAX
+    ('data',),  # datasets as arrays
+    ('transfer', 'nets'),  # parameter pytrees, the networks
+    ('train',),  # the stacked trainer
+    ('analysis',),  # rows, statistics, report, figures
+    ('study',),  # running studies on a workdir
+)
+FLOOR = {unit: i for i, units in enumerate(FLOORS) for unit in units}
 
 
-def imports_of(path: str) -> set[str]:
-  """The jaxtransfer modules that `path` imports, at any depth (lazy imports count too)."""
-  out = set()
-  for node in ast.walk(ast.parse(open(path).read())):
-    if isinstance(node, ast.ImportFrom) and node.module == 'jaxtransfer':
-      out |= {alias.name for alias in node.names}
-    elif isinstance(node, ast.ImportFrom) and (node.module or '').startswith('jaxtransfer.'):
-      out.add(node.module.split('.')[1])
-    elif isinstance(node, ast.Import):
-      out |= {a.name.split('.')[1] for a in node.names if a.name.startswith('jaxtransfer.')}
+def modules() -> dict[str, str]:
+  """Dotted module name -> path, for every module of the package but its `__init__`s."""
+  out = {}
+  for folder, _, names in os.walk(PACKAGE):
+    for name in names:
+      if name.endswith('.py') and name != '__init__.py':
+        rel = os.path.relpath(os.path.join(folder, name[:-3]), ROOT)
+        out[rel.replace(os.sep, '.')] = os.path.join(folder, name)
   return out
 
 
+def imports_of(path: str, known: set[str]) -> set[str]:
+  """The package's modules that `path` imports, at any depth (lazy imports count too)."""
+  out = set()
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('jaxtransfer'):
+      for alias in node.names:
+        full = f'{node.module}.{alias.name}'
+        out.add(full if full in known else node.module)
+    elif isinstance(node, ast.Import):
+      out |= {a.name for a in node.names if a.name.startswith('jaxtransfer.')}
+  return out
+
+
+def unit(module: str) -> str:
+  """The floor unit of a module: its subpackage or, at the top, itself."""
+  return module.split('.')[1]
+
+
+def graph() -> dict[str, set[str]]:
+  mods = modules()
+  return {name: imports_of(path, set(mods)) for name, path in mods.items()}
+
+
+def test_every_module_has_a_floor():
+  assert {unit(m) for m in modules()} == set(FLOOR)
+
+
+def test_imports_go_down():
+  upward = [
+      f'{m} imports {dep}' for m, deps in graph().items() for dep in deps
+      if dep != 'jaxtransfer' and FLOOR[unit(dep)] > FLOOR[unit(m)]
+  ]
+  assert not upward, upward
+
+
 def test_no_import_cycles():
-  graph = {
-      name[:-3]: imports_of(os.path.join(PACKAGE, name))
-      for name in os.listdir(PACKAGE)
-      if name.endswith('.py') and name != '__init__.py'
-  }
+  deps = graph()
   state = {}  # module -> 'visiting' | 'done'
 
   def visit(module, path):
@@ -36,13 +75,12 @@ def test_no_import_cycles():
       raise AssertionError('import cycle: ' + ' -> '.join(path + [module]))
     if state.get(module) != 'done':
       state[module] = 'visiting'
-      for dep in sorted(graph.get(module, ())):
+      for dep in sorted(deps.get(module, ())):
         visit(dep, path + [module])
       state[module] = 'done'
 
-  for module in sorted(graph):
+  for module in sorted(deps):
     visit(module, [])
-  assert {'plan', 'workdir', 'study', 'train', 'similarity', 'campaigns', 'data'} <= set(graph)
 
 
 def test_code_is_formatted():

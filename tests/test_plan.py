@@ -8,8 +8,11 @@ import pytest
 from absl import flags
 
 from experiments import main as cli
-from jaxtransfer import conditions, plan, splits, train
-from jaxtransfer import workdir as workdir_lib
+from jaxtransfer import conditions
+from jaxtransfer.study import plan
+from jaxtransfer.data import splits
+from jaxtransfer.train import trainer
+from jaxtransfer.study import workdir as workdir_lib
 from tests.conftest import ROOT
 
 FLAGS = flags.FLAGS
@@ -53,7 +56,7 @@ def test_flags_take_their_defaults_and_choices_from_the_config():
     if field.metadata['choices'] and not isinstance(default, tuple):
       assert FLAGS[field.name].parser.enum_values == list(field.metadata['choices'])
   config = plan.StudyConfig(epochs=3, batch_size=8, learning_rate=0.1)
-  assert config.train_config() == train.TrainConfig(epochs=3, batch_size=8, learning_rate=0.1)
+  assert config.train_config() == trainer.TrainConfig(epochs=3, batch_size=8, learning_rate=0.1)
   assert cli.from_flags(plan.RunOptions) == plan.RunOptions()
   FLAGS.unparse_flags()
   FLAGS([

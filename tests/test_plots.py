@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxtransfer import plots
+from jaxtransfer.analysis import plots
 from tests.conftest import ROWS
 
 

@@ -6,7 +6,9 @@ import types
 import numpy as np
 import pytest
 
-from jaxtransfer import flops, models, plan, progress, study, transfer
+from jaxtransfer.nets import flops, models
+from jaxtransfer.study import plan, progress, driver
+from jaxtransfer import transfer
 
 
 def test_eta_counts_work_not_epochs(monkeypatch):
@@ -36,7 +38,7 @@ def test_a_stack_weighs_its_flops_on_the_busiest_device():
   make = lambda k: models.FinalNet(num_classes=k, widths=(8, 16, 32))
   names = transfer.layer_order(make(5), np.zeros((1, 32, 32, 3), np.float32), train=False)
   stacks, halves, sizes = stacks_of('update', names)
-  work = study.epoch_work(stacks, make, halves, sizes, (32, 32, 3), devices=2, budget_mb=0)
+  work = driver.epoch_work(stacks, make, halves, sizes, (32, 32, 3), devices=2, budget_mb=0)
   by_name = {s.name: s for s in stacks}
   base = next(s for s in stacks if s.is_base)
   macs = flops.layer_macs(make(5))
@@ -50,8 +52,8 @@ def test_a_stack_weighs_its_flops_on_the_busiest_device():
   assert frozen[1] > frozen[3] > frozen[6] and frozen[6] < work[base.name]
   # Under `fixed`, a prefix computed once within the budget drops out of every step.
   fixed, halves, sizes = stacks_of('fixed', names)
-  once = study.epoch_work(fixed, make, halves, sizes, (32, 32, 3), devices=2, budget_mb=4096)
-  plain = study.epoch_work(fixed, make, halves, sizes, (32, 32, 3), devices=2, budget_mb=0)
+  once = driver.epoch_work(fixed, make, halves, sizes, (32, 32, 3), devices=2, budget_mb=4096)
+  plain = driver.epoch_work(fixed, make, halves, sizes, (32, 32, 3), devices=2, budget_mb=0)
   deep = next(s.name for s in fixed if len(s.structure.frozen_layers) == 6)
   prefix = flops.forward_flops_per_image(macs[:6])
   assert once[deep] == pytest.approx(plain[deep] - 2 * 2500 * prefix)
@@ -73,5 +75,5 @@ def test_a_model_without_layer_slices_weighs_its_members():
   halves = plan.make_halves(config, [str(c) for c in range(10)])
   sizes = {(0, h): (10, 5) for h in 'AB'}
   stacks = plan.plan(config, names, halves, sizes)
-  work = study.epoch_work(stacks, lambda k: Plain(k), halves, sizes, (4, 4, 3), 2, 0)
+  work = driver.epoch_work(stacks, lambda k: Plain(k), halves, sizes, (4, 4, 3), 2, 0)
   assert work == {s.name: float(len(s.runs)) for s in stacks}

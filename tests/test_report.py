@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxtransfer import report, results
+from jaxtransfer.analysis import report, results
 from tests.conftest import ROWS
 
 
@@ -93,7 +93,7 @@ def test_diverged_rows_are_left_out_and_listed():
 
 
 def test_learning_curves_say_how_much_test_accuracy_moves_near_the_end():
-  from jaxtransfer import report
+  from jaxtransfer.analysis import report
   record = lambda run, condition, epoch, test: {
       'run': run, 'condition': condition, 'depth': 0 if condition == 'base' else 1, 'epoch': epoch,
       'train_accuracy': 0.5 + 0.1 * epoch, **({} if test is None else {'test_accuracy': test})

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxtransfer import report, results
+from jaxtransfer.analysis import report, results
 from tests.conftest import ROWS
 
 

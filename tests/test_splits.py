@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxtransfer import cifar, splits
+from jaxtransfer.data import cifar, splits
 
 
 def test_random_halves_are_reproducible_and_distinct():

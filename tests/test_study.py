@@ -8,8 +8,10 @@ import sys
 
 import pytest
 
-from jaxtransfer import plan, results, study, train
-from jaxtransfer.workdir import Workdir
+from jaxtransfer.study import plan, driver
+from jaxtransfer.analysis import results
+from jaxtransfer.train import trainer
+from jaxtransfer.study.workdir import Workdir
 from tests.conftest import ROOT, make_image_folder, run_cli, tiny_args
 
 
@@ -63,7 +65,7 @@ def test_interrupted_run_resumes_to_the_same_results(finished, image_folder, tmp
     os.remove(os.path.join(workdir, 'stacks', name))
   os.remove(os.path.join(workdir, 'results.csv'))
   trained = []
-  original = train.train_stack
+  original = trainer.train_stack
   monkeypatch.setattr(train, 'train_stack', lambda *a, **k: trained.append(1) or original(*a, **k))
   assert run_cli(*tiny_args(image_folder, workdir)) == 0
   assert len(trained) == 2  # only the lost stacks were retrained
@@ -139,7 +141,7 @@ def test_python_api_refuses_what_the_cli_refuses(image_folder, tmp_path, capsys,
       'widths': (2, 2, 2), 'num_splits': 2, 'depths': (1, 2), 'epochs': 1, 'batch_size': 8, **fields
   })
   with pytest.raises(plan.ConfigError) as excinfo:
-    study.run(config, Workdir(str(tmp_path / 'api')), image_folder=image_folder)
+    driver.run(config, Workdir(str(tmp_path / 'api')), image_folder=image_folder)
   assert str(excinfo.value) == cli_error
   assert not os.path.exists(tmp_path / 'api')
 
@@ -168,7 +170,7 @@ def test_a_moved_image_folder_resumes_without_training(finished, image_folder, t
   shutil.copytree(finished, workdir)
   shutil.copytree(image_folder, moved, copy_function=shutil.copy)  # new paths, new mtimes
   trained = []
-  original = train.train_stack
+  original = trainer.train_stack
   monkeypatch.setattr(train, 'train_stack', lambda *a, **k: trained.append(1) or original(*a, **k))
   assert run_cli(*tiny_args(moved, workdir, '--eval_every_epoch')) == 0
   assert trained == []
@@ -194,11 +196,11 @@ def test_a_study_recorded_by_path_is_migrated(finished, image_folder, tmp_path, 
   # At the recorded path: migrated when the study resumes (prepare: before anything else).
   same = tmp_path / 'same'
   results.atomic_write_json(str(same / 'study.json'), legacy)
-  config = study.resolve(
+  config = driver.resolve(
       plan.StudyConfig(
           **{'widths': (2, 2, 2), 'num_splits': 2, 'depths': (1, 2), 'epochs': 1, 'batch_size': 8}),
       image_folder=image_folder)
-  assert study.prepare(config, Workdir(str(same)), image_folder) == config
+  assert driver.prepare(config, Workdir(str(same)), image_folder) == config
   assert migrated(same) == {**record, 'config_hash_before_migration': 'legacy'}
   # Elsewhere: refused in one line naming the command, which migrates it.
   moved, other = str(tmp_path / 'moved'), str(tmp_path / 'other')
@@ -218,7 +220,7 @@ def test_a_study_recorded_by_path_is_migrated(finished, image_folder, tmp_path, 
   proc = migrate(other, f'--image_folder={moved}')
   assert proc.returncode == 0, proc.stderr
   assert migrated(other) == {**record, 'config_hash_before_migration': 'legacy'}
-  assert Workdir(other).check(study.resolve(config, image_folder=moved)) is None  # resumable
+  assert Workdir(other).check(driver.resolve(config, image_folder=moved)) is None  # resumable
   assert 'nothing to migrate' in migrate(other, f'--image_folder={moved}').stderr
 
 

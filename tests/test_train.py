@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtransfer import train
-from jaxtransfer.data import normalize
-from jaxtransfer.models import FinalNet
+from jaxtransfer.train import trainer
+from jaxtransfer.data.datasets import normalize
+from jaxtransfer.nets.models import FinalNet
 from tests.conftest import CONFIG, DATA, HALVES, MODEL, NAMES, members, take, tiny_data
 
 
-def take_result(result: train.StackResult, i: int) -> train.StackResult:
+def take_result(result: trainer.StackResult, i: int) -> trainer.StackResult:
   """Member i of a stack's result, as a stack of one."""
   return result._replace(
       variables=take(result.variables, i),
@@ -39,7 +39,7 @@ def eval_logits(variables):
   return jax.vmap(lambda v: MODEL.apply(v, images, train=False))(variables)
 
 
-def recomputed_accuracy(variables, ms: train.Members) -> np.ndarray:
+def recomputed_accuracy(variables, ms: trainer.Members) -> np.ndarray:
   """Each member's test accuracy from its variables, outside the trainer."""
   logits, labels = np.asarray(eval_logits(variables)), np.asarray(DATA.test_labels)
   return np.array([
@@ -48,7 +48,7 @@ def recomputed_accuracy(variables, ms: train.Members) -> np.ndarray:
   ])
 
 
-def assert_same_training(a: train.StackResult, b: train.StackResult, frozen=()):
+def assert_same_training(a: trainer.StackResult, b: trainer.StackResult, frozen=()):
   """Two trainings of the same members, up to float noise: every leaf with a gradient signal,
   the train-mode metrics, and the eval-mode function once the `no_signal` leaves are shared
   (those change eval outputs only through the running mean's lag behind the bias)."""
@@ -68,15 +68,15 @@ def separate():
   """Each member of `stacked` trained on its own (K = 1, one program compiled once)."""
   ms = members(HALVES)
   return [
-      train.train_stack(MODEL, train.Structure(), CONFIG, DATA, take(ms, i))
+      trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA, take(ms, i))
       for i in range(len(HALVES))
   ]
 
 
 @pytest.fixture(scope='module')
 def stacked_vmap():
-  return train.train_stack(MODEL, train.Structure(), CONFIG, DATA, members(HALVES),
-                           member_map='vmap')
+  return trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA, members(HALVES),
+                             member_map='vmap')
 
 
 def test_stack_equals_separate_runs(stacked, separate):
@@ -105,8 +105,9 @@ def test_vmapped_stack_equals_the_loop_and_separate_runs(stacked, stacked_vmap, 
 
 def test_unknown_member_map_is_refused():
   with pytest.raises(ValueError, match="unknown member map 'vamp': expected one of auto, map"):
-    train.train_stack(MODEL, train.Structure(), CONFIG, DATA, members(HALVES), member_map='vamp')
-  assert train.resolve_member_map('auto') == train.resolve_member_map(None) == 'map'  # on CPU
+    trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA, members(HALVES),
+                        member_map='vamp')
+  assert trainer.resolve_member_map('auto') == trainer.resolve_member_map(None) == 'map'  # on CPU
 
 
 def test_learns_and_reports_per_member_metrics(stacked, stacked_epochs):
@@ -127,8 +128,8 @@ def test_learns_and_reports_per_member_metrics(stacked, stacked_epochs):
 def test_evaluating_every_epoch_changes_nothing_but_records_test_accuracy(stacked):
   """--eval_every_epoch is read-only: the same trained variables and final test accuracy."""
   epochs = []
-  out = train.train_stack(MODEL, train.Structure(), CONFIG, DATA, members(HALVES),
-                          on_epoch=lambda e, m: epochs.append(m), eval_every_epoch=True)
+  out = trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA, members(HALVES),
+                            on_epoch=lambda e, m: epochs.append(m), eval_every_epoch=True)
   jax.tree.map(np.testing.assert_array_equal, out.variables, stacked.variables)
   np.testing.assert_array_equal(out.test_accuracy, stacked.test_accuracy)
   assert [m.shape for m in epochs] == [(3, 3), (3, 3)]
@@ -140,8 +141,8 @@ def test_evaluating_every_epoch_changes_nothing_but_records_test_accuracy(stacke
 def test_partial_last_batch_is_trained_on():
   """40 examples at batch 16: 2 full batches + 1 of 8, every epoch."""
   seen = []
-  cfg = train.TrainConfig(epochs=1, batch_size=16)
-  trainer = train.Trainer(MODEL, train.Structure(), cfg, jnp.zeros((1, 8, 8, 3)))
+  cfg = trainer.TrainConfig(epochs=1, batch_size=16)
+  trainer = trainer.Trainer(MODEL, trainer.Structure(), cfg, jnp.zeros((1, 8, 8, 3)))
   original = trainer.step
 
   def spy(state, batch_idx, **kw):
@@ -159,7 +160,7 @@ def test_partial_last_batch_is_trained_on():
 
 
 PREFIX = tuple(NAMES[:2])
-GRAFT_CONFIG = train.TrainConfig(epochs=1, batch_size=16, optimizer='adam', weight_decay=0.1)
+GRAFT_CONFIG = trainer.TrainConfig(epochs=1, batch_size=16, optimizer='adam', weight_decay=0.1)
 
 
 def grafted_members(stacked):
@@ -171,10 +172,10 @@ def grafted_members(stacked):
 def frozen(request, stacked):
   """(batchnorm policy, {member map: result}) of a stack grafted from `stacked` with conv1..2
   frozen."""
-  structure = train.Structure(PREFIX, PREFIX, request.param)
+  structure = trainer.Structure(PREFIX, PREFIX, request.param)
   return request.param, {
-      m: train.train_stack(MODEL, structure, GRAFT_CONFIG, DATA, grafted_members(stacked),
-                           member_map=m) for m in ('map', 'vmap')
+      m: trainer.train_stack(MODEL, structure, GRAFT_CONFIG, DATA, grafted_members(stacked),
+                             member_map=m) for m in ('map', 'vmap')
   }
 
 
@@ -199,9 +200,9 @@ def test_vmapped_frozen_graft_equals_the_loop(frozen):
 
 def test_vmapped_finetuned_graft_equals_the_loop(stacked):
   """Grafted, nothing frozen (BnB+/AnB+): the same epoch program as the base stack's."""
-  structure = train.Structure(PREFIX, (), 'update')
+  structure = trainer.Structure(PREFIX, (), 'update')
   outs = {
-      m: train.train_stack(MODEL, structure, CONFIG, DATA, grafted_members(stacked), member_map=m)
+      m: trainer.train_stack(MODEL, structure, CONFIG, DATA, grafted_members(stacked), member_map=m)
       for m in ('map', 'vmap')
   }
   assert_same_training(outs['vmap'], outs['map'])
@@ -213,8 +214,8 @@ def test_vmapped_finetuned_graft_equals_the_loop(stacked):
 def step_flops(depth: int) -> float:
   model = FinalNet(5)
   frozen = tuple(NAMES[:depth])
-  trainer = train.Trainer(model, train.Structure((), frozen, 'update'),
-                          train.TrainConfig(batch_size=32), jnp.zeros((1, 32, 32, 3)))
+  trainer = trainer.Trainer(model, trainer.Structure((), frozen, 'update'),
+                            trainer.TrainConfig(batch_size=32), jnp.zeros((1, 32, 32, 3)))
   state = trainer.init(jax.random.key(0), None)
   data = tiny_data(num_classes=5, train_per_class=8, size=32)
   step = jax.jit(trainer.step).lower(state, jnp.arange(32), jnp.arange(5), data).compile()
@@ -234,15 +235,15 @@ import jax, numpy as np
 assert jax.device_count() == 4, jax.devices()
 from tests.conftest import MODEL, CONFIG, DATA, members
 from tests.test_train import assert_same_training
-from jaxtransfer import train
+from jaxtransfer.train import trainer
 ms = members([(0, 1), (2, 3), (1, 3), (0, 2), (1, 2)])  # K=5: padded to 8, 2 per device
-one = jax.make_mesh((1,), (train.MODEL_AXIS,), devices=jax.devices()[:1])
-a = train.train_stack(MODEL, train.Structure(), CONFIG, DATA, ms)
-b = train.train_stack(MODEL, train.Structure(), CONFIG, DATA, ms, mesh=one)
+one = jax.make_mesh((1,), (trainer.MODEL_AXIS,), devices=jax.devices()[:1])
+a = trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA, ms)
+b = trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA, ms, mesh=one)
 jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
              a.variables, b.variables)
 np.testing.assert_allclose(a.test_accuracy, b.test_accuracy)
-c = train.train_stack(MODEL, train.Structure(), CONFIG, DATA, ms, member_map='vmap')
+c = trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA, ms, member_map='vmap')
 assert c.test_accuracy.shape == (5,)
 assert_same_training(c, b)
 print('sharded ok', a.test_accuracy, c.test_accuracy)
@@ -265,8 +266,8 @@ jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 jax.distributed.initialize(f'localhost:{sys.argv[1]}', num_processes=2, process_id=int(sys.argv[2]))
 assert jax.device_count() == 2 and jax.local_device_count() == 1
 from tests.conftest import MODEL, CONFIG, DATA, HALVES, members
-from jaxtransfer import train
-r = train.train_stack(MODEL, train.Structure(), CONFIG, DATA, members(HALVES))
+from jaxtransfer.train import trainer
+r = trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA, members(HALVES))
 np.save(sys.argv[3], r.variables['params']['head']['dense']['kernel'])
 '''
 
@@ -296,9 +297,9 @@ def test_init_compiled_at_a_low_optimisation_level_gives_the_same_state():
   """train_stack compiles initialisation with INIT_COMPILER_OPTIONS (it compiles several times
   faster): the initial state must be the default level's, bit for bit."""
   example = jnp.zeros((1,) + DATA.train_images.shape[1:], jnp.float32)
-  trainer = train.Trainer(MODEL, train.Structure(), CONFIG, example)
+  trainer = trainer.Trainer(MODEL, trainer.Structure(), CONFIG, example)
   key = jax.random.key(7)
-  low = jax.jit(trainer.init).lower(key, None).compile(train.INIT_COMPILER_OPTIONS)(key, None)
+  low = jax.jit(trainer.init).lower(key, None).compile(trainer.INIT_COMPILER_OPTIONS)(key, None)
   default = jax.jit(trainer.init)(key, None)
   assert jax.tree.structure(low) == jax.tree.structure(default)
   for a, b in zip(jax.tree.leaves(low), jax.tree.leaves(default)):

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from jaxtransfer import transfer
-from jaxtransfer.models import FinalNet
+from jaxtransfer.nets.models import FinalNet
 
 
 class Encoder(nn.Module):

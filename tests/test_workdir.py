@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from jaxtransfer import plan, results
-from jaxtransfer import workdir as workdir_lib
-from jaxtransfer.workdir import Workdir
+from jaxtransfer.study import plan
+from jaxtransfer.analysis import results
+from jaxtransfer.study import workdir as workdir_lib
+from jaxtransfer.study.workdir import Workdir
 from tests.conftest import ROOT, copy_study, run_cli, tiny_args
 
 
@@ -35,7 +36,7 @@ def test_metrics_lines_survive_a_killed_writer(tmp_path):
 # A second process holding a workdir's lock for argv[2] seconds.
 HOLDER = r'''
 import sys, time
-from jaxtransfer.workdir import Workdir
+from jaxtransfer.study.workdir import Workdir
 with Workdir(sys.argv[1]).lock():
   print('locked', flush=True)
   time.sleep(float(sys.argv[2]))

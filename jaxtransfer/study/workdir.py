@@ -32,8 +32,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
-from jaxtransfer import plan as plan_lib
-from jaxtransfer import results
+from jaxtransfer.study import plan as plan_lib
+from jaxtransfer.analysis import results
 
 METRICS = 'metrics.jsonl'
 LOCK = 'lock'

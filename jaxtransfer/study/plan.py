@@ -2,7 +2,7 @@
 
 A `Run` is one trained model: a split, the half it is trained on (target), a condition (see
 `conditions`) and a grafted/frozen depth n. Runs sharing static structure (grafted and frozen
-layers) and target size form a `Stack`, trained in one call of `train.train_stack`. Every
+layers) and target size form a `Stack`, trained in one call of `trainer.train_stack`. Every
 run's PRNG keys come from its identity alone, so a stack's composition, the order of stacks
 and a study's shards never change what a model learns.
 """
@@ -17,14 +17,17 @@ from typing import Any, Mapping, Sequence
 
 import jax
 
-from jaxtransfer import (cifar, conditions, data, features, models, modelspec, results, train,
-                         transfer)
-from jaxtransfer import splits as splits_lib
+from jaxtransfer.data import cifar, datasets
+from jaxtransfer import conditions, transfer
+from jaxtransfer.train import features, trainer
+from jaxtransfer.nets import models, modelspec
+from jaxtransfer.analysis import results
+from jaxtransfer.data import splits as splits_lib
 
 HALVINGS = ('random', 'dissimilar')
 DIRECTIONS = ('AtoB', 'both')
 SWEEPABLE = ('epochs', 'train_per_class')
-_TRAIN = train.TrainConfig()
+_TRAIN = trainer.TrainConfig()
 
 
 def _opt(default: Any, help: str, choices: Sequence[str] = ()) -> Any:  # pylint: disable=redefined-builtin
@@ -54,7 +57,7 @@ class StudyConfig:
       'final', "The network: the seed's 'initial' (8 convs of 3 filters, no pooling) or "
       "'final' (3 conv-BN blocks + pools), or your own flax module as MODULE:ATTR or "
       'path/to/file.py:ATTR, ATTR(num_classes) returning it (contract: '
-      'jaxtransfer/modelspec.py).')
+      'jaxtransfer/nets/modelspec.py).')
   widths: tuple[int, ...] = _opt(
       tuple(models.FinalNet.widths), "Filters of the final net's three blocks; the "
       "default 8,16,32 gives the seed's 512 features into the head. Built-in nets only.")
@@ -93,7 +96,7 @@ class StudyConfig:
   epochs: int = _opt(_TRAIN.epochs, 'Training epochs for every model.')
   batch_size: int = _opt(_TRAIN.batch_size, 'Minibatch size.')
   optimizer: str = _opt(_TRAIN.optimizer, 'adam (AdamW) or sgd with momentum 0.9.',
-                        train.OPTIMIZERS)
+                        trainer.OPTIMIZERS)
   learning_rate: float = _opt(_TRAIN.learning_rate, 'Learning rate.')
   weight_decay: float = _opt(_TRAIN.weight_decay, 'Decoupled weight decay.')
   train_per_class: int = _opt(
@@ -114,10 +117,10 @@ class StudyConfig:
   def hash(self) -> str:
     return config_hash(self.to_json())
 
-  def train_config(self) -> train.TrainConfig:
+  def train_config(self) -> trainer.TrainConfig:
     """The optimisation settings, field by field (TrainConfig's other fields at its defaults)."""
-    names = {f.name for f in dataclasses.fields(train.TrainConfig)}
-    return train.TrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+    names = {f.name for f in dataclasses.fields(trainer.TrainConfig)}
+    return trainer.TrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 
 
 def config_hash(config: dict) -> str:
@@ -158,11 +161,11 @@ class RunOptions:
       'cifar-10-python.tar.gz); used instead of downloading.')
   cache_dir: str | None = _opt(
       None, 'Where decoded arrays and compiled programs are cached (default: '
-      f'{data.DEFAULT_CACHE_DIR}).')
+      f'{datasets.DEFAULT_CACHE_DIR}).')
   member_map: str = _opt(
       'auto', "How a stack's members run on a device: vmap (one batched kernel; the "
       "accelerators' default), map (in turn; CPU's default) or auto. Results agree up to float "
-      'noise.', train.MEMBER_MAPS)
+      'noise.', trainer.MEMBER_MAPS)
   feature_budget_mb: int = _opt(
       features.DEFAULT_BUDGET_MB, 'Memory for the outputs of frozen prefixes under '
       '--frozen_batchnorm=fixed, computed once per stack instead of at every step (same '
@@ -179,7 +182,7 @@ class RunOptions:
       '(damaged, or written by hand), instead of refusing to run.')
 
   def __post_init__(self):
-    _choice('member_map', self.member_map, train.MEMBER_MAPS)
+    _choice('member_map', self.member_map, trainer.MEMBER_MAPS)
     if not isinstance(self.feature_budget_mb, int) or self.feature_budget_mb < 0:
       raise ConfigError(f'--feature_budget_mb must be an integer >= 0 (MB), got '
                         f'{self.feature_budget_mb!r}')
@@ -363,7 +366,7 @@ class Run:
 @dataclasses.dataclass(frozen=True)
 class Stack:
   name: str
-  structure: train.Structure
+  structure: trainer.Structure
   runs: tuple[Run, ...]
 
   @property
@@ -384,11 +387,11 @@ def make_halves(config: StudyConfig, class_names: Sequence[str]) -> list[splits_
   return splits_lib.random_halves(len(class_names), config.num_splits, config.split_seed)
 
 
-def structure_for(run: Run, layer_names: Sequence[str], batchnorm: str) -> train.Structure:
+def structure_for(run: Run, layer_names: Sequence[str], batchnorm: str) -> trainer.Structure:
   prefix = tuple(layer_names[:run.depth])
   graft = prefix if run.source else ()
   frozen = prefix if run.frozen else ()
-  return train.Structure(graft, frozen, batchnorm if frozen else 'update')
+  return trainer.Structure(graft, frozen, batchnorm if frozen else 'update')
 
 
 def runs(config: StudyConfig) -> list[Run]:
@@ -447,8 +450,8 @@ def expected_rows(config: StudyConfig, planned: Sequence[Run],
   return {results.run_id(row): row for row in (planned_row(config, r, halves) for r in planned)}
 
 
-def _stack_name(structure: train.Structure, size: int) -> str:
-  if structure == train.Structure():
+def _stack_name(structure: trainer.Structure, size: int) -> str:
+  if structure == trainer.Structure():
     return f'base-k{size}'
   kind = 'frozen' if structure.frozen_layers else 'finetune'
   graft = 'graft' if structure.graft_layers else 'random'

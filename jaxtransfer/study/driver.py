@@ -16,15 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtransfer import (cifar, conditions, estimate, flops, imagefolder, migrate, modelspec, plots,
-                         report, results, train, transfer)
-from jaxtransfer import data as data_lib
-from jaxtransfer import features as features_lib
-from jaxtransfer import plan as plan_lib
-from jaxtransfer import splits as splits_lib
-from jaxtransfer.plan import RunOptions, Run, Stack, StudyConfig
-from jaxtransfer.progress import Progress
-from jaxtransfer.workdir import Corrupt, Workdir
+from jaxtransfer.data import cifar, imagefolder
+from jaxtransfer import conditions, transfer
+from jaxtransfer.study import estimate, migrate
+from jaxtransfer.nets import flops, modelspec
+from jaxtransfer.analysis import plots, report, results
+from jaxtransfer.train import trainer
+from jaxtransfer.data import datasets as data_lib
+from jaxtransfer.train import features as features_lib
+from jaxtransfer.study import plan as plan_lib
+from jaxtransfer.data import splits as splits_lib
+from jaxtransfer.study.plan import RunOptions, Run, Stack, StudyConfig
+from jaxtransfer.study.progress import Progress
+from jaxtransfer.study.workdir import Corrupt, Workdir
 
 
 def resolve(config: StudyConfig, *, image_folder: str | None = None,
@@ -73,13 +77,13 @@ def _run_locked(config: StudyConfig, workdir: Workdir, *, image_folder, model_fn
   progress.log(f'study {config.hash()}: {sum(len(s.runs) for s in stacks)} models in '
                f'{len(stacks)} stacks, {len(train_ds)} train / {len(test_ds)} test images, '
                f'{jax.device_count()} {jax.default_backend()} device(s), members under '
-               f'{train.resolve_member_map(options.member_map)}')
+               f'{trainer.resolve_member_map(options.member_map)}')
   progress.log(class_counts(train_ds, test_ds, config.train_per_class))
   notes = moot_flags(config, plan_lib.model_info(config, model_fn, train_ds.images.shape[1:]))
   for note in notes:
     progress.log(note)
   mean, std = data_lib.channel_stats(train_ds.images)
-  device_data = train.to_device(train_ds, test_ds, mean, std)
+  device_data = trainer.to_device(train_ds, test_ds, mean, std)
   rows = train_stacks(config, workdir, make, device_data, train_ds.labels, test_ds.labels, halves,
                       stacks, options=options, progress=progress, mesh=mesh)
   results.write(workdir.path, rows)
@@ -89,7 +93,7 @@ def _run_locked(config: StudyConfig, workdir: Workdir, *, image_folder, model_fn
   if metrics:
     paths += plots.curves_figure(metrics, workdir.file('figures', 'curves'))
   if config.cka_images:
-    from jaxtransfer import similarity  # only when asked
+    from jaxtransfer.study import similarity  # only when asked
     paths += similarity.write(config, workdir, stacks, halves, make, layer_names, test_ds, mean,
                               std, exclude={results.run_id(r) for r in diverged})
   figures = [os.path.relpath(p, workdir.path) for p in paths]
@@ -157,7 +161,7 @@ def moot_flags(config: StudyConfig, info: modelspec.ModelInfo) -> list[str]:
 
 
 def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], Any],
-                 data: train.DeviceData, train_labels: np.ndarray, test_labels: np.ndarray,
+                 data: trainer.DeviceData, train_labels: np.ndarray, test_labels: np.ndarray,
                  halves: Sequence[splits_lib.Split], stacks: list[Stack], *,
                  options: RunOptions = RunOptions(), progress: Progress, mesh=None) -> list[dict]:
   """Train every unfinished stack in order; return all rows (finished ones read back, after
@@ -168,7 +172,7 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
   computed once, when it fits in `options.feature_budget_mb` (`features.planned_nbytes`)."""
   per_class = config.train_per_class or None
   tconfig = config.train_config()
-  member_map = train.resolve_member_map(options.member_map)
+  member_map = trainer.resolve_member_map(options.member_map)
   done = _finished(workdir, stacks, plan_lib.expected_rows(config, plan_lib.runs(config), halves),
                    options.retrain_corrupt, progress)
   work = epoch_work(stacks, make, halves, half_sizes(config, halves, train_labels,
@@ -209,9 +213,9 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
             **({'test_accuracy': float(m[2])} if len(m) > 2 else {})
         } for r, m in zip(stack.runs, metrics)])
 
-      result = train.train_stack(model, stack.structure, tconfig, data, members, mesh=mesh,
-                                 member_map=member_map, on_epoch=on_epoch, features=features,
-                                 eval_every_epoch=options.eval_every_epoch)
+      result = trainer.train_stack(model, stack.structure, tconfig, data, members, mesh=mesh,
+                                   member_map=member_map, on_epoch=on_epoch, features=features,
+                                   eval_every_epoch=options.eval_every_epoch)
       finite = _finite_members(result.variables)
       rows = [
           _row(config, halves, r, stack.structure, result.test_accuracy[j],
@@ -302,13 +306,13 @@ def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder
   for a few seconds (`estimate.probe`). A `workdir` is only read: a study with other flags is
   refused as a run would, and its finished stacks are left out of the estimate."""
   config = resolve(config, image_folder=image_folder, model_fn=model_fn)
-  member_map = train.resolve_member_map(options.member_map)
+  member_map = trainer.resolve_member_map(options.member_map)
   if workdir is not None:
     workdir.check(config)
   train_ds, test_ds = _load(config, image_folder, options)
   studies = plan_lib.sweep_studies(config) if config.sweep else [('', config)]
   planned = [(folder, sub, *_plan(sub, train_ds, test_ds, model_fn)) for folder, sub in studies]
-  mesh = mesh or jax.make_mesh((jax.device_count(),), (train.MODEL_AXIS,))
+  mesh = mesh or jax.make_mesh((jax.device_count(),), (trainer.MODEL_AXIS,))
 
   sizes = lambda sub, halves: half_sizes(sub, halves, train_ds.labels, test_ds.labels)
 
@@ -319,7 +323,8 @@ def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder
   k = len(plan_lib.half_classes(halves, run.split, run.target))
   model_epoch = sizes(sub, halves)[(run.split, run.target)][0]
   mean, std = data_lib.channel_stats(train_ds.images)
-  probe = estimate.probe(make(k), sub.train_config(), train.to_device(train_ds, test_ds, mean, std),
+  probe = estimate.probe(make(k), sub.train_config(),
+                         trainer.to_device(train_ds, test_ds, mean, std),
                          k=mesh.size if member_map == 'map' else len(largest.runs),
                          n_train=model_epoch, mesh=mesh, member_map=member_map)
   lines = [
@@ -352,7 +357,7 @@ def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder
   return '\n'.join(lines)
 
 
-def _row(config: StudyConfig, halves, run: Run, structure: train.Structure, test_acc, train_acc,
+def _row(config: StudyConfig, halves, run: Run, structure: trainer.Structure, test_acc, train_acc,
          loss, seconds, finite: bool) -> dict:
   return {
       **plan_lib.planned_row(config, run, halves),
@@ -367,12 +372,12 @@ def _row(config: StudyConfig, halves, run: Run, structure: train.Structure, test
 
 
 def stack_members(runs: Sequence[Run], classes: Sequence[Sequence[int]], train_labels: np.ndarray,
-                  test_labels: np.ndarray, per_class: int | None, sources) -> train.Members:
+                  test_labels: np.ndarray, per_class: int | None, sources) -> trainer.Members:
   """Each run's keys (from its identity), its target half's train/test indices and label map,
-  stacked: the per-member inputs of `train.train_stack`."""
+  stacked: the per-member inputs of `trainer.train_stack`."""
   num_classes = int(max(train_labels.max(), test_labels.max())) + 1
   stack = lambda xs: jnp.asarray(np.stack(xs))
-  return train.Members(
+  return trainer.Members(
       init_keys=jnp.stack([plan_lib.run_key(r, 'init') for r in runs]),
       shuffle_keys=jnp.stack([plan_lib.run_key(r, 'shuffle') for r in runs]),
       train_idx=stack([splits_lib.class_indices(train_labels, c, per_class) for c in classes]),

@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from jaxtransfer import imagefolder, results
-from jaxtransfer import plan as plan_lib
+from jaxtransfer.data import imagefolder
+from jaxtransfer.analysis import results
+from jaxtransfer.study import plan as plan_lib
 
 LEGACY_FIELD = 'image_folder'
 STUDY = 'study.json'

@@ -3,7 +3,7 @@
 Under the `fixed` BatchNorm policy, a stack's frozen grafted layers normalise with the
 transferred running statistics and never change: they are a fixed function of the image. Their
 output on each member's own training and test images is computed once, in inference mode, and
-the stack trains layers n.. on it (`train.Features`). At n = 6 of the seed's net that leaves
+the stack trains layers n.. on it (`trainer.Features`). At n = 6 of the seed's net that leaves
 only the head to train. Stored as float32 (the values the plain path computes, to float
 rounding), within a memory budget: a stack whose features would not fit trains the plain way.
 """
@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtransfer import data as data_lib
-from jaxtransfer import train
+from jaxtransfer.data import datasets as data_lib
+from jaxtransfer.train import trainer
 
 # Features of one stack (every member's train and test images) above this stay uncomputed: for
 # the seed's net and K = 4 this caches n >= 2 (n = 1 would need 3.9 GB).
@@ -27,14 +27,14 @@ DEFAULT_BUDGET_MB = 2048
 _BATCH = 1000
 
 
-def applicable(model: Any, structure: train.Structure) -> bool:
+def applicable(model: Any, structure: trainer.Structure) -> bool:
   """Frozen grafted layers under `fixed`, and a model that can run a slice of its layers."""
   return (structure.batchnorm == 'fixed' and bool(structure.frozen_layers) and
           structure.frozen_layers == structure.graft_layers and
           {'start', 'stop'} <= set(inspect.signature(model.__call__).parameters))
 
 
-def planned_nbytes(model: Any, structure: train.Structure, k: int, train_images: int,
+def planned_nbytes(model: Any, structure: trainer.Structure, k: int, train_images: int,
                    test_images: int, image_shape: tuple[int, ...], budget_mb: int) -> int | None:
   """Bytes of a stack's prefix features if they are to be computed once: the structure allows
   it (`applicable`) and they fit in `budget_mb`; else None (the stack trains the plain way). The
@@ -55,8 +55,8 @@ def stack_nbytes(model: Any, k: int, train_images: int, test_images: int,
   return k * (train_images + test_images) * int(np.prod(out.shape[1:])) * 4
 
 
-def compute(model: Any, members: train.Members, data: train.DeviceData,
-            start: int) -> tuple[train.Features, train.Members]:
+def compute(model: Any, members: trainer.Members, data: trainer.DeviceData,
+            start: int) -> tuple[trainer.Features, trainer.Members]:
   """Every member's prefix output on its own examples, and members that index into it."""
   prefix = jax.jit(functools.partial(_prefix, model, start))
   k, n = members.train_idx.shape
@@ -81,13 +81,13 @@ def compute(model: Any, members: train.Members, data: train.DeviceData,
     per_member.append((train_x, train_y, test_x, test_y))
   stacked = [jnp.stack(xs) for xs in zip(*per_member)]
   channels = data.mean.shape[-1]
-  feature_data = train.DeviceData(*stacked, jnp.zeros((k, channels)), jnp.ones((k, channels)))
+  feature_data = trainer.DeviceData(*stacked, jnp.zeros((k, channels)), jnp.ones((k, channels)))
   m = members.test_idx.shape[1]
   tile = lambda x: jnp.tile(x[None], (k, 1))
   indexed = members._replace(train_idx=tile(jnp.arange(n, dtype=jnp.int32)),
                              test_idx=tile(jnp.arange(m, dtype=jnp.int32)),
                              label_map=tile(jnp.arange(num_classes, dtype=jnp.int32)))
-  return train.Features(start, feature_data), indexed
+  return trainer.Features(start, feature_data), indexed
 
 
 def _prefix(model, start, variables, images_u8, mean, std):

@@ -29,7 +29,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxtransfer import transfer
-from jaxtransfer.data import normalize
+from jaxtransfer.data.datasets import normalize
 
 PyTree = Any
 MODEL_AXIS = 'models'
@@ -126,7 +126,7 @@ class Features(NamedTuple):
   [0, start) applied to each member's own examples give `data` with a leading model axis
   (train_images [K, N, ...] float32, train_labels [K, N] already member labels, test_* alike;
   mean/std unused), and training runs layers start.. only (`model.apply(..., start=start)`).
-  Built by `jaxtransfer.features`."""
+  Built by `jaxtransfer.train.features`."""
 
   start: int
   data: DeviceData

@@ -6,12 +6,14 @@ import json
 import os
 from typing import Sequence
 
-from jaxtransfer import migrate, modelspec, plots, report, results, similarity, study
-from jaxtransfer import plan as plan_lib
-from jaxtransfer import workdir as workdir_lib
-from jaxtransfer.plan import RunOptions, StudyConfig
-from jaxtransfer.progress import Progress
-from jaxtransfer.workdir import Workdir
+from jaxtransfer.study import migrate, similarity, driver
+from jaxtransfer.nets import modelspec
+from jaxtransfer.analysis import plots, report, results
+from jaxtransfer.study import plan as plan_lib
+from jaxtransfer.study import workdir as workdir_lib
+from jaxtransfer.study.plan import RunOptions, StudyConfig
+from jaxtransfer.study.progress import Progress
+from jaxtransfer.study.workdir import Workdir
 
 
 def run_sweep(config: StudyConfig, workdir: Workdir, *, image_folder: str | None = None,
@@ -19,13 +21,13 @@ def run_sweep(config: StudyConfig, workdir: Workdir, *, image_folder: str | None
               progress: Progress | None = None, mesh=None) -> str:
   """One full (resumable) study per value of the swept flag in `workdir/<param>-<value>/`,
   then a figure and `sweep.md` of how the co-adaptation dip and fine-tuning gain move; the
-  arguments are `study.run`'s. The sweep's workdir is locked for the whole sweep, each
+  arguments are `driver.run`'s. The sweep's workdir is locked for the whole sweep, each
   sub-study's for its own run."""
-  config = study.resolve(config, image_folder=image_folder, model_fn=model_fn)
+  config = driver.resolve(config, image_folder=image_folder, model_fn=model_fn)
   progress = progress or Progress(None)
   param, values = plan_lib.parse_sweep(config.sweep)
   with workdir.lock(options.wait_for_lock, log=progress.log):
-    study.prepare(config, workdir, image_folder)
+    driver.prepare(config, workdir, image_folder)
     kwargs = dict(image_folder=image_folder, model_fn=model_fn, options=options, mesh=mesh)
     return _sweep_locked(config, workdir, param, values, progress=progress, **kwargs)
 
@@ -38,7 +40,7 @@ def _sweep_locked(config: StudyConfig, workdir: Workdir, param: str, values: Seq
     sub = Workdir(workdir.file(folder))
     sub.check(sub_config)
     progress.log(f'sweep {param}={value}')
-    study.run(sub_config, sub, progress=progress, **kwargs)
+    driver.run(sub_config, sub, progress=progress, **kwargs)
     rows_by_value[value] = results.read_csv(sub.file('results.csv'))
   summary = report.sweep_summary(rows_by_value)
   figures = plots.sweep_figure(summary, param, workdir.file('figures', f'sweep_{param}'))

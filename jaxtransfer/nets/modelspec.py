@@ -32,7 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtransfer import models, transfer
+from jaxtransfer.nets import models
+from jaxtransfer import transfer
 
 ModelFn = Callable[[int], nn.Module]
 _PROBE_CLASSES = 2  # the class count a model is checked with (any works: the head is not grafted)

@@ -8,14 +8,14 @@ The time model, printed with every estimate:
                 + slots * test images per member * forward FLOPs/image * s_per_flop
   slots = ceil(K / devices)
 
-* `s_per_flop`: the probe trains a base stack (every layer trained) with `train.train_stack`
+* `s_per_flop`: the probe trains a base stack (every layer trained) with `trainer.train_stack`
   itself on this backend for three short epochs (16 batches plus the real epoch's partial one),
   and divides its faster steady-state epoch by its member-slots, images and training FLOPs.
   Under 'map' (CPU) a device runs its members in turn, so the probe uses one member per device
   and time grows with `slots`; under 'vmap' (accelerators) it uses the largest stack's K, and
   smaller stacks are charged as if time grew linearly with K (an upper bound: a GPU is less
   busy at small K).
-* Time is proportional to training FLOPs (`jaxtransfer.flops`: frozen layers pruned): a frozen
+* Time is proportional to training FLOPs (`jaxtransfer.nets.flops`: frozen layers pruned): a frozen
   stack costs its share of the full net's FLOPs. A frozen prefix under `fixed` whose output fits
   `--feature_budget_mb` is computed once (`features`): its forward pass is charged once per
   image, not per step (the small trained rest runs below the probe's FLOP rate, so these
@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from jaxtransfer import flops, train
+from jaxtransfer.nets import flops
+from jaxtransfer.train import trainer
 
 PROBE_BATCHES = 16
 PROBE_EPOCHS = 3  # the first compiles; the faster of the other two counts
@@ -66,10 +67,10 @@ class Probe(NamedTuple):
     return self.epoch_seconds / (slots * self.images * self.flops_per_image)
 
 
-def probe(model, config: train.TrainConfig, data: train.DeviceData, *, k: int, n_train: int,
+def probe(model, config: trainer.TrainConfig, data: trainer.DeviceData, *, k: int, n_train: int,
           mesh: Mesh, member_map: str) -> Probe:
   """Train a stack of `k` members (rounded up to the devices) of `model`, every layer trained,
-  with `train.train_stack` itself, for PROBE_EPOCHS short epochs: PROBE_BATCHES full batches
+  with `trainer.train_stack` itself, for PROBE_EPOCHS short epochs: PROBE_BATCHES full batches
   plus the partial batch of an `n_train`-image epoch, then one evaluation batch."""
   devices = mesh.size
   k = -(-k // devices) * devices
@@ -77,7 +78,7 @@ def probe(model, config: train.TrainConfig, data: train.DeviceData, *, k: int, n
   images = min(n_train, PROBE_BATCHES * b + n_train % b)
   num_classes = int(data.train_labels.max()) + 1
   tile = lambda row: jnp.tile(row, (k, 1))
-  members = train.Members(
+  members = trainer.Members(
       init_keys=jax.random.split(jax.random.key(0),
                                  k), shuffle_keys=jax.random.split(jax.random.key(1), k),
       train_idx=tile(jnp.arange(images, dtype=jnp.int32)), test_idx=tile(
@@ -86,9 +87,9 @@ def probe(model, config: train.TrainConfig, data: train.DeviceData, *, k: int, n
   stamps = []
   load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.0
   start = time.perf_counter()
-  train.train_stack(model, train.Structure(), dataclasses.replace(config, epochs=PROBE_EPOCHS),
-                    data, members, mesh=mesh, member_map=member_map,
-                    on_epoch=lambda epoch, metrics: stamps.append(time.perf_counter()))
+  trainer.train_stack(model, trainer.Structure(), dataclasses.replace(config, epochs=PROBE_EPOCHS),
+                      data, members, mesh=mesh, member_map=member_map,
+                      on_epoch=lambda epoch, metrics: stamps.append(time.perf_counter()))
   total = time.perf_counter() - start
   epoch_seconds = min(b - a for a, b in zip(stamps, stamps[1:]))
   macs = flops.layer_macs(model, data.train_images.shape[1:])

@@ -12,11 +12,13 @@ from typing import AbstractSet, Callable, Sequence
 
 import numpy as np
 
-from jaxtransfer import cka, conditions, data, plots, results
-from jaxtransfer import plan as plan_lib
-from jaxtransfer import splits as splits_lib
-from jaxtransfer.plan import Run, Stack, StudyConfig
-from jaxtransfer.workdir import Workdir
+from jaxtransfer.analysis import cka, plots, results
+from jaxtransfer import conditions
+from jaxtransfer.data import datasets
+from jaxtransfer.study import plan as plan_lib
+from jaxtransfer.data import splits as splits_lib
+from jaxtransfer.study.plan import Run, Stack, StudyConfig
+from jaxtransfer.study.workdir import Workdir
 
 OTHER_BASE = 'other base'
 DATA_FILE = 'cka.json'
@@ -45,7 +47,7 @@ def measure(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], halv
     for t, classes in zip('AB', halves[s]):
       idx = splits_lib.class_indices(test_ds.labels, classes)
       idx = np.concatenate([idx[test_ds.labels[idx] == c][:per_class] for c in classes])
-      features[(s, t)] = np.asarray(data.normalize(test_ds.images[idx], mean, std))
+      features[(s, t)] = np.asarray(datasets.normalize(test_ds.images[idx], mean, std))
   nets = {
       run: v
       for run, v in workdir.members(stacks).items()

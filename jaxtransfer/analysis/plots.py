@@ -14,7 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxtransfer import conditions, results  # noqa: E402
+from jaxtransfer import conditions  # noqa: E402
+from jaxtransfer.analysis import results
 
 # Below this many runs per point a Student-t band (1 degree of freedom at 2 runs: mean ± 12.7 sd)
 # says nothing and hides the points, so it is left out and the figure says so.

@@ -4,7 +4,7 @@ Two sources give the same `imagefolder.ArrayDataset`:
 
 * an image folder `root/{train,test}/<class>/*.{png,jpg,jpeg}` (`imagefolder`), decoded with PIL
   alone (no TensorFlow, no TFDS);
-* a TFDS builder of our own (`jaxtransfer.cifar_builder`) that prepares the
+* a TFDS builder of our own (`jaxtransfer.data.cifar_builder`) that prepares the
   official CIFAR archive as array_record and is read with `as_data_source`.
 
 Either way the decoded arrays are cached as one uncompressed `.npz` per split,
@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtransfer import cifar, imagefolder
-from jaxtransfer.imagefolder import ArrayDataset, DataError
+from jaxtransfer.data import cifar, imagefolder
+from jaxtransfer.data.imagefolder import ArrayDataset, DataError
 
 DEFAULT_CACHE_DIR = '~/.cache/jaxtransfer'
 # Examples fetched per `__getitems__` call when reading a TFDS data source.
@@ -114,7 +114,7 @@ def data_source_to_arrays(source: Sequence[Any], class_names: Sequence[str]) -> 
 
 def _load_tfds(dataset: str, config: str, split: str, data_dir: str,
                manual_dir: str | None) -> ArrayDataset:
-  from jaxtransfer import cifar_builder  # pylint: disable=g-import-not-at-top
+  from jaxtransfer.data import cifar_builder  # pylint: disable=g-import-not-at-top
 
   builder = cifar_builder.prepare(dataset, config=config, data_dir=data_dir, manual_dir=manual_dir)
   return data_source_to_arrays(builder.as_data_source(split=split),

@@ -7,7 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxtransfer import conditions, results
+from jaxtransfer import conditions
+from jaxtransfer.analysis import results
 from jaxtransfer.conditions import ANB, ANB_PLUS, BASE, BNB, RANDOM
 
 # What the 2022 seminar reported (PyTorch, CIFAR-10, final net, 10 epochs), for comparison.

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxtransfer import imagefolder, network
-from jaxtransfer.cifar import ARCHIVES, BUILDER_VERSION, Archive
-from jaxtransfer.imagefolder import DataError
+from jaxtransfer.data import imagefolder, network
+from jaxtransfer.data.cifar import ARCHIVES, BUILDER_VERSION, Archive
+from jaxtransfer.data.imagefolder import DataError
 
 # ----------------------------------------------------------------------------
 # Archive checking and parsing (plain functions, testable without TFDS).

@@ -61,7 +61,7 @@ def main(argv=None) -> None:
   from jaxtransfer.data import datasets
   from jaxtransfer.nets import models
   from jaxtransfer.study import plan, driver
-  from jaxtransfer.analysis import results
+  from jaxtransfer.analysis import stats
   from jaxtransfer.train import trainer
 
   load = lambda split: datasets.load(split, image_folder=args.image_folder, cache_dir=args.cache_dir
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
   print('\n| variant | test accuracy, mean ± 95% CI | − PyTorch (Welch 95% CI) |')
   print('|---|---|---|')
   for name, values in accuracy.items():
-    mean_acc, half = results.mean_ci(values)
+    mean_acc, half = stats.mean_ci(values)
     diff = ''
     if 'torch' in accuracy and name != 'torch':
       d, h = welch(values, accuracy['torch'])

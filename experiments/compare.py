@@ -16,13 +16,14 @@ import sys
 
 from absl import app
 
-from jaxtransfer.analysis import report, results
+from jaxtransfer.analysis import report
+from jaxtransfer.analysis import rows as rows_lib
 from jaxtransfer.conditions import ANB, BNB
 
 
 def table(studies: list[tuple[str, str]]) -> str:
   """studies: (folder, label) pairs -> the base accuracies and one relative table. Each folder
-  once, each label (column suffix) once; each results.csv checked by `results.read_csv`, and
+  once, each label (column suffix) once; each results.csv checked by `rows.read_csv`, and
   diverged models left out."""
   columns, bases, seen, labels, contrasts = [], [], {}, {}, []
   for folder, label in studies:
@@ -36,7 +37,7 @@ def table(studies: list[tuple[str, str]]) -> str:
     path = os.path.join(folder, 'results.csv')
     if not os.path.isfile(path):
       raise FileNotFoundError(f'{path}: no such file (is {folder} a finished study?)')
-    rows = results.usable(results.read_csv(path))
+    rows = rows_lib.usable(rows_lib.read_csv(path))
     suffix = f' ({label})' if label else ''
     conditions = report.conditions_in(rows)
     columns += [(c + suffix, rows, c) for c in conditions]

@@ -14,7 +14,8 @@ import pytest
 from jaxtransfer.study import campaigns, plan
 from jaxtransfer.data import cifar
 from jaxtransfer.nets import models
-from jaxtransfer.analysis import results
+from jaxtransfer import files
+from jaxtransfer.analysis import rows as rows_lib
 from jaxtransfer.study.workdir import Workdir
 from tests.conftest import ROOT, make_image_folder, run_cli
 
@@ -24,14 +25,14 @@ def _shard(finished, path, split, similarity=True):
   os.makedirs(path)
   meta = json.load(open(os.path.join(finished, 'study.json')))
   meta['config']['splits'] = [split]
-  results.atomic_write_json(os.path.join(path, 'study.json'), meta)
-  rows = results.read_csv(os.path.join(finished, 'results.csv'))
-  results.write(path, results.select(rows, split=split))
+  files.write_json(os.path.join(path, 'study.json'), meta)
+  rows = rows_lib.read_csv(os.path.join(finished, 'results.csv'))
+  rows_lib.write(path, rows_lib.select(rows, split=split))
   Workdir(path).append_metrics([r for r in Workdir(finished).read_metrics() if r['split'] == split])
   if similarity:
     cka = json.load(open(os.path.join(finished, 'figures', 'cka.json')))
     cka['records'] = [r for r in cka['records'] if r['split'] == split]
-    results.atomic_write_json(os.path.join(path, 'figures', 'cka.json'), cka)
+    files.write_json(os.path.join(path, 'figures', 'cka.json'), cka)
 
 
 def _cka_records(folder):
@@ -50,7 +51,7 @@ def test_pooled_shards_equal_the_whole_study(finished, tmp_path):
                                       capture_output=True, text=True)
   assert pool(f'--out={out}', one, two).returncode == 0
   key = lambda r: (r['split'], r['target'], r['condition'], r['depth'], r['seed'])
-  rows = lambda d: sorted(results.read_csv(os.path.join(d, 'results.csv')), key=key)
+  rows = lambda d: sorted(rows_lib.read_csv(os.path.join(d, 'results.csv')), key=key)
   assert rows(out) == rows(finished)
   text = open(os.path.join(out, 'report.md')).read()
   whole = open(os.path.join(finished, 'report.md')).read()
@@ -79,9 +80,9 @@ def test_pooled_shards_equal_the_whole_study(finished, tmp_path):
       campaigns.pool(shards, out)
   meta = json.load(open(os.path.join(two, 'study.json')))
   meta['config']['epochs'] = 3  # a shard of another study: its flags and its rows say so
-  results.atomic_write_json(os.path.join(two, 'study.json'), meta)
-  results.write(two,
-                [dict(r, epochs=3) for r in results.read_csv(os.path.join(two, 'results.csv'))])
+  files.write_json(os.path.join(two, 'study.json'), meta)
+  rows_lib.write(two,
+                 [dict(r, epochs=3) for r in rows_lib.read_csv(os.path.join(two, 'results.csv'))])
   with pytest.raises(ValueError, match=r'not a shard of the same study .*\(epochs: 1 vs 3\)'):
     campaigns.pool([one, two], out)
 
@@ -143,7 +144,7 @@ def test_pool_refuses_duplicates_and_an_out_inside_a_shard(finished, tmp_path):
   assert sorted(
       os.listdir(one)) == ['figures', 'metrics.jsonl', 'results.csv', 'results.json', 'study.json']
   os.remove(os.path.join(two, 'results.csv'))
-  open(os.path.join(two, 'results.csv'), 'w').write(','.join(results.FIELDS) + '\n')
+  open(os.path.join(two, 'results.csv'), 'w').write(','.join(rows_lib.FIELDS) + '\n')
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.pool', f'--out={tmp_path / "out"}', one, two], cwd=ROOT,
       capture_output=True, text=True)
@@ -157,13 +158,13 @@ def test_published_shards_pool_into_the_published_study(tmp_path):
   published = os.path.join(ROOT, 'results', 'cifar10')
   shards = [os.path.join(published, s) for s in ('seed-1split-update', 'seed-split1-update')]
   campaigns.pool(shards, str(tmp_path / 'out'))
-  key = lambda r: results.run_id(r)
-  pooled = sorted(results.read_csv(str(tmp_path / 'out' / 'results.csv')), key=key)
+  key = lambda r: rows_lib.run_id(r)
+  pooled = sorted(rows_lib.read_csv(str(tmp_path / 'out' / 'results.csv')), key=key)
   assert pooled == sorted(
-      results.read_csv(os.path.join(published, 'seed-2split-update', 'results.csv')), key=key)
+      rows_lib.read_csv(os.path.join(published, 'seed-2split-update', 'results.csv')), key=key)
   assert len(pooled) == 100 and not any(r['diverged'] for r in pooled)
   for folder in os.listdir(published):
-    assert results.read_csv(os.path.join(published, folder, 'results.csv'))
+    assert rows_lib.read_csv(os.path.join(published, folder, 'results.csv'))
 
 
 @pytest.fixture(scope='module')
@@ -181,7 +182,7 @@ def sweep_workdir(tmp_path_factory):
 
 def test_sweep_writes_one_study_per_value_and_a_summary(sweep_workdir):
   for epochs in (1, 2):
-    rows = results.read_csv(sweep_workdir / f'epochs-{epochs}' / 'results.csv')
+    rows = rows_lib.read_csv(sweep_workdir / f'epochs-{epochs}' / 'results.csv')
     assert {r['epochs'] for r in rows} == {epochs}
     # base nets for both halves + 3 conditions on target B.
     assert sorted(r['condition'] for r in rows) == ['AnB+', 'BnB', 'base', 'base', 'random']

@@ -12,20 +12,12 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 tfds = pytest.importorskip('tensorflow_datasets')
 
 from jaxtransfer.data import cifar_builder  # pylint: disable=g-import-not-at-top
-from jaxtransfer.data import cifar, datasets, imagefolder
-from jaxtransfer.data.imagefolder import DataError
-from tests.conftest import make_image_folder
-
-
-def make_tree(root):
-  """Classes 'b' and 'a' (created unsorted), 3 images each per split, the last a JPEG."""
-  make_image_folder(root, ('b', 'a'), 3, 3, jpeg_last=True)
-  return root
+from jaxtransfer.data import cifar, datasets
+from jaxtransfer.data.types import DataError
 
 
 def _pickled(obj) -> bytes:
@@ -172,57 +164,6 @@ def test_manual_config_end_to_end(fake_cifar10, tmp_path, monkeypatch):
   np.testing.assert_array_equal(again.images, expected['test'][0])
 
 
-def test_image_folder_config_matches_pil_loader(tmp_path):
-  root = make_tree(tmp_path / 'images')
-  data_dir = tmp_path / 'tfds'
-  builder = cifar_builder.prepare(image_folder=root, data_dir=data_dir)
-  assert builder.info.features['label'].names == ['a', 'b']
-  for split in ('train', 'test'):
-    source = tfds.data_source('jaxtransfer_cifar10/image_folder', split=split, data_dir=data_dir,
-                              builder_kwargs={'image_folder': root}, download=False)
-    from_tfds = datasets.data_source_to_arrays(source, builder.info.features['label'].names)
-    from_pil = imagefolder.load_image_folder(root, split)
-    np.testing.assert_array_equal(from_tfds.images, from_pil.images)
-    np.testing.assert_array_equal(from_tfds.labels, from_pil.labels)
-    assert from_tfds.class_names == from_pil.class_names
-
-
-def test_changed_image_folder_is_prepared_afresh(tmp_path):
-  root = make_tree(tmp_path / 'images')
-  first = cifar_builder.prepare(image_folder=root, data_dir=tmp_path / 'tfds')
-  Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(root / 'train' / 'a' / '0000.png')
-  second = cifar_builder.prepare(image_folder=root, data_dir=tmp_path / 'tfds')
-  assert second.data_path != first.data_path
-  source = second.as_data_source(split='train')
-  np.testing.assert_array_equal(source[0]['image'], 9)
-
-
-def test_corrupt_image_leaves_no_prepared_dataset(tmp_path):
-  root = make_tree(tmp_path / 'images')
-  bad = root / 'test' / 'b' / '0002.jpg'
-  bad.write_bytes(b'\xff\xd8 truncated garbage')
-  data_dir = tmp_path / 'tfds'
-  with pytest.raises(DataError) as excinfo:
-    cifar_builder.prepare(image_folder=root, data_dir=data_dir)
-  assert str(bad) in str(excinfo.value)
-  assert prepared_leftovers(data_dir) == []
-  builder = cifar_builder.builder(image_folder=root, data_dir=data_dir)
-  assert not builder.data_path.exists()
-  with pytest.raises(DataError):  # a retry fails the same way, not silently
-    cifar_builder.prepare(image_folder=root, data_dir=data_dir)
-  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(bad, format='JPEG')
-  fixed = cifar_builder.prepare(image_folder=root, data_dir=data_dir)
-  assert len(fixed.as_data_source(split='test')) == 6
-
-
-def test_image_folder_config_needs_a_folder(tmp_path):
-  with pytest.raises(DataError, match='image_folder'):
-    cifar_builder.builder(config='image_folder', data_dir=tmp_path)
-  with pytest.raises(DataError, match='image_folder'):
-    cifar_builder.builder(config='manual', image_folder=make_tree(tmp_path / 'x'),
-                          data_dir=tmp_path)
-
-
 def test_download_config_registers_the_archive_checksum(tmp_path):
   infos = cifar_builder.JaxtransferCifar10.url_infos
   archive = cifar.ARCHIVES['cifar10']
@@ -234,7 +175,7 @@ def test_download_config_registers_the_archive_checksum(tmp_path):
 @pytest.mark.parametrize('dataset, num_classes', [('cifar10', 10), ('cifar100', 100)])
 def test_load_tfds_path_under_mock_data(tmp_path, monkeypatch, dataset, num_classes):
   # The mock's __getitems__ is broken: read one index at a time under it.
-  monkeypatch.setattr(data, '_read_chunk', lambda source, idx: [source[i] for i in idx])
+  monkeypatch.setattr(datasets, '_read_chunk', lambda source, idx: [source[i] for i in idx])
   with tfds.testing.mock_data(num_examples=5):
     ds = datasets.load('train', dataset=dataset, data_dir=str(tmp_path / 'tfds'),
                        cache_dir=str(tmp_path / 'cache'))

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from jaxtransfer.data import datasets, imagefolder
+from jaxtransfer.data.types import DataError
 from tests.conftest import N_TRAIN, SIZE
 
 # ----------------------------------------------------------------------------
@@ -19,9 +20,9 @@ from tests.conftest import N_TRAIN, SIZE
 
 def test_unknown_split_and_dataset(tree):
   root, _ = tree
-  with pytest.raises(imagefolder.DataError, match='validation'):
+  with pytest.raises(DataError, match='validation'):
     datasets.load('validation', image_folder=str(root))
-  with pytest.raises(imagefolder.DataError, match='mnist'):
+  with pytest.raises(DataError, match='mnist'):
     datasets.load('train', dataset='mnist')
 
 
@@ -50,7 +51,7 @@ def test_second_load_comes_from_cache(tree, tmp_path, monkeypatch):
 def test_cache_defaults_to_the_users_cache_not_the_data_dir(tree, tmp_path, monkeypatch):
   """As --cache_dir's help says: a data_dir may be a shared or read-only dataset folder."""
   root, _ = tree
-  monkeypatch.setattr(data, 'DEFAULT_CACHE_DIR', str(tmp_path / 'home-cache'))
+  monkeypatch.setattr(datasets, 'DEFAULT_CACHE_DIR', str(tmp_path / 'home-cache'))
   datasets.load('train', image_folder=str(root), data_dir=str(tmp_path / 'tfds'))
   assert len(_cache_files(tmp_path / 'home-cache')) == 1
   assert not (tmp_path / 'tfds').exists()
@@ -101,7 +102,7 @@ def test_bad_image_writes_no_cache(tree, tmp_path):
   root, _ = tree
   cache = tmp_path / 'cache'
   (root / 'train' / 'ant' / '0001.png').write_bytes(b'junk')
-  with pytest.raises(imagefolder.DataError):
+  with pytest.raises(DataError):
     datasets.load('train', image_folder=str(root), cache_dir=str(cache))
   assert _cache_files(cache) == []
 

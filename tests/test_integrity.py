@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtransfer.analysis import report, results
+from jaxtransfer.analysis import report
+from jaxtransfer.analysis import rows as rows_lib
 from jaxtransfer.study import driver
 from jaxtransfer.train import trainer
 from tests.conftest import ROOT, copy_study, run_cli, snapshot, tiny_args
@@ -22,7 +23,7 @@ from tests.test_train import DATA, HALVES, MODEL, members
 
 
 def without_timings(path):
-  return [{k: v for k, v in r.items() if k != 'wall_seconds'} for r in results.read_csv(path)]
+  return [{k: v for k, v in r.items() if k != 'wall_seconds'} for r in rows_lib.read_csv(path)]
 
 
 def one_line_error(capsys) -> str:
@@ -197,7 +198,7 @@ def test_diverged_models_are_flagged_and_left_out(finished, image_folder, tmp_pa
   with caplog.at_level(logging.WARNING):
     assert run_cli(*tiny_args(image_folder, workdir)) == 0
   assert any('2 of 36 models diverged' in r.getMessage() for r in caplog.records)
-  rows = results.read_csv(os.path.join(workdir, 'results.csv'))
+  rows = rows_lib.read_csv(os.path.join(workdir, 'results.csv'))
   diverged = [r for r in rows if r['diverged']]
   assert len(diverged) == 2 and {math.isfinite(r['final_loss']) for r in diverged} == {True, False}
   assert {r['depth'] for r in diverged} == {2} and all(r['frozen'] for r in diverged)
@@ -208,8 +209,8 @@ def test_diverged_models_are_flagged_and_left_out(finished, image_folder, tmp_pa
   assert '36 trained models (2 diverged, left out)' in text
   assert '## Diverged models (left out)' in text
   for r in diverged:
-    assert results.describe(results.run_id(r)) in text
-  assert report.table(results.usable(rows)) in text and report.table(rows) not in text
+    assert rows_lib.describe(rows_lib.run_id(r)) in text
+  assert report.table(rows_lib.usable(rows)) in text and report.table(rows) not in text
   # Reading back keeps the flags: a rerun trains nothing and writes the same results.
   written = open(os.path.join(workdir, 'results.csv')).read()
   trained = counting_trainer(monkeypatch)
@@ -223,6 +224,6 @@ def test_a_real_divergence_is_caught():
   result = trainer.train_stack(MODEL, trainer.Structure(), config, DATA, members(HALVES))
   finite = driver._finite_members(result.variables)
   assert all(
-      results.is_diverged(float(loss), bool(ok)) for loss, ok in zip(result.train_loss, finite))
+      rows_lib.is_diverged(float(loss), bool(ok)) for loss, ok in zip(result.train_loss, finite))
   one_bad = {'a': np.zeros((3, 2), np.float32), 'b': {'c': np.array([[0.], [np.nan], [1.]])}}
   assert driver._finite_members(one_bad).tolist() == [True, False, True]

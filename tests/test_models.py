@@ -21,9 +21,13 @@ from jaxtransfer.transfer import layer_order
 X = jnp.zeros((2, 32, 32, 3))
 
 
+def param_count(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
 def test_final_net_matches_seed_parameter_count():
   variables = models.FinalNet(num_classes=5).init(jax.random.key(0), X)
-  assert models.count_params(variables['params']) == 20_973
+  assert param_count(variables['params']) == 20_973
   assert variables['params']['head']['dense']['kernel'].shape == (512, 5)
 
 
@@ -98,7 +102,7 @@ def test_pytorch_initialisation_is_torchs():
     flax_kernel = flax_like[name][layer]['kernel']
     np.testing.assert_allclose(flax_kernel.std(), 1 / np.sqrt(fan), rtol=0.25, err_msg=name)
     assert not np.any(flax_like[name][layer]['bias'])
-  assert models.count_params(torch_like) == models.count_params(flax_like) == 20_973
+  assert param_count(torch_like) == param_count(flax_like) == 20_973
   initial = models.make_model('initial', 4).init(jax.random.key(0), X)['params']
   assert np.abs(initial['head']['dense']['kernel']).max() <= 1 / np.sqrt(3072)
 

@@ -9,9 +9,10 @@ import shutil
 import flax.linen as nn
 import pytest
 
-from jaxtransfer.nets import modelspec
+from jaxtransfer.nets import flops, models, modelspec
 from jaxtransfer.study import plan, driver
-from jaxtransfer.analysis import results
+from jaxtransfer.train import features, trainer
+from jaxtransfer.analysis import rows as rows_lib
 from jaxtransfer.study.workdir import Workdir
 from tests.conftest import ROOT, run_cli
 
@@ -32,7 +33,7 @@ def test_a_model_file_outside_the_package_runs_to_results_figures_and_report(
   shutil.copy(EXAMPLE, net)  # the README's example, as a file of the researcher's own
   workdir = tmp_path / 'wd'
   assert run_cli(*own_args(image_folder, workdir, f'{net}:SmallVGG', '--eval_every_epoch')) == 0
-  rows = results.read_csv(str(workdir / 'results.csv'))
+  rows = rows_lib.read_csv(str(workdir / 'results.csv'))
   assert sorted((r['condition'], r['depth'])
                 for r in rows) == [('AnB+', 1)] * 2 + [('BnB', 1)] * 2 + [('base', 0)] * 2
   recorded = json.load(open(workdir / 'study.json'))['config']
@@ -160,3 +161,21 @@ def test_model_fn_is_named_in_the_study_and_its_missing_batchnorm_said():
   assert plan.model_info(example).batchnorm
   assert not plan.model_info(plan.StudyConfig(model=f'{EXAMPLE}:without_batchnorm')).batchnorm
   assert not plan.model_info(plan.StudyConfig(model='initial')).batchnorm
+
+
+class SlicedWithoutCount(TwoDense):
+  """Takes start/stop but has no `num_layers`: how many layers to slice is unknown."""
+  def __call__(self, x, train=False, start=0, stop=None):
+    return super().__call__(x, train)
+
+
+def test_one_check_says_whether_a_model_runs_a_slice_of_its_layers():
+  """The prefix computed once (`features`) and the per-layer FLOPs (`flops`) ask it alike."""
+  fixed = lambda n: trainer.Structure(n, n, 'fixed')
+  assert modelspec.runs_slices(models.FinalNet(2)) and modelspec.runs_slices(models.InitialNet(2))
+  assert features.applicable(models.FinalNet(2), fixed(('conv1',)))
+  for model in (TwoDense(2), SlicedWithoutCount(2)):
+    assert not modelspec.runs_slices(model)
+    assert not features.applicable(model, fixed(('hidden',)))
+    with pytest.raises(ValueError, match='needs a model that runs a slice of its layers'):
+      flops.layer_macs(model, (2, 2, 3))

@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 PACKAGE = os.path.join(ROOT, 'jaxtransfer')
 # The architecture, lowest floor first: a module imports from its own floor or below, never up.
 FLOORS = (
-    ('conditions', 'config', 'files'),  # facts and the schema: no JAX
+    ('conditions', 'config', 'errors', 'files'),  # facts and the schema: no JAX
     ('data',),  # datasets as arrays
     ('transfer', 'nets'),  # parameter pytrees, the networks
     ('train',),  # the stacked trainer

@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from jaxtransfer.analysis import report, results
+from jaxtransfer.analysis import report, stats
+from jaxtransfer.analysis import rows as rows_lib
 from tests.conftest import ROWS
 
 
@@ -15,9 +16,9 @@ def test_relative_table_pairs_each_column_with_its_own_base_nets(tmp_path):
   # differences must be the same as the first study's, not shifted by the other study's bases.
   better = [dict(r, test_accuracy=r['test_accuracy'] + 0.2) for r in ROWS]
   for name, rows in (('one', ROWS), ('two', better)):
-    results.write(str(tmp_path / name), rows)
+    rows_lib.write(str(tmp_path / name), rows)
   text = compare.table([(str(tmp_path / 'one'), ''), (str(tmp_path / 'two'), 'two')])
-  mean, half = results.mean_ci([-0.05] * 3 + [-0.06] * 3)
+  mean, half = stats.mean_ci([-0.05] * 3 + [-0.06] * 3)
   assert f'| 1 | {mean:+.3f} ± {half:.3f} | {mean:+.3f} ± {half:.3f} |' in text
   assert '| n | BnB | BnB (two) |' in text
   assert 'n = 6 paired differences per cell.' in text
@@ -34,21 +35,21 @@ def test_compare_tests_the_specificity_of_a_second_study_against_the_first(tmp_p
   def study(drop, spread):
     anb = [
         dict(r, condition='AnB', test_accuracy=r['test_accuracy'] - drop + spread * (i % 3 - 1))
-        for i, r in enumerate(results.select(ROWS, condition='BnB'))
+        for i, r in enumerate(rows_lib.select(ROWS, condition='BnB'))
     ]
     return ROWS + anb
 
   first, second = study(0.02, 0.001), study(0.05, 0.004)
-  results.write(str(tmp_path / 'one'), first)
-  results.write(str(tmp_path / 'two'), second)
+  rows_lib.write(str(tmp_path / 'one'), first)
+  rows_lib.write(str(tmp_path / 'two'), second)
   text = compare.table([(str(tmp_path / 'one'), ''), (str(tmp_path / 'two'), 'two')])
-  a, b = results.paired(first, 'AnB', 'BnB', 1), results.paired(second, 'AnB', 'BnB', 1)
+  a, b = stats.paired(first, 'AnB', 'BnB', 1), stats.paired(second, 'AnB', 'BnB', 1)
   assert len(a) == len(b) == 6
-  mean, half = results.welch_ci(b, a)
+  mean, half = stats.welch_ci(b, a)
   assert mean == pytest.approx(-0.03)
   assert '| n | AnB − BnB | AnB − BnB (two) | two − first study |' in text
-  assert (f'| 1 | {np.mean(a):+.3f} ± {results.mean_ci(a)[1]:.3f} (n=6) | '
-          f'{np.mean(b):+.3f} ± {results.mean_ci(b)[1]:.3f} (n=6) | '
+  assert (f'| 1 | {np.mean(a):+.3f} ± {stats.mean_ci(a)[1]:.3f} (n=6) | '
+          f'{np.mean(b):+.3f} ± {stats.mean_ci(b)[1]:.3f} (n=6) | '
           f'{mean:+.3f} ± {half:.3f} (below) |') in text
   # Without AnB in every study there is nothing to contrast.
   assert 'Specificity' not in compare.table([(str(tmp_path / 'one'), '')])
@@ -57,15 +58,15 @@ def test_compare_tests_the_specificity_of_a_second_study_against_the_first(tmp_p
 def test_compare_refuses_what_it_cannot_pair(tmp_path, capsys):
   from experiments import compare
   one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
-  results.write(one, ROWS)
-  results.write(two, ROWS)
+  rows_lib.write(one, ROWS)
+  rows_lib.write(two, ROWS)
   for studies, message in (
       ([(one, ''), (one, 'again')], f'{one} is given twice'),
       ([(one, ''), (two, '')], f'{two} and {one} would both label their columns'),
   ):
     with pytest.raises(ValueError, match=message):
       compare.table(studies)
-  results.write(two, [r for r in ROWS if not (r['condition'] == 'base' and r['split'] == 0)])
+  rows_lib.write(two, [r for r in ROWS if not (r['condition'] == 'base' and r['split'] == 0)])
   with pytest.raises(ValueError, match=f'{two}/results.csv: no base net row for split 0, target '):
     compare.table([(one, ''), (two, 'two')])
   open(os.path.join(two, 'results.csv'), 'w').write('split,depth\n0,x\n')
@@ -86,8 +87,7 @@ def test_diverged_rows_are_left_out_and_listed():
   assert '- split=2 target=B condition=BnB depth=2 seed=0: final loss nan' in text
   assert report.table(ROWS) in text and '| 2 |' not in text
   # A diverged base net takes its pairs out of the relative tables, without an error.
-  pairs = results.paired_to_base(results.usable([dict(ROWS[0], diverged=True)] + ROWS[1:]), 'BnB',
-                                 1)
+  pairs = stats.paired_to_base(rows_lib.usable([dict(ROWS[0], diverged=True)] + ROWS[1:]), 'BnB', 1)
   assert len(pairs) == 5
   assert report.render([dict(r, diverged=True) for r in ROWS], {}).count('nothing to tabulate')
 
@@ -101,12 +101,12 @@ def test_learning_curves_say_how_much_test_accuracy_moves_near_the_end():
   records = [record('a', 'base', e, t) for e, t in enumerate([.5, .6, .7, .65, .68], 1)]
   records += [record('b', 'BnB', e, t) for e, t in enumerate([.5, .52, .5, .51, .5], 1)]
   records += [record('c', 'BnB', e, None) for e in range(1, 6)]  # trained without the flag
-  assert results.epoch_changes(records) == {
+  assert stats.epoch_changes(records) == {
       'base': [pytest.approx([0.1, 0.05, 0.03])], 'BnB': [pytest.approx([0.02, 0.01, 0.01])]
   }
   text = '\n'.join(report.curves(records, ['figures/curves.png']))
   assert '[figures/curves.png](figures/curves.png)' in text
   assert '| base | 0.060 | 0.100 | 1 |' in text and '| BnB | 0.013 | 0.020 | 1 |' in text
   assert 'not recorded' in '\n'.join(report.curves(records[-5:]))
-  epochs, means = results.curves(records, 'train_accuracy')[('BnB', 1)]
+  epochs, means = stats.curves(records, 'train_accuracy')[('BnB', 1)]
   assert epochs == [1, 2, 3, 4, 5] and means == pytest.approx([0.6, 0.7, 0.8, 0.9, 1.0])

@@ -18,12 +18,14 @@ def test_random_halves_are_reproducible_and_distinct():
     splits.random_halves(10, 127, seed=0)
 
 
-def test_subset_reindexes_labels():
+def test_class_indices_and_label_map_reindex_a_half():
+  """How a member's examples are picked and relabelled (`driver.stack_members`)."""
   labels = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3])
-  images = np.arange(10)[:, None]
-  sub_images, sub_labels = splits.subset(images, labels, [9, 1, 5])
-  assert sub_images[:, 0].tolist() == [1, 3, 4, 5, 8]
-  assert sub_labels.tolist() == [0, 0, 1, 2, 1]  # sorted classes 1, 5, 9 -> 0, 1, 2
+  idx = splits.class_indices(labels, [9, 1, 5])
+  assert idx.tolist() == [1, 3, 4, 5, 8]
+  label_map = splits.label_map([9, 1, 5], 10)
+  assert label_map[labels[idx]].tolist() == [0, 0, 1, 2, 1]  # sorted classes 1, 5, 9 -> 0, 1, 2
+  assert label_map[[0, 2, 3]].tolist() == [-1, -1, -1]  # classes of the other half
   assert splits.class_indices(labels, [1, 5], per_class=1).tolist() == [1, 4]
 
 

@@ -9,24 +9,26 @@ import sys
 import pytest
 
 from jaxtransfer.study import plan, driver
-from jaxtransfer.analysis import results
+from jaxtransfer import files
+from jaxtransfer.analysis import stats
+from jaxtransfer.analysis import rows as rows_lib
 from jaxtransfer.train import trainer
 from jaxtransfer.study.workdir import Workdir
 from tests.conftest import ROOT, make_image_folder, run_cli, tiny_args
 
 
 def without_timings(path):
-  rows = results.read_csv(path)
+  rows = rows_lib.read_csv(path)
   for row in rows:
     row.pop('wall_seconds')
   return rows
 
 
 def test_outputs_exist_and_agree(finished):
-  rows = results.read_csv(os.path.join(finished, 'results.csv'))
+  rows = rows_lib.read_csv(os.path.join(finished, 'results.csv'))
   # 2 splits x 2 halves base nets + 2 depths x 4 conditions x 2 splits x 2 targets.
   assert len(rows) == 4 + 32
-  assert len(results.select(rows, condition='base')) == 4
+  assert len(rows_lib.select(rows, condition='base')) == 4
   for row in rows:
     assert 0 <= row['test_accuracy'] <= 1 and row['epochs'] == 1
     assert row['frozen'] == (row['condition'] in ('BnB', 'AnB'))
@@ -45,8 +47,8 @@ def test_outputs_exist_and_agree(finished):
     for ext in ('png', 'pdf'):
       assert os.path.getsize(os.path.join(finished, 'figures', f'{name}.{ext}')) > 1000
   report = open(os.path.join(finished, 'report.md')).read()
-  base = [r['test_accuracy'] for r in results.select(rows, condition='base')]
-  mean, half = results.mean_ci(base)
+  base = [r['test_accuracy'] for r in rows_lib.select(rows, condition='base')]
+  mean, half = stats.mean_ci(base)
   assert f'base (n = 0): {mean:.3f} ± {half:.3f} (n=4)' in report
   for claim in ('fine-tuning improves', 'co-adaptation', 'specificity'):
     assert claim in report
@@ -154,7 +156,8 @@ def test_fixed_prefixes_computed_once_give_the_plain_results(image_folder, tmp_p
   assert run_cli(*args('plain', '--feature_budget_mb=0')) == 0
   assert run_cli(*[a for a in args('cached') if a != '--quiet']) == 0
   assert capfd.readouterr().err.count('(prefix features: 0 MB) training') == 2  # n = 1, 2
-  plain, cached = (results.read_csv(str(tmp_path / n / 'results.csv')) for n in ('plain', 'cached'))
+  plain, cached = (
+      rows_lib.read_csv(str(tmp_path / n / 'results.csv')) for n in ('plain', 'cached'))
   assert len(plain) == len(cached) == 2 + 2 * 2 * 2
   for a, b in zip(plain, cached):
     assert (a['condition'], a['depth'], a['target']) == (b['condition'], b['depth'], b['target'])
@@ -195,7 +198,7 @@ def test_a_study_recorded_by_path_is_migrated(finished, image_folder, tmp_path, 
   migrated = lambda path: json.load(open(os.path.join(path, 'study.json')))
   # At the recorded path: migrated when the study resumes (prepare: before anything else).
   same = tmp_path / 'same'
-  results.atomic_write_json(str(same / 'study.json'), legacy)
+  files.write_json(str(same / 'study.json'), legacy)
   config = driver.resolve(
       plan.StudyConfig(
           **{'widths': (2, 2, 2), 'num_splits': 2, 'depths': (1, 2), 'epochs': 1, 'batch_size': 8}),
@@ -205,7 +208,7 @@ def test_a_study_recorded_by_path_is_migrated(finished, image_folder, tmp_path, 
   # Elsewhere: refused in one line naming the command, which migrates it.
   moved, other = str(tmp_path / 'moved'), str(tmp_path / 'other')
   shutil.copytree(image_folder, moved)
-  results.atomic_write_json(os.path.join(other, 'study.json'), legacy)
+  files.write_json(os.path.join(other, 'study.json'), legacy)
   assert run_cli(*tiny_args(moved, other)) == 2
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and f'records its image folder by path ({image_folder})' in err
@@ -241,10 +244,10 @@ def test_an_unbalanced_image_folder_trains_on_every_image(tmp_path, capfd):
   err = capfd.readouterr().err
   assert ('images per class, train/test (unbalanced) (training on at most 7 per class): '
           'class0 8/4, class1 3/4, class2 6/4, class3 8/2') in err
-  rows = results.read_csv(str(workdir / 'results.csv'))
+  rows = rows_lib.read_csv(str(workdir / 'results.csv'))
   assert sorted(r['condition'] for r in rows) == ['BnB', 'BnB', 'base', 'base']
   capped = {0: 7, 1: 3, 2: 6, 3: 7}
-  for row in results.select(rows, condition='base'):
+  for row in rows_lib.select(rows, condition='base'):
     classes = [int(c) for c in row[f'classes_{row["target"]}'].split()]
     train_n, test_n = sum(capped[c] for c in classes), sum(4 - 2 * (c == 3) for c in classes)
     assert f'base-k2-N{train_n}-M{test_n}.json' in os.listdir(workdir / 'stacks')

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxtransfer.study import plan
-from jaxtransfer.analysis import results
+from jaxtransfer.analysis import rows as rows_lib
 from jaxtransfer.study import workdir as workdir_lib
 from jaxtransfer.study.workdir import Workdir
 from tests.conftest import ROOT, copy_study, run_cli, tiny_args
@@ -96,7 +96,7 @@ def test_waiting_for_the_lock_then_resuming_and_cleaning_leftovers(finished, ima
   rows = lambda d: [{k: v
                      for k, v in r.items()
                      if k != 'wall_seconds'}
-                    for r in results.read_csv(os.path.join(d, 'results.csv'))]
+                    for r in rows_lib.read_csv(os.path.join(d, 'results.csv'))]
   assert rows(workdir) == rows(finished)
 
 

@@ -9,7 +9,7 @@ representations of n <= p examples identical).
 
 - `linear_cka(x, y)`: similarity of two representations of the same n examples;
 - `layer_features(model, variables, images)`: each top-level layer's output, flattened to [n, -1];
-- `cka_matrix` / `per_layer_cka`: every pair of layers / layer i against layer i.
+- `per_layer_cka`: layer i of one network against layer i of another.
 
 `similarity` drives it over a study; `plots.heatmap` draws the result.
 """
@@ -97,13 +97,6 @@ def layer_features(model: Any, variables: Any, images: np.ndarray,
   flat = lambda out: np.concatenate(
       [np.asarray(leaf).reshape(len(images), -1) for leaf in jax.tree.leaves(out)], axis=1)
   return [flat(out) for out in outputs]
-
-
-def cka_matrix(feats_a: Sequence[np.ndarray], feats_b: Sequence[np.ndarray]) -> np.ndarray:
-  """[La, Lb] linear CKA of layer i of network A against layer j of network B (same images)."""
-  # Centre and convert each layer once, not once per pair.
-  a, b = [_centred(f) for f in feats_a], [_centred(f) for f in feats_b]
-  return np.array([[linear_cka(x, y) for y in b] for x in a])
 
 
 def per_layer_cka(feats_a: Sequence[np.ndarray], feats_b: Sequence[np.ndarray]) -> np.ndarray:

@@ -14,8 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxtransfer import conditions  # noqa: E402
-from jaxtransfer.analysis import results
+from jaxtransfer import conditions, files  # noqa: E402
+from jaxtransfer.analysis import stats  # noqa: E402
+from jaxtransfer.analysis import rows as rows_lib  # noqa: E402
 
 # Below this many runs per point a Student-t band (1 degree of freedom at 2 runs: mean ± 12.7 sd)
 # says nothing and hides the points, so it is left out and the figure says so.
@@ -27,7 +28,7 @@ def save_figure(fig, stem: str) -> list[str]:
   paths = []
   for ext in ('png', 'pdf'):
     path = f'{stem}.{ext}'
-    with results.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
       fig.savefig(tmp, dpi=150, bbox_inches='tight')
     paths.append(path)
   plt.close(fig)
@@ -46,30 +47,30 @@ def draw_transfer(ax, rows: Sequence[dict], relative: bool = False, title: str =
   """Every run as a point, the mean as a line, the 95% CI as a band (from MIN_BAND_RUNS runs per
   point)."""
   rng = np.random.default_rng(0)  # jitter only, fixed so figures are reproducible
-  base = [r['test_accuracy'] for r in results.select(rows, condition=conditions.BASE.name)]
+  base = [r['test_accuracy'] for r in rows_lib.select(rows, condition=conditions.BASE.name)]
   if base and not relative:
     ax.scatter(
         np.zeros(len(base)) + rng.uniform(-.08, .08, len(base)), base, s=14, facecolors='white',
         edgecolors='black', zorder=3, label='base (n = 0)')
   if relative:
     ax.axhline(0, color='black', lw=1, label='base')
-  shown_conditions = [c for c in conditions.TRANSFER if results.select(rows, condition=c.name)]
+  shown_conditions = [c for c in conditions.TRANSFER if rows_lib.select(rows, condition=c.name)]
   shown = list(base) if not relative else [0.0]  # y-limits follow the runs, not the CI bands
   bands, fewest = [], np.inf
   for k, cond in enumerate(shown_conditions):
     condition, color, marker = cond.name, cond.color, cond.marker
-    depths = sorted({r['depth'] for r in results.select(rows, condition=condition)})
+    depths = sorted({r['depth'] for r in rows_lib.select(rows, condition=condition)})
     means, lows, highs = [], [], []
     for depth in depths:
-      values = (results.paired_to_base(rows, condition, depth) if relative else [
-          r['test_accuracy'] for r in results.select(rows, condition=condition, depth=depth)
+      values = (stats.paired_to_base(rows, condition, depth) if relative else [
+          r['test_accuracy'] for r in rows_lib.select(rows, condition=condition, depth=depth)
       ])
       x = depth + (k - (len(shown_conditions) - 1) / 2) * 0.08
       shown += values
       ax.scatter(
           np.full(len(values), x) + rng.uniform(-.02, .02, len(values)), values, s=10, color=color,
           marker=marker, alpha=.6, zorder=2)
-      mean, half = results.mean_ci(values)
+      mean, half = stats.mean_ci(values)
       half = 0.0 if np.isnan(half) else half
       means.append(mean)
       lows.append(mean - half)
@@ -99,7 +100,7 @@ def draw_transfer(ax, rows: Sequence[dict], relative: bool = False, title: str =
 def write_all(rows: Sequence[dict], directory: str) -> list[str]:
   """figures/transfer.{png,pdf} and figures/transfer_relative.{png,pdf}, of the models that did
   not diverge."""
-  rows = results.usable(rows)
+  rows = rows_lib.usable(rows)
   if not rows:
     return []
   figures = os.path.join(directory, 'figures')
@@ -112,7 +113,7 @@ def write_all(rows: Sequence[dict], directory: str) -> list[str]:
 def curves_figure(records: Sequence[dict], stem: str) -> list[str]:
   """Learning curves from metrics.jsonl records: accuracy against epoch, one panel per condition,
   one colour per depth n, the mean over its models; train solid, test dashed where recorded."""
-  train, test = results.curves(records, 'train_accuracy'), results.curves(records, 'test_accuracy')
+  train, test = stats.curves(records, 'train_accuracy'), stats.curves(records, 'test_accuracy')
   shown = [c for c in conditions.TABLE if any(cond == c.name for cond, _ in train)]
   cols = min(3, len(shown))
   rows = -(-len(shown) // cols)

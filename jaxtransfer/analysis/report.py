@@ -8,7 +8,8 @@ from typing import Sequence
 import numpy as np
 
 from jaxtransfer import conditions
-from jaxtransfer.analysis import results
+from jaxtransfer.analysis import stats
+from jaxtransfer.analysis import rows as rows_lib
 from jaxtransfer.conditions import ANB, ANB_PLUS, BASE, BNB, RANDOM
 
 # What the 2022 seminar reported (PyTorch, CIFAR-10, final net, 10 epochs), for comparison.
@@ -21,7 +22,7 @@ SEMINAR_VERDICTS = {
 
 
 def _fmt(values: Sequence[float]) -> str:
-  mean, half = results.mean_ci(values)
+  mean, half = stats.mean_ci(values)
   ci = '' if math.isnan(half) else f' ± {half:.3f}'
   return f'{mean:.3f}{ci} (n={len(values)})'
 
@@ -32,7 +33,7 @@ def _side(mean: float, half: float) -> str:
 
 
 def _sign(values: Sequence[float]) -> str:
-  mean, half = results.mean_ci(values)
+  mean, half = stats.mean_ci(values)
   if math.isnan(half):
     return 'within noise' if mean == 0 else ('above' if mean > 0 else 'below') + ' (one run, no CI)'
   return _side(mean, half)
@@ -40,7 +41,7 @@ def _sign(values: Sequence[float]) -> str:
 
 def conditions_in(rows: Sequence[dict]) -> list[str]:
   """The non-base conditions that `rows` hold, in the paper's order."""
-  return [c.name for c in conditions.TRANSFER if results.select(rows, condition=c.name)]
+  return [c.name for c in conditions.TRANSFER if rows_lib.select(rows, condition=c.name)]
 
 
 def table(rows: Sequence[dict]) -> str:
@@ -49,11 +50,11 @@ def table(rows: Sequence[dict]) -> str:
   lines = ['| n | ' + ' | '.join(conditions) + ' |', '|---' * (len(conditions) + 1) + '|']
   for d in depths:
     cells = [
-        _fmt([r['test_accuracy'] for r in results.select(rows, condition=c, depth=d)])
-        if results.select(rows, condition=c, depth=d) else '' for c in conditions
+        _fmt([r['test_accuracy'] for r in rows_lib.select(rows, condition=c, depth=d)])
+        if rows_lib.select(rows, condition=c, depth=d) else '' for c in conditions
     ]
     lines.append(f'| {d} | ' + ' | '.join(cells) + ' |')
-  base = [r['test_accuracy'] for r in results.select(rows, condition=BASE.name)]
+  base = [r['test_accuracy'] for r in rows_lib.select(rows, condition=BASE.name)]
   return f'base (n = 0): {_fmt(base)}\n\n' + '\n'.join(lines)
 
 
@@ -62,7 +63,7 @@ def _interval(mean: float, half: float) -> str:
 
 
 def _diff(values: Sequence[float]) -> str:
-  return _interval(*results.mean_ci(values))
+  return _interval(*stats.mean_ci(values))
 
 
 def relative_table(columns: Sequence[tuple[str, Sequence[dict], str]]) -> str:
@@ -71,12 +72,13 @@ def relative_table(columns: Sequence[tuple[str, Sequence[dict], str]]) -> str:
   The table to read the claims from: the spread of absolute accuracy between halves and splits
   cancels in the pairing. Each column pairs within its own rows, so columns may come from
   different studies (e.g. two BatchNorm policies) without mixing their base nets."""
-  depths = sorted({r['depth'] for _, rows, c in columns for r in results.select(rows, condition=c)})
+  depths = sorted(
+      {r['depth'] for _, rows, c in columns for r in rows_lib.select(rows, condition=c)})
   lines = [
       '| n | ' + ' | '.join(label for label, _, _ in columns) + ' |',
       '|---' * (len(columns) + 1) + '|'
   ]
-  cells = {(d, i): results.paired_to_base(rows, c, d) for d in depths
+  cells = {(d, i): stats.paired_to_base(rows, c, d) for d in depths
            for i, (_, rows, c) in enumerate(columns)}
   counts = {len(v) for v in cells.values() if v}
   show_n = len(counts) > 1  # else said once, below the table
@@ -99,8 +101,8 @@ def contrast_table(studies: Sequence[tuple[str, Sequence[dict]]], cond_a: str = 
   The default, AnB − BnB, is the paper's specificity: it cancels co-adaptation, which BnB
   shares, so it compares how specific the features of two kinds of halves are."""
   depths = sorted(
-      {r['depth'] for _, rows in studies for r in results.select(rows, condition=cond_a)})
-  cells = [[results.paired(rows, cond_a, cond_b, d) for d in depths] for _, rows in studies]
+      {r['depth'] for _, rows in studies for r in rows_lib.select(rows, condition=cond_a)})
+  cells = [[stats.paired(rows, cond_a, cond_b, d) for d in depths] for _, rows in studies]
   labels = [f'{cond_a} − {cond_b}{f" ({label})" if label else ""}' for label, _ in studies]
   first = studies[0][0] or 'first study'
   labels += [
@@ -111,7 +113,7 @@ def contrast_table(studies: Sequence[tuple[str, Sequence[dict]]], cond_a: str = 
     line = [_diff(c[j]) + f' (n={len(c[j])})' if c[j] else '' for c in cells]
     for c in cells[1:]:
       if c[j] and cells[0][j]:
-        mean, half = results.welch_ci(c[j], cells[0][j])
+        mean, half = stats.welch_ci(c[j], cells[0][j])
         line.append(f'{_interval(mean, half)} ({_side(mean, half)})')
       else:
         line.append('')
@@ -121,14 +123,14 @@ def contrast_table(studies: Sequence[tuple[str, Sequence[dict]]], cond_a: str = 
 
 def base_by_target(rows: Sequence[dict]) -> str:
   """'A 0.631 (n=1), B 0.770 (n=1)': the halves differ in difficulty, so say each."""
-  base = results.select(rows, condition=BASE.name)
-  return ', '.join(f'{t} {_fmt([r["test_accuracy"] for r in results.select(base, target=t)])}'
+  base = rows_lib.select(rows, condition=BASE.name)
+  return ', '.join(f'{t} {_fmt([r["test_accuracy"] for r in rows_lib.select(base, target=t)])}'
                    for t in sorted({r['target'] for r in base}))
 
 
 def _seminar_baseline(rows: Sequence[dict]) -> str:
-  base = [r['test_accuracy'] for r in results.select(rows, condition=BASE.name)]
-  mean, half = results.mean_ci(base)
+  base = [r['test_accuracy'] for r in rows_lib.select(rows, condition=BASE.name)]
+  mean, half = stats.mean_ci(base)
   inside = abs(mean - SEMINAR_BASELINE) <= half
   where = ('one base net, no CI' if math.isnan(half) else
            f'the seminar\'s value lies {"inside" if inside else "outside"} our 95% CI')
@@ -140,11 +142,11 @@ def claims(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
   """(claim, verdict, evidence) for the three claims the seminar checked."""
   depths = sorted({r['depth'] for r in rows if r['condition'] != BASE.name})
   out = []
-  has = lambda c: bool(results.select(rows, condition=c))
+  has = lambda c: bool(rows_lib.select(rows, condition=c))
 
   if has(ANB_PLUS.name):
-    per_depth = {d: results.paired_to_base(rows, ANB_PLUS.name, d) for d in depths}
-    pooled = results.pooled_over_depths(rows, ANB_PLUS.name)
+    per_depth = {d: stats.paired_to_base(rows, ANB_PLUS.name, d) for d in depths}
+    pooled = stats.pooled_over_depths(rows, ANB_PLUS.name)
     sign = _sign(pooled)
     verdict = {'above': 'supported', 'below': 'contradicted'}.get(sign, 'not supported '
                                                                   '(within noise)')
@@ -155,7 +157,7 @@ def claims(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
 
   if has(BNB.name):
     middle = depths[1:-1] or depths
-    per_depth = {d: results.paired_to_base(rows, BNB.name, d) for d in middle}
+    per_depth = {d: stats.paired_to_base(rows, BNB.name, d) for d in middle}
     below = [d for d, v in per_depth.items() if _sign(v) == 'below']
     verdict = (f'supported (BnB below base at n = {", ".join(map(str, below))})'
                if below else 'not supported (no middle depth where BnB is below base beyond noise)')
@@ -165,7 +167,7 @@ def claims(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
                 'depths)', verdict, evidence))
 
   if has(ANB.name) and has(BNB.name):
-    per_depth = {d: results.paired(rows, ANB.name, BNB.name, d) for d in depths}
+    per_depth = {d: stats.paired(rows, ANB.name, BNB.name, d) for d in depths}
     means = [np.mean(v) for v in per_depth.values()]
     slope = float(np.polyfit(depths, means, 1)[0]) if len(depths) > 1 else float('nan')
     below = [d for d, v in per_depth.items() if _sign(v) == 'below']
@@ -181,7 +183,7 @@ def claims(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
 
   if has(RANDOM.name):
     trained = ANB.name if has(ANB.name) else BNB.name if has(BNB.name) else None
-    per_depth = {d: results.paired_to_base(rows, RANDOM.name, d) for d in depths}
+    per_depth = {d: stats.paired_to_base(rows, RANDOM.name, d) for d in depths}
     below = [d for d, v in per_depth.items() if _sign(v) == 'below']
     verdict = (f'random frozen layers fall below base beyond noise at n = '
                f'{", ".join(map(str, below))}'
@@ -189,7 +191,7 @@ def claims(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
     evidence = 'random − base: ' + ', '.join(f'n={d}: {_fmt(v)}' for d, v in per_depth.items())
     if trained:
       evidence += f'; {trained} − random: ' + ', '.join(
-          f'n={d}: {_fmt(results.paired(rows, trained, RANDOM.name, d))}' for d in depths)
+          f'n={d}: {_fmt(stats.paired(rows, trained, RANDOM.name, d))}' for d in depths)
     out.append(('Control: what trained lower layers are worth (random frozen layers, the '
                 "paper's Fig. 3)", verdict, evidence))
   return out
@@ -213,7 +215,7 @@ def curves(records: Sequence[dict], figures: Sequence[str] = (), last: int = 3) 
         f'[{figure}]({figure}): train (solid) and, where recorded, test (dashed) accuracy '
         'per epoch, the mean over the models of each condition and depth.', ''
     ]
-  changes = results.epoch_changes(records, last)
+  changes = stats.epoch_changes(records, last)
   if not changes:
     lines += [
         'Test accuracy per epoch was not recorded for every epoch of any model (run with '
@@ -242,7 +244,7 @@ def at_chance(row: dict) -> bool:
 
 
 def _listing(rows: Sequence[dict], detail, limit: int = 10) -> list[str]:
-  lines = [f'- {results.describe(results.run_id(r))}: {detail(r)}' for r in rows[:limit]]
+  lines = [f'- {rows_lib.describe(rows_lib.run_id(r))}: {detail(r)}' for r in rows[:limit]]
   return lines + ([f'- ... and {len(rows) - limit} more'] if len(rows) > limit else [])
 
 
@@ -260,7 +262,7 @@ def flagged(rows: Sequence[dict]) -> list[str]:
             diverged, lambda r: f'final loss {r["final_loss"]}, test accuracy '
             f'{r["test_accuracy"]:.3f}'), ''
     ]
-  chance = [r for r in results.usable(rows) if at_chance(r)]
+  chance = [r for r in rows_lib.usable(rows) if at_chance(r)]
   if chance:
     parts += [
         '## Models at chance', '',
@@ -276,8 +278,8 @@ def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = (),
            metrics: Sequence[dict] = ()) -> str:
   """The whole report.md; `note`, if given, is a paragraph under the title; `metrics` (the
   per-epoch records of metrics.jsonl) add the learning-curves section. Diverged models are
-  listed, and left out of everything else (`results.usable`)."""
-  everything, rows = rows, results.usable(rows)
+  listed, and left out of everything else (`rows.usable`)."""
+  everything, rows = rows, rows_lib.usable(rows)
   left_out = f' ({len(everything) - len(rows)} diverged, left out)' if len(rows) < len(
       everything) else ''
   seeds = len({r['seed'] for r in everything})
@@ -330,9 +332,9 @@ def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = (),
 
 def _dip(rows: Sequence[dict]) -> tuple[int, list[float]]:
   """The middle depth where BnB falls furthest below base, and its paired differences."""
-  depths = sorted({r['depth'] for r in results.select(rows, condition=BNB.name)})
+  depths = sorted({r['depth'] for r in rows_lib.select(rows, condition=BNB.name)})
   middle = depths[1:-1] or depths
-  per_depth = {d: results.paired_to_base(rows, BNB.name, d) for d in middle}
+  per_depth = {d: stats.paired_to_base(rows, BNB.name, d) for d in middle}
   depth = min(per_depth, key=lambda d: np.mean(per_depth[d]))
   return depth, per_depth[depth]
 
@@ -342,16 +344,16 @@ def sweep_summary(rows_by_value: dict) -> dict:
   each as (mean, CI half-width)."""
   out = {}
   for value, rows in rows_by_value.items():
-    rows = results.usable(rows)
+    rows = rows_lib.usable(rows)
     entry = {
-        'base': results.mean_ci(
-            [r['test_accuracy'] for r in results.select(rows, condition=BASE.name)])
+        'base': stats.mean_ci(
+            [r['test_accuracy'] for r in rows_lib.select(rows, condition=BASE.name)])
     }
-    if results.select(rows, condition=BNB.name):
+    if rows_lib.select(rows, condition=BNB.name):
       depth, dip = _dip(rows)
-      entry['dip'], entry['dip_depth'] = results.mean_ci(dip), depth
-    if results.select(rows, condition=ANB_PLUS.name):
-      entry['gain'] = results.mean_ci(results.pooled_over_depths(rows, ANB_PLUS.name))
+      entry['dip'], entry['dip_depth'] = stats.mean_ci(dip), depth
+    if rows_lib.select(rows, condition=ANB_PLUS.name):
+      entry['gain'] = stats.mean_ci(stats.pooled_over_depths(rows, ANB_PLUS.name))
     out[value] = entry
   return out
 

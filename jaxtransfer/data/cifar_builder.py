@@ -6,10 +6,10 @@ all), which TFDS prepares and reads back with `as_data_source` using numpy
 only. Configs:
 
 * `download` (default): the official python archive, via `dl_manager.download`;
-* `manual`: the same archive, placed by hand in the manual dir;
-* `image_folder`: a `{train,test}/<class>/*.png|jpg` tree given as the
-  `image_folder=` constructor argument, listed and validated by
-  `data.scan_image_folder`.
+* `manual`: the same archive, placed by hand in the manual dir.
+
+Image folders do not come through here: `datasets.load(image_folder=...)` decodes them with PIL
+(`imagefolder`).
 
 Archives are sha256-checked against the published checksum before anything is
 unpickled. Unpickling is restricted to numpy arrays besides.
@@ -22,15 +22,15 @@ import io
 import os
 import pickle
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxtransfer.data import imagefolder, network
+from jaxtransfer.data import network
 from jaxtransfer.data.cifar import ARCHIVES, BUILDER_VERSION, Archive
-from jaxtransfer.data.imagefolder import DataError
+from jaxtransfer.data.types import DataError
 
 # ----------------------------------------------------------------------------
 # Archive checking and parsing (plain functions, testable without TFDS).
@@ -140,17 +140,13 @@ _CITATION = """\
 
 
 class JaxtransferCifar10(tfds.core.GeneratorBasedBuilder):
-  """CIFAR-10 from the official python archive, or any image-folder tree."""
+  """CIFAR-10 from the official python archive."""
 
   VERSION = tfds.core.Version(BUILDER_VERSION)
   RELEASE_NOTES = {BUILDER_VERSION: 'Initial release.'}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name='download', description='Official python archive, downloaded.'),
       tfds.core.BuilderConfig(name='manual', description='Official python archive in manual_dir.'),
-      tfds.core.BuilderConfig(
-          name='image_folder',
-          description='{train,test}/<class>/*.png|jpg tree given as image_folder=; '
-          'prepared under image_folder_<fingerprint of the tree>.'),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = f'Place {ARCHIVES["cifar10"].filename} in the manual dir.'
   _DATASET = 'cifar10'
@@ -170,70 +166,26 @@ class JaxtransferCifar10(tfds.core.GeneratorBasedBuilder):
                                                           filename=archive.filename)
     }
 
-  def __init__(
-      self,
-      *,
-      image_folder: str | os.PathLike | None = None,
-      config: str | tfds.core.BuilderConfig | None = None,
-      file_format: str | None = None,
-      **kwargs: Any,
-  ):
-    """`image_folder` selects the image_folder config; array_record by default.
-
-    An image folder is prepared under a config named after the fingerprint of
-    the tree (paths, sizes, mtimes), so a changed tree is prepared afresh
-    instead of a stale copy being read.
-    """
-    self._image_folder = None
-    self._folder_splits = None
-    is_folder_config = (config == 'image_folder' or (isinstance(config, tfds.core.BuilderConfig) and
-                                                     config.name.startswith('image_folder')))
-    if image_folder is not None:
-      if config is not None and not is_folder_config:
-        raise DataError(f'image_folder={os.fspath(image_folder)} needs the '
-                        f'image_folder config, not {config}')
-      self._image_folder = os.fspath(image_folder)
-      self._folder_splits = imagefolder.scan_image_folder(self._image_folder)
-      fingerprint = imagefolder.folder_fingerprint(self._image_folder, self._folder_splits)
-      config = tfds.core.BuilderConfig(name=f'image_folder_{fingerprint[:16]}',
-                                       description=f'Image folder {self._image_folder}.')
-    elif is_folder_config:
-      raise DataError(f'{self.name}/image_folder needs the image_folder= argument')
-    super().__init__(config=config, file_format=file_format or 'array_record', **kwargs)
-    # Rebuilt by `__setstate__` (pickling) from these keyword arguments.
-    self._original_state.update(image_folder=self._image_folder, config=config)
+  def __init__(self, *, file_format: str | None = None, **kwargs: Any):
+    """array_record by default."""
+    super().__init__(file_format=file_format or 'array_record', **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    if self._folder_splits is not None:
-      class_names = imagefolder.folder_class_names(self._folder_splits)
-      shape = self._folder_image_shape()
-    else:
-      class_names, shape = self._archive().class_names, (32, 32, 3)
     return tfds.core.DatasetInfo(
         builder=self,
         description=f'{self._DATASET.upper()} as uint8 arrays, in source order.',
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=shape, dtype=np.uint8),
-            'label': tfds.features.ClassLabel(names=class_names),
+            'image': tfds.features.Tensor(shape=(32, 32, 3), dtype=np.uint8),
+            'label': tfds.features.ClassLabel(names=self._archive().class_names),
         }),
         supervised_keys=('image', 'label'),
-        # Keep source order: index i of a split is image i of the archive/tree.
+        # Keep source order: index i of a split is image i of the archive.
         disable_shuffling=True,
         homepage='https://www.cs.toronto.edu/~kriz/cifar.html',
         citation=_CITATION,
     )
 
-  def _folder_image_shape(self) -> tuple[int, ...]:
-    # The first image fixes H x W x C for the whole tree (checked per image).
-    return imagefolder.decode_image(self._folder_splits['train'][0][0]).shape
-
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    if self._folder_splits is not None:
-      shape = self._folder_image_shape()
-      return {
-          split: self._generate_examples(_folder_examples(items, shape))
-          for split, items in self._folder_splits.items()
-      }
     archive = self._archive()
     if self.builder_config.name == 'manual':
       path = _manual_archive_path(dl_manager, archive)
@@ -260,9 +212,6 @@ class JaxtransferCifar10(tfds.core.GeneratorBasedBuilder):
 class JaxtransferCifar100(JaxtransferCifar10):
   """CIFAR-100 (fine labels) from the official python archive."""
 
-  BUILDER_CONFIGS = [
-      config for config in JaxtransferCifar10.BUILDER_CONFIGS if config.name != 'image_folder'
-  ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = f'Place {ARCHIVES["cifar100"].filename} in the manual dir.'
   _DATASET = 'cifar100'
 
@@ -287,26 +236,16 @@ def _archive_examples(path, archive: Archive, split: str) -> Iterator[tuple[np.n
   yield from zip(images, labels.tolist())
 
 
-def _folder_examples(items: Sequence[tuple[str, int]],
-                     shape: Sequence[int]) -> Iterator[tuple[np.ndarray, int]]:
-  for path, label in items:
-    image = imagefolder.decode_image(path)
-    imagefolder.check_image_shape(image, shape, path)
-    yield image, label
-
-
 def builder(
     dataset: str = 'cifar10',
     *,
     config: str | None = None,
     data_dir: str | os.PathLike | None = None,
-    image_folder: str | os.PathLike | None = None,
 ) -> JaxtransferCifar10:
   """Our builder for `dataset` ('cifar10' or 'cifar100')."""
   if dataset not in BUILDERS:
     raise DataError(f'unknown dataset {dataset!r}, expected one of {sorted(BUILDERS)}')
-  kwargs = {} if image_folder is None else {'image_folder': image_folder}
-  return BUILDERS[dataset](config=config, data_dir=data_dir, **kwargs)
+  return BUILDERS[dataset](config=config, data_dir=data_dir)
 
 
 def prepare(
@@ -315,7 +254,6 @@ def prepare(
     config: str | None = None,
     data_dir: str | os.PathLike | None = None,
     manual_dir: str | os.PathLike | None = None,
-    image_folder: str | os.PathLike | None = None,
 ) -> JaxtransferCifar10:
   """Prepares (once) and returns the builder; read it with `as_data_source`.
 
@@ -324,7 +262,7 @@ def prepare(
   by a probe of the archive's host (`_split_generators`): offline, it fails in seconds, naming
   the offline sources.
   """
-  b = builder(dataset, config=config, data_dir=data_dir, image_folder=image_folder)
+  b = builder(dataset, config=config, data_dir=data_dir)
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=None if manual_dir is None else os.fspath(manual_dir)))
   return b

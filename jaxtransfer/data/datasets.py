@@ -1,6 +1,6 @@
 """Datasets as in-memory uint8 arrays, cached; their statistics and normalisation.
 
-Two sources give the same `imagefolder.ArrayDataset`:
+Two sources give the same `types.ArrayDataset`:
 
 * an image folder `root/{train,test}/<class>/*.{png,jpg,jpeg}` (`imagefolder`), decoded with PIL
   alone (no TensorFlow, no TFDS);
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtransfer.data import cifar, imagefolder
-from jaxtransfer.data.imagefolder import ArrayDataset, DataError
+from jaxtransfer import files
+from jaxtransfer.data import cifar, imagefolder, types
+from jaxtransfer.data.types import ArrayDataset, DataError
 
 DEFAULT_CACHE_DIR = '~/.cache/jaxtransfer'
 # Examples fetched per `__getitems__` call when reading a TFDS data source.
@@ -52,20 +52,10 @@ def _read_cache(path: str) -> ArrayDataset | None:
 
 def _write_cache(path: str, ds: ArrayDataset) -> None:
   """Writes the cache atomically: a killed run leaves no file at `path`."""
-  directory = os.path.dirname(path)
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='.npz')
-  try:
-    with os.fdopen(fd, 'wb') as f:
+  with files.atomic_path(path) as tmp:
+    with open(tmp, 'wb') as f:
       np.savez(f, images=ds.images, labels=ds.labels,
                class_names=np.array(ds.class_names, dtype=str))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _cached(path: str, build: Callable[[], ArrayDataset]) -> ArrayDataset:
@@ -155,8 +145,8 @@ def load(
                     f'{sorted(cifar.TFDS_NAMES)} or an image_folder')
   config = 'download' if manual_dir is None else 'manual'
   data_dir = os.path.abspath(os.path.expanduser(data_dir or _default_tfds_data_dir()))
-  fingerprint = imagefolder.fingerprint({
-      'format': imagefolder.CACHE_FORMAT,
+  fingerprint = types.fingerprint({
+      'format': types.CACHE_FORMAT,
       'kind': 'tfds',
       'name': cifar.TFDS_NAMES[dataset],
       'config': config,

@@ -1,13 +1,12 @@
-"""Image files and in-memory datasets: image-folder trees decoded with PIL alone.
+"""Image-folder trees decoded with PIL alone.
 
 An image folder is `root/{train,test}/<class>/*.{png,jpg,jpeg}`: no TensorFlow, no TFDS, so
-any machine can train from a plain tree. `ArrayDataset` is what every loader returns and every
-training loop consumes; `DataError` is every loader's one-line error.
+any machine can train from a plain tree. `datasets.load(image_folder=...)` loads one split of
+it (scan, decode, cache); this module lists, checks, decodes and identifies the tree.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -17,45 +16,15 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
+from jaxtransfer.data.types import CACHE_FORMAT, ArrayDataset, DataError, fingerprint
+
 SPLITS = ('train', 'test')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
-# Bump when decoding or the array cache layout changes, so old caches are not reused.
-CACHE_FORMAT = 1
 # Below this many images, spawning decode workers costs more than it saves.
 _MIN_IMAGES_PER_WORKER = 4096
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ArrayDataset:
-  """One split held in memory: what every training/eval loop consumes."""
-
-  images: np.ndarray  # uint8 [N, H, W, C]
-  labels: np.ndarray  # int32 [N]
-  class_names: tuple[str, ...]
-
-  def __post_init__(self):
-    # Catch a malformed dataset here rather than deep inside a jitted step.
-    if self.images.dtype != np.uint8 or self.images.ndim != 4:
-      raise DataError(f'images must be uint8 [N, H, W, C], got {self.images.dtype} '
-                      f'{self.images.shape}')
-    if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
-      raise DataError(f'labels must be int32 [{len(self.images)}], got {self.labels.dtype} '
-                      f'{self.labels.shape}')
-
-  def __len__(self) -> int:
-    return len(self.labels)
-
-
-class DataError(ValueError):
-  """Bad input data: a one-line message naming the offending file or folder."""
-  def __init__(self, message: str):
-    # One line, so the cause shows up intact in logs and test assertions.
-    super().__init__(' '.join(str(message).split()))
-
 
 # ----------------------------------------------------------------------------
 # Image folders.
@@ -161,7 +130,7 @@ def _decode_worker(job_path: str, out_path: str) -> None:
   np.save(out_path, images)
 
 
-_WORKER_CODE = ('import sys; from jaxtransfer.imagefolder import _decode_worker; '
+_WORKER_CODE = ('import sys; from jaxtransfer.data.imagefolder import _decode_worker; '
                 '_decode_worker(sys.argv[1], sys.argv[2])')
 
 
@@ -174,7 +143,7 @@ def _decode_parallel(paths: Sequence[str], shape: Sequence[int],
   and never re-import the caller's `__main__`.
   """
   env = dict(os.environ)
-  package_parent = str(pathlib.Path(__file__).resolve().parent.parent)
+  package_parent = str(pathlib.Path(__file__).resolve().parents[2])  # holds jaxtransfer/
   env['PYTHONPATH'] = os.pathsep.join(p for p in (package_parent, env.get('PYTHONPATH')) if p)
   chunks = np.array_split(np.arange(len(paths)), num_workers)
   with tempfile.TemporaryDirectory(prefix='jaxtransfer-decode-') as tmp:
@@ -232,6 +201,12 @@ def folder_split(
     class_names: tuple[str, ...],
     num_workers: int | None,
 ) -> ArrayDataset:
+  """One split of a `scan_image_folder` result, decoded with PIL + numpy (no TFDS).
+
+  Every image must decode and have the H x W x C of the first one; grey or RGBA images are
+  converted to RGB. Large folders are decoded by `num_workers` subprocesses (None: one per CPU,
+  at most 8).
+  """
   items = splits[split]
   return ArrayDataset(
       images=_decode_images([p for p, _ in items], num_workers),
@@ -243,29 +218,6 @@ def folder_split(
 def check_split(split: str) -> None:
   if split not in SPLITS:
     raise DataError(f'unknown split {split!r}, expected one of {SPLITS}')
-
-
-def load_image_folder(root: str | os.PathLike, split: str, *,
-                      num_workers: int | None = None) -> ArrayDataset:
-  """Decodes one split of an image folder with PIL + numpy (no TFDS).
-
-  Every image must decode and have the H x W x C of the first one; grey or
-  RGBA images are converted to RGB. Large folders are decoded by
-  `num_workers` subprocesses (default: one per CPU, at most 8).
-  """
-  check_split(split)
-  splits = scan_image_folder(root)
-  return folder_split(splits, split, folder_class_names(splits), num_workers)
-
-
-def fingerprint(obj: Any, files: Sequence[str] = (), root: str = '') -> str:
-  """sha256 over a JSON description plus (name, size, mtime) of `files` under `root`."""
-  h = hashlib.sha256(json.dumps(obj, sort_keys=True).encode())
-  prefix = len(os.path.join(root, ''))
-  for path in files:
-    st = os.stat(path)
-    h.update(f'\0{path[prefix:]}\0{st.st_size}\0{st.st_mtime_ns}'.encode())
-  return h.hexdigest()
 
 
 def content_fingerprint(splits: dict[str, list[tuple[str, int]]]) -> str:

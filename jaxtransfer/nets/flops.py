@@ -5,8 +5,8 @@ Per image: the forward pass costs 2 * MACs for every layer; weight gradients 2 *
 trainable layer; input gradients 2 * MACs for each trainable layer except the first of them (the
 net's first layer, or the first after a frozen prefix, passes no gradient on). BatchNorm, ReLU,
 pooling and the optimiser are not counted. The MACs are read from each layer's traced
-convolutions and matmuls, so any model whose layers can be run one at a time (`start`/`stop`,
-as `models` provides) counts without a formula of its own.
+convolutions and matmuls, so any model whose layers can be run one at a time
+(`modelspec.runs_slices`, as the built-in nets) counts without a formula of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
+
+from jaxtransfer.nets import modelspec
 
 
 def _macs(jaxpr) -> int:
@@ -47,7 +49,7 @@ def _macs(jaxpr) -> int:
 
 def layer_macs(model, image_shape: Sequence[int] = (32, 32, 3)) -> list[int]:
   """Forward multiply-accumulates per image of each of the model's layers, in order."""
-  if not hasattr(model, 'num_layers'):
+  if not modelspec.runs_slices(model):
     raise ValueError(
         f'counting FLOPs per layer needs a model that runs a slice of its layers '
         f'(num_layers, start/stop: the built-in nets); {type(model).__name__} does not')

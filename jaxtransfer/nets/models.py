@@ -258,7 +258,3 @@ def make_model(name: str, num_classes: int, widths: Sequence[int] = FinalNet.wid
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}: expected one of {", ".join(MODELS)}')
   return MODELS[name](num_classes, widths, LAYER_DEFAULTS[layer_defaults])
-
-
-def count_params(params) -> int:
-  return sum(x.size for x in jax.tree.leaves(params))

@@ -26,14 +26,15 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Callable, Sequence
+from inspect import signature
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxtransfer.nets import models
-from jaxtransfer import transfer
+from jaxtransfer import errors, transfer
 
 ModelFn = Callable[[int], nn.Module]
 _PROBE_CLASSES = 2  # the class count a model is checked with (any works: the head is not grafted)
@@ -56,9 +57,13 @@ def is_builtin(spec: str) -> bool:
   return spec in models.MODELS
 
 
-def _one_line(e: BaseException) -> str:
-  first = (str(e).strip().splitlines() or [''])[0]
-  return f'{type(e).__name__}: {first}' if first else type(e).__name__
+def runs_slices(model: Any) -> bool:
+  """Whether `model` runs a slice of its layers, as the built-in nets do: it has `num_layers` and
+  is called with `start` and `stop`. Only such a model has its frozen prefix computed once
+  (`features`) and its FLOPs counted layer by layer (`flops`); any other trains and runs as it
+  is."""
+  return hasattr(model, 'num_layers') and {'start', 'stop'} <= set(
+      signature(model.__call__).parameters)
 
 
 def load(spec: str) -> ModelFn:
@@ -75,7 +80,8 @@ def load(spec: str) -> ModelFn:
     raise ModelError(f'--model {spec}: cannot import {source}: no module named '
                      f'{e.name or source}') from None
   except Exception as e:  # pylint: disable=broad-except  # the user's code: any error, one line
-    raise ModelError(f'--model {spec}: importing {source} failed: {_one_line(e)}') from None
+    raise ModelError(
+        f'--model {spec}: importing {source} failed: {errors.one_line(e, named=True)}') from None
   obj = module
   for part in attr.split('.'):
     if not hasattr(obj, part):
@@ -129,7 +135,7 @@ def inspect(model_fn: ModelFn, spec: str, image_shape: Sequence[int]) -> ModelIn
     model = model_fn(_PROBE_CLASSES)
   except Exception as e:  # pylint: disable=broad-except
     raise ModelError(f'--model {spec}: calling it with num_classes={_PROBE_CLASSES} failed: '
-                     f'{_one_line(e)}') from None
+                     f'{errors.one_line(e, named=True)}') from None
   if not isinstance(model, nn.Module):
     raise ModelError(f'--model {spec}: returned an object of type {type(model).__name__}, not a '
                      'flax.linen Module')
@@ -140,7 +146,7 @@ def inspect(model_fn: ModelFn, spec: str, image_shape: Sequence[int]) -> ModelIn
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
   except Exception as e:  # pylint: disable=broad-except
     raise ModelError(f'--model {spec}: model.init(key, x, train=False) fails on {where}: '
-                     f'{_one_line(e)}') from None
+                     f'{errors.one_line(e, named=True)}') from None
   state = [c for c in shapes if c != 'params']
   batchnorm = []
 
@@ -159,7 +165,7 @@ def inspect(model_fn: ModelFn, spec: str, image_shape: Sequence[int]) -> ModelIn
   except Exception as e:  # pylint: disable=broad-except
     raise ModelError(f'--model {spec}: model.apply(variables, x, train=True) fails on {where} '
                      f'(a model that draws randomness in training, e.g. dropout, is not '
-                     f'supported): {_one_line(e)}') from None
+                     f'supported): {errors.one_line(e, named=True)}') from None
   if getattr(logits, 'shape', None) != (1, _PROBE_CLASSES):
     raise ModelError(f'--model {spec}: returns {getattr(logits, "shape", type(logits).__name__)} '
                      f'for 1 image and {_PROBE_CLASSES} classes, expected logits of shape '

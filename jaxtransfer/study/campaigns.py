@@ -8,7 +8,9 @@ from typing import Sequence
 
 from jaxtransfer.study import migrate, similarity, driver
 from jaxtransfer.nets import modelspec
-from jaxtransfer.analysis import plots, report, results
+from jaxtransfer import files
+from jaxtransfer.analysis import plots, report
+from jaxtransfer.analysis import rows as rows_lib
 from jaxtransfer.study import plan as plan_lib
 from jaxtransfer.study import workdir as workdir_lib
 from jaxtransfer.study.plan import RunOptions, StudyConfig
@@ -41,11 +43,11 @@ def _sweep_locked(config: StudyConfig, workdir: Workdir, param: str, values: Seq
     sub.check(sub_config)
     progress.log(f'sweep {param}={value}')
     driver.run(sub_config, sub, progress=progress, **kwargs)
-    rows_by_value[value] = results.read_csv(sub.file('results.csv'))
+    rows_by_value[value] = rows_lib.read_csv(sub.file('results.csv'))
   summary = report.sweep_summary(rows_by_value)
   figures = plots.sweep_figure(summary, param, workdir.file('figures', f'sweep_{param}'))
   path = workdir.file('sweep.md')
-  results.atomic_write_text(
+  files.write_text(
       path, report.render_sweep(summary, param,
                                 [os.path.relpath(f, workdir.path) for f in figures]))
   return path
@@ -87,7 +89,7 @@ def pool(shards: Sequence[str], out: str) -> str:
               if record.class_names else None)
     expected = plan_lib.expected_rows(record.config, plan_lib.runs(record.config), halves)
     records.append(record)
-    shard_rows.append(results.read_csv(csv, expected))
+    shard_rows.append(rows_lib.read_csv(csv, expected))
   configs = [r.recorded for r in records]
   for path, config in zip(shards[1:], configs[1:]):
     diff = plan_lib.differing(configs[0], config, ignore=SHARD_FIELDS)
@@ -107,11 +109,11 @@ def pool(shards: Sequence[str], out: str) -> str:
       **configs[0], 'num_splits': num_splits,
       'splits': [] if chosen == list(range(num_splits)) else chosen
   }
-  results.write(out, rows)
+  rows_lib.write(out, rows)
   # Shards as seen from `out`: no path of the machine that pooled them.
   where = {p: os.path.relpath(p, out) for p in shards}
-  results.atomic_write_json(os.path.join(out, 'pool.json'),
-                            {'config': config, 'shards': [where[p] for p in shards]})
+  files.write_json(os.path.join(out, 'pool.json'),
+                   {'config': config, 'shards': [where[p] for p in shards]})
   figures = [os.path.relpath(p, out) for p in plots.write_all(rows, out)]
   metrics = [r for p in shards for r in Workdir(p).read_metrics()]
   if metrics:
@@ -130,7 +132,7 @@ def pool(shards: Sequence[str], out: str) -> str:
     cka_note = 'their layer-similarity (CKA) figures stay in each shard.'
   note = f'Pooled from the shards {", ".join(parts)}; {cka_note}'
   path = os.path.join(out, 'report.md')
-  results.atomic_write_text(
+  files.write_text(
       path,
       report.render(rows, config, figures, class_names=records[0].class_names or None, note=note,
                     metrics=metrics))
@@ -145,7 +147,7 @@ def _pool_similarity(paths: Sequence[str], config: dict, out: str) -> list[str]:
       shards.append(json.load(f))
   layers = shards[0]['layers']
   records = [r for shard in shards for r in shard['records']]
-  results.atomic_write_json(os.path.join(out, 'figures', similarity.DATA_FILE),
-                            {'layers': layers, 'records': records})
+  files.write_json(os.path.join(out, 'figures', similarity.DATA_FILE),
+                   {'layers': layers, 'records': records})
   return similarity.draw(records, layers, config['conditions'], config['depths'],
                          os.path.join(out, 'figures', 'cka'))

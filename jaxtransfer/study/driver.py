@@ -20,7 +20,9 @@ from jaxtransfer.data import cifar, imagefolder
 from jaxtransfer import conditions, transfer
 from jaxtransfer.study import estimate, migrate
 from jaxtransfer.nets import flops, modelspec
-from jaxtransfer.analysis import plots, report, results
+from jaxtransfer import files
+from jaxtransfer.analysis import plots, report
+from jaxtransfer.analysis import rows as rows_lib
 from jaxtransfer.train import trainer
 from jaxtransfer.data import datasets as data_lib
 from jaxtransfer.train import features as features_lib
@@ -86,7 +88,7 @@ def _run_locked(config: StudyConfig, workdir: Workdir, *, image_folder, model_fn
   device_data = trainer.to_device(train_ds, test_ds, mean, std)
   rows = train_stacks(config, workdir, make, device_data, train_ds.labels, test_ds.labels, halves,
                       stacks, options=options, progress=progress, mesh=mesh)
-  results.write(workdir.path, rows)
+  rows_lib.write(workdir.path, rows)
   paths = plots.write_all(rows, workdir.path)
   diverged = [r for r in rows if r['diverged']]
   metrics = workdir.read_metrics()
@@ -95,10 +97,10 @@ def _run_locked(config: StudyConfig, workdir: Workdir, *, image_folder, model_fn
   if config.cka_images:
     from jaxtransfer.study import similarity  # only when asked
     paths += similarity.write(config, workdir, stacks, halves, make, layer_names, test_ds, mean,
-                              std, exclude={results.run_id(r) for r in diverged})
+                              std, exclude={rows_lib.run_id(r) for r in diverged})
   figures = [os.path.relpath(p, workdir.path) for p in paths]
   path = workdir.file('report.md')
-  results.atomic_write_text(
+  files.write_text(
       path,
       report.render(rows, config.to_json(), figures, class_names=train_ds.class_names,
                     note=' '.join(notes), metrics=metrics))
@@ -106,7 +108,7 @@ def _run_locked(config: StudyConfig, workdir: Workdir, *, image_folder, model_fn
     logging.warning(
         '%d of %d models diverged (non-finite loss or weights), e.g. %s: results.csv flags them '
         '(diverged=True); report.md lists them and leaves them out of its tables, figures and '
-        'claims', len(diverged), len(rows), results.describe(results.run_id(diverged[0])))
+        'claims', len(diverged), len(rows), rows_lib.describe(rows_lib.run_id(diverged[0])))
   return path
 
 
@@ -367,7 +369,7 @@ def _row(config: StudyConfig, halves, run: Run, structure: trainer.Structure, te
       'final_loss': float(loss),
       'wall_seconds': round(float(seconds), 3),
       'config_hash': config.hash(),
-      'diverged': results.is_diverged(float(loss), bool(finite)),
+      'diverged': rows_lib.is_diverged(float(loss), bool(finite)),
   }
 
 

@@ -17,7 +17,8 @@ import os
 from typing import Sequence
 
 from jaxtransfer.data import imagefolder
-from jaxtransfer.analysis import results
+from jaxtransfer import files
+from jaxtransfer.analysis import rows as rows_lib
 from jaxtransfer.study import plan as plan_lib
 
 LEGACY_FIELD = 'image_folder'
@@ -44,7 +45,7 @@ def _read(workdir: str) -> dict | None:
   path = os.path.join(workdir, STUDY)
   if not os.path.isfile(path):
     return None
-  record = results.read_json(path)  # a file that is not JSON is named
+  record = rows_lib.read_json(path)  # a file that is not JSON is named
   return record if isinstance(record, dict) else None  # the workdir's checker names the rest
 
 
@@ -67,7 +68,7 @@ def migrate(workdir: str, image_folder: str) -> str:
     raise ValueError(f'{image_folder} holds classes {names}, but {workdir} recorded '
                      f'{record["class_names"]}: not the data of that study')
   fingerprint = imagefolder.content_fingerprint(splits)
-  results.atomic_write_json(os.path.join(workdir, STUDY), migrated(record, fingerprint))
+  files.write_json(os.path.join(workdir, STUDY), migrated(record, fingerprint))
   return fingerprint
 
 
@@ -81,7 +82,7 @@ def adopt(workdir: str, image_folder: str | None, fingerprint: str) -> bool:
   if image_folder is None or os.path.abspath(image_folder) != path:
     raise ValueError(f'{workdir} records its image folder by path ({path}), not by content: if '
                      f'that data is now elsewhere, run {command(workdir)} first')
-  results.atomic_write_json(os.path.join(workdir, STUDY), migrated(record, fingerprint))
+  files.write_json(os.path.join(workdir, STUDY), migrated(record, fingerprint))
   return True
 
 

@@ -21,7 +21,7 @@ from jaxtransfer.data import cifar, datasets
 from jaxtransfer import conditions, transfer
 from jaxtransfer.train import features, trainer
 from jaxtransfer.nets import models, modelspec
-from jaxtransfer.analysis import results
+from jaxtransfer.analysis import rows as rows_lib
 from jaxtransfer.data import splits as splits_lib
 
 HALVINGS = ('random', 'dissimilar')
@@ -446,8 +446,8 @@ def planned_row(config: StudyConfig, run: Run,
 
 def expected_rows(config: StudyConfig, planned: Sequence[Run],
                   halves: Sequence[splits_lib.Split] | None = None) -> dict[tuple, dict]:
-  """Run id -> `planned_row`, for `results.check_rows`."""
-  return {results.run_id(row): row for row in (planned_row(config, r, halves) for r in planned)}
+  """Run id -> `planned_row`, for `rows.check_rows`."""
+  return {rows_lib.run_id(row): row for row in (planned_row(config, r, halves) for r in planned)}
 
 
 def _stack_name(structure: trainer.Structure, size: int) -> str:

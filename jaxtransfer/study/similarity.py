@@ -12,7 +12,9 @@ from typing import AbstractSet, Callable, Sequence
 
 import numpy as np
 
-from jaxtransfer.analysis import cka, plots, results
+from jaxtransfer import files
+from jaxtransfer.analysis import cka, plots
+from jaxtransfer.analysis import rows as rows_lib
 from jaxtransfer import conditions
 from jaxtransfer.data import datasets
 from jaxtransfer.study import plan as plan_lib
@@ -31,8 +33,8 @@ def write(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], halves
   means) for the study in `workdir`; returns the figure paths. Runs in `exclude` (run ids:
   diverged models) are left out, and so are the models paired with such a base."""
   records = measure(config, workdir, stacks, halves, make, test_ds, mean, std, exclude)
-  results.atomic_write_json(workdir.file('figures', DATA_FILE),
-                            {'layers': list(layer_names), 'records': records})
+  files.write_json(workdir.file('figures', DATA_FILE),
+                   {'layers': list(layer_names), 'records': records})
   return draw(records, list(layer_names), config.conditions, config.depths,
               workdir.file('figures', 'cka'))
 
@@ -51,7 +53,7 @@ def measure(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], halv
   nets = {
       run: v
       for run, v in workdir.members(stacks).items()
-      if results.run_id(plan_lib.run_fields(run)) not in exclude
+      if rows_lib.run_id(plan_lib.run_fields(run)) not in exclude
   }
   base = conditions.BASE.name
   records, compared = [], set()

@@ -33,7 +33,8 @@ import jax
 import numpy as np
 
 from jaxtransfer.study import plan as plan_lib
-from jaxtransfer.analysis import results
+from jaxtransfer import errors, files
+from jaxtransfer.analysis import rows as rows_lib
 
 METRICS = 'metrics.jsonl'
 LOCK = 'lock'
@@ -71,7 +72,7 @@ class StudyRecord:
 
 def read_study(path: str) -> StudyRecord:
   """The one reader of study.json files (workdirs, shards): any problem names `path`."""
-  record = results.read_json(path)
+  record = rows_lib.read_json(path)
   if not isinstance(record, dict) or not isinstance(record.get('config'), dict):
     raise StateError(f'{path} is not a study record (expected an object with a "config")')
   config = plan_lib.from_json(record['config'], path)
@@ -91,12 +92,6 @@ def digest(variables) -> dict[str, str]:
     h.update(x.tobytes())
     out['/'.join(str(getattr(k, 'key', k)) for k in path)] = h.hexdigest()
   return out
-
-
-def _one_line(error: BaseException) -> str:
-  """An exception as a short line (tensorstore appends its whole JSON spec)."""
-  text = ' '.join(str(error).split()).split(' [tensorstore_spec=')[0] or type(error).__name__
-  return text if len(text) <= 300 else text[:297] + '...'
 
 
 def _quiet_closed_loop() -> None:
@@ -171,10 +166,10 @@ class Workdir:
     meta = self.file('study.json')
     record = {'config': config.to_json(), 'config_hash': config.hash()}
     if os.path.exists(meta):
-      record = results.read_json(meta)
+      record = rows_lib.read_json(meta)
       if record.get('class_names') or not class_names:
         return
-    results.atomic_write_json(meta, {**record, 'class_names': list(class_names)})
+    files.write_json(meta, {**record, 'class_names': list(class_names)})
 
   @contextlib.contextmanager
   def lock(self, wait: bool = False, log: Callable[[str], None] | None = None) -> Iterator[None]:
@@ -239,7 +234,7 @@ class Workdir:
     if not os.path.exists(path):
       return None
     try:
-      record = results.read_json(path)
+      record = rows_lib.read_json(path)
     except ValueError as e:
       raise Corrupt(str(e), self._recovery(stack)) from None
     if isinstance(record, list):  # written before digests
@@ -262,13 +257,13 @@ class Workdir:
     path = self.rows_file(stack)
     planned = {k: v for k, v in expected.items() if k in {_run_id(r) for r in stack.runs}}
     try:
-      rows = results.check_rows(
-          [results.typed_row(r, f'{path} row {i}') for i, r in enumerate(raw)], path, planned)
-    except results.RowsError as e:
+      rows = rows_lib.check_rows(
+          [rows_lib.typed_row(r, f'{path} row {i}') for i, r in enumerate(raw)], path, planned)
+    except rows_lib.RowsError as e:
       raise Corrupt(str(e), self._recovery(stack)) from None
     if sha is None:
       if _primary():
-        results.atomic_write_json(path, {'rows': rows, DIGEST: digest(self._load(stack))})
+        files.write_json(path, {'rows': rows, DIGEST: digest(self._load(stack))})
         logging.info('%s: recorded the digest of %s', path, self.checkpoint(stack))
       _barrier(f'digest-{stack.name}')
     else:
@@ -297,12 +292,12 @@ class Workdir:
       ocp.PyTreeCheckpointer().save(os.path.abspath(tmp), variables)
       if _primary():
         if os.path.exists(final):  # left by a run killed before its rows were written
-          os.replace(final, old)
-        os.replace(tmp, final)
+          files.replace(final, old)
+        files.replace(tmp, final)
         _remove(old)
-        results.atomic_write_json(self.rows_file(stack), {'rows': rows, DIGEST: digest(variables)})
+        files.write_json(self.rows_file(stack), {'rows': rows, DIGEST: digest(variables)})
     except Exception as e:  # pylint: disable=broad-except
-      raise StateError(f'cannot save checkpoint {final}: {_one_line(e)}') from None
+      raise StateError(f'cannot save checkpoint {final}: {errors.one_line(e)}') from None
     _barrier(f'saved-{stack.name}')
 
   def _load(self, stack: plan_lib.Stack):
@@ -314,7 +309,7 @@ class Workdir:
     try:
       return ocp.PyTreeCheckpointer().restore(path)
     except Exception as e:  # pylint: disable=broad-except
-      raise Corrupt(f'checkpoint {path} cannot be read ({_one_line(e)})',
+      raise Corrupt(f'checkpoint {path} cannot be read ({errors.one_line(e)})',
                     self._recovery(stack)) from None
 
   def restore(self, stack: plan_lib.Stack):
@@ -374,7 +369,7 @@ class Workdir:
 
 
 def _run_id(run: plan_lib.Run) -> tuple:
-  return results.run_id(plan_lib.run_fields(run))
+  return rows_lib.run_id(plan_lib.run_fields(run))
 
 
 def _same_file(fd: int, path: str) -> bool:

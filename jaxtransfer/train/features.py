@@ -11,7 +11,6 @@ rounding), within a memory budget: a stack whose features would not fit trains t
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any
 
 import jax
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtransfer.data import datasets as data_lib
+from jaxtransfer.nets import modelspec
 from jaxtransfer.train import trainer
 
 # Features of one stack (every member's train and test images) above this stay uncomputed: for
@@ -30,8 +30,7 @@ _BATCH = 1000
 def applicable(model: Any, structure: trainer.Structure) -> bool:
   """Frozen grafted layers under `fixed`, and a model that can run a slice of its layers."""
   return (structure.batchnorm == 'fixed' and bool(structure.frozen_layers) and
-          structure.frozen_layers == structure.graft_layers and
-          {'start', 'stop'} <= set(inspect.signature(model.__call__).parameters))
+          structure.frozen_layers == structure.graft_layers and modelspec.runs_slices(model))
 
 
 def planned_nbytes(model: Any, structure: trainer.Structure, k: int, train_images: int,

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from jaxtransfer.study import plan, driver
+from jaxtransfer.config import ConfigError, StudyConfig
+from jaxtransfer.study import driver
 from jaxtransfer.analysis import results
 from jaxtransfer.train import trainer
 from jaxtransfer.study.workdir import Workdir
@@ -137,10 +138,10 @@ def test_python_api_refuses_what_the_cli_refuses(image_folder, tmp_path, capsys,
   assert run_cli(*tiny_args(image_folder, tmp_path / 'cli', *extra)) == 2
   cli_error = capsys.readouterr().err.strip().removeprefix('error: ')
   assert not os.path.exists(tmp_path / 'cli')
-  config = plan.StudyConfig(**{
+  config = StudyConfig(**{
       'widths': (2, 2, 2), 'num_splits': 2, 'depths': (1, 2), 'epochs': 1, 'batch_size': 8, **fields
   })
-  with pytest.raises(plan.ConfigError) as excinfo:
+  with pytest.raises(ConfigError) as excinfo:
     driver.run(config, Workdir(str(tmp_path / 'api')), image_folder=image_folder)
   assert str(excinfo.value) == cli_error
   assert not os.path.exists(tmp_path / 'api')
@@ -197,7 +198,7 @@ def test_a_study_recorded_by_path_is_migrated(finished, image_folder, tmp_path, 
   same = tmp_path / 'same'
   results.atomic_write_json(str(same / 'study.json'), legacy)
   config = driver.resolve(
-      plan.StudyConfig(
+      StudyConfig(
           **{'widths': (2, 2, 2), 'num_splits': 2, 'depths': (1, 2), 'epochs': 1, 'batch_size': 8}),
       image_folder=image_folder)
   assert driver.prepare(config, Workdir(str(same)), image_folder) == config

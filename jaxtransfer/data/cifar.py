@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
-# Single source of truth for the TFDS builder version and names: the cache key of a TFDS source
-# is computed from these without importing TFDS.
+from jaxtransfer.config import TFDS_NAMES  # the builders' names, by --dataset
+
+# Single source of truth for the TFDS builder version: the cache key of a TFDS source is computed
+# from it and TFDS_NAMES without importing TFDS.
 BUILDER_VERSION = '1.0.0'
-TFDS_NAMES = {'cifar10': 'jaxtransfer_cifar10', 'cifar100': 'jaxtransfer_cifar100'}
 IMAGE_SHAPE = (32, 32, 3)  # H x W x C of every CIFAR image
 
 CIFAR10_CLASSES = (

@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtransfer.config import DEFAULT_CACHE_DIR
 from jaxtransfer.data import cifar, imagefolder
 from jaxtransfer.data.imagefolder import ArrayDataset, DataError
 
-DEFAULT_CACHE_DIR = '~/.cache/jaxtransfer'
 # Examples fetched per `__getitems__` call when reading a TFDS data source.
 _READ_CHUNK = 2048
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from jaxtransfer import config as config_lib
 from jaxtransfer.data import imagefolder
 from jaxtransfer.analysis import results
-from jaxtransfer.study import plan as plan_lib
 
 LEGACY_FIELD = 'image_folder'
 STUDY = 'study.json'
@@ -36,7 +36,7 @@ def migrated(record: dict, fingerprint: str) -> dict:
   old = {'config_hash_before_migration': record['config_hash']} if 'config_hash' in record else {}
   return {
       **record, 'config': config,
-      'config_hash': plan_lib.config_hash(plan_lib.with_defaults(config)), **old
+      'config_hash': config_lib.config_hash(config_lib.with_defaults(config)), **old
   }
 
 

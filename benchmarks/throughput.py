@@ -260,7 +260,7 @@ class InternalRunner:
   def __init__(self, args, data, n_images):
     from jaxtransfer.train import trainer
     self.args, self.data, self.n_images = args, data, n_images
-    self.trainer_cls = getattr(train, 'Trainer', None) or getattr(train, '_Trainer')
+    self.trainer_cls = trainer.Trainer
     self.stack_functions = trainer.stack_functions
     self.axis = trainer.MODEL_AXIS
     self.config = trainer.TrainConfig(batch_size=args.batch_size)

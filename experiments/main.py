@@ -3,7 +3,7 @@ r"""Runs a transferability study end to end: base nets, transfer grid, results, 
   python -m experiments.main --flagfile=experiments/configs/seed.flags --workdir=/tmp/seed
 
 Rerunning the same command resumes: finished stacks of models are not retrained. Every study
-flag is a field of `jaxtransfer.study.plan.StudyConfig`, every run option one of `plan.RunOptions`
+flag is a field of `jaxtransfer.config.StudyConfig`, every run option one of `config.RunOptions`
 (default, help and choices come from there); the flags defined here only say where the data and
 the workdir are and how this process uses its devices.
 """
@@ -17,8 +17,8 @@ import tempfile
 
 from absl import app, flags, logging
 
-from jaxtransfer.study import campaigns, plan, driver
-from jaxtransfer.data import datasets
+from jaxtransfer import config as config_lib
+from jaxtransfer.study import campaigns, driver
 from jaxtransfer.study.progress import Progress
 from jaxtransfer.study.workdir import Workdir
 
@@ -44,8 +44,8 @@ def define_flags(cls: type) -> None:
       flags.DEFINE_string(name, default, help_)
 
 
-define_flags(plan.StudyConfig)
-define_flags(plan.RunOptions)  # how to run: not part of the study
+define_flags(config_lib.StudyConfig)
+define_flags(config_lib.RunOptions)  # how to run: not part of the study
 flags.DEFINE_string(
     'image_folder', None, 'A {train,test}/<class>/*.png|jpg tree to use instead of TFDS '
     '(offline copies, your own datasets; classes may have different numbers of images). The '
@@ -79,10 +79,10 @@ def from_flags(cls: type):
   return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-def config_from_flags() -> plan.StudyConfig:
+def config_from_flags() -> config_lib.StudyConfig:
   """The flags' study, checked and normalised by the same validator as the Python API, and
   identified by its data (the content of --image_folder)."""
-  return driver.resolve(from_flags(plan.StudyConfig), image_folder=FLAGS.image_folder)
+  return driver.resolve(from_flags(config_lib.StudyConfig), image_folder=FLAGS.image_folder)
 
 
 def check_writable(path: str) -> None:
@@ -98,7 +98,7 @@ def enable_compilation_cache() -> None:
   """Reuse compiled steps across stacks with the same structure and across reruns/resumes."""
   import jax
   if not jax.config.jax_compilation_cache_dir:
-    cache = os.path.expanduser(FLAGS.cache_dir or datasets.DEFAULT_CACHE_DIR)
+    cache = os.path.expanduser(FLAGS.cache_dir or config_lib.DEFAULT_CACHE_DIR)
     jax.config.update('jax_compilation_cache_dir', os.path.join(cache, 'xla'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
@@ -115,7 +115,7 @@ def run(progress: Progress) -> str:
   """The whole study for the parsed flags; returns the report path."""
   # A bad config is refused here, before JAX starts and before the workdir is made; the study
   # the workdir holds is checked under its lock.
-  config, options = config_from_flags(), from_flags(plan.RunOptions)
+  config, options = config_from_flags(), from_flags(config_lib.RunOptions)
   check_writable(FLAGS.workdir)
   workdir = Workdir(FLAGS.workdir)
   enable_compilation_cache()
@@ -133,7 +133,7 @@ def dry_run() -> str:
   """The plan and its estimate for the parsed flags. The workdir is only read (a study there
   with other flags is refused, its finished stacks left out); the compilation cache stays off,
   so the probe's compile times are those of a first run."""
-  config, options = config_from_flags(), from_flags(plan.RunOptions)
+  config, options = config_from_flags(), from_flags(config_lib.RunOptions)
   set_cpu_devices()
   return driver.dry_run(config, Workdir(FLAGS.workdir), image_folder=FLAGS.image_folder,
                         options=options)

@@ -22,9 +22,10 @@ import flax.linen as nn
 import jax
 import optax
 
+from jaxtransfer.config import BATCHNORM_POLICIES
+
 PyTree = Any
 FROZEN, TRAINABLE = 'frozen', 'trainable'
-BATCHNORM_POLICIES = ('update', 'fixed')
 
 
 def layer_order(model: nn.Module, *example_args, **example_kwargs) -> list[str]:

@@ -8,7 +8,8 @@ import os
 import jax
 import pytest
 
-from jaxtransfer.study import estimate, plan, driver
+from jaxtransfer.config import RunOptions, StudyConfig
+from jaxtransfer.study import estimate, driver
 from jaxtransfer.nets import flops, models
 from jaxtransfer.train import trainer
 from jaxtransfer.study.progress import Progress
@@ -27,8 +28,8 @@ def test_format_flops():
 
 def test_time_model():
   assert PROBE.seconds_per_flop == pytest.approx(1 / (1 * 100 * 1000))  # one member per device
-  cost = estimate.stack_cost('s', 3, 1, [10, 20, 30], epochs=2, train_images=50, test_images=7,
-                             probe_=PROBE, done=False)
+  shape = estimate.StackShape('s', 3, 1, [10, 20, 30], train_images=50, test_images=7)
+  cost = estimate.stack_cost(shape, epochs=2, probe_=PROBE, done=False)
   # Frozen first layer: forward 2*60, weight grads 2*(20+30), input grads 2*30 -> 280 per image;
   # K=3 on 2 devices: 2 members in turn on one of them.
   assert cost.train_flops_per_image == 280
@@ -94,7 +95,7 @@ def test_member_map_reaches_the_trainer_and_not_the_study(finished, image_folder
     seen.append(member_map)
     raise Stop
 
-  monkeypatch.setattr(train, 'train_stack', first_stack)
+  monkeypatch.setattr(trainer, 'train_stack', first_stack)
   workdir = tmp_path / 'wd'
   with pytest.raises(Stop):
     run_cli(*tiny_args(image_folder, workdir, '--member_map=vmap'))
@@ -102,11 +103,11 @@ def test_member_map_reaches_the_trainer_and_not_the_study(finished, image_folder
   record = lambda path: json.load(open(os.path.join(path, 'study.json')))['config_hash']
   assert record(workdir) == record(finished)  # the same study as without the flag
   stream = io.StringIO()
-  config = plan.StudyConfig(widths=(2, 2, 2), num_splits=2, depths=(1, 2), epochs=1, batch_size=8)
+  config = StudyConfig(widths=(2, 2, 2), num_splits=2, depths=(1, 2), epochs=1, batch_size=8)
   with pytest.raises(Stop):
     driver.run(config, Workdir(str(tmp_path / 'api')), image_folder=image_folder,
-               progress=Progress(stream),
-               options=plan.RunOptions(member_map='auto', cache_dir=str(tmp_path / 'cache')))
+               progress=Progress(stream), options=RunOptions(member_map='auto',
+                                                             cache_dir=str(tmp_path / 'cache')))
   assert seen == ['vmap', 'map']  # auto on CPU
   lines = stream.getvalue().splitlines()
   first, stack = lines[0], next(line for line in lines if line.startswith('['))

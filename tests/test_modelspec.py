@@ -10,8 +10,9 @@ import flax.linen as nn
 import pytest
 
 from jaxtransfer.nets import flops, models, modelspec
-from jaxtransfer.study import plan, driver
 from jaxtransfer.train import features, trainer
+from jaxtransfer.config import ConfigError, StudyConfig
+from jaxtransfer.study import context, driver
 from jaxtransfer.analysis import rows as rows_lib
 from jaxtransfer.study.workdir import Workdir
 from tests.conftest import ROOT, run_cli
@@ -128,8 +129,8 @@ def test_a_model_off_the_contract_is_one_line_in_cli_and_api(image_folder, tmp_p
   assert not os.path.exists(workdir)
   fields = dict(arg[2:].split('=') for arg in extra)
   fields = {k: tuple(v.split(',')) if k in ('widths', 'depths') else v for k, v in fields.items()}
-  with pytest.raises(plan.ConfigError) as excinfo:
-    driver.run(plan.StudyConfig(model=model, **fields), Workdir(str(tmp_path / 'api')),
+  with pytest.raises(ConfigError) as excinfo:
+    driver.run(StudyConfig(model=model, **fields), Workdir(str(tmp_path / 'api')),
                image_folder=image_folder)
   assert f'error: {excinfo.value}\n' == err
   assert not os.path.exists(tmp_path / 'api')
@@ -145,22 +146,22 @@ class TwoDense(nn.Module):
 
 
 def test_model_fn_is_named_in_the_study_and_its_missing_batchnorm_said():
-  config = plan.validate(plan.StudyConfig(conditions=('BnB',)), model_fn=TwoDense)
+  config = driver.resolve(StudyConfig(conditions=('BnB',)), model_fn=TwoDense)
   assert config.model == 'tests.test_modelspec:TwoDense' and config.depths == (1,)
-  named = plan.validate(plan.StudyConfig(model='mine'), model_fn=TwoDense)
+  named = driver.resolve(StudyConfig(model='mine'), model_fn=TwoDense)
   assert named.model == 'mine'
-  with pytest.raises(plan.ConfigError, match='has no importable name: give the config a model'):
-    plan.validate(plan.StudyConfig(), model_fn=lambda k: TwoDense(k))
-  info = plan.model_info(config, TwoDense)
+  with pytest.raises(ConfigError, match='has no importable name: give the config a model'):
+    driver.resolve(StudyConfig(), model_fn=lambda k: TwoDense(k))
+  info = context.model_info(config, TwoDense)
   assert info == modelspec.ModelInfo(('hidden', 'out'), batchnorm=False)
   assert 'no BatchNorm layer, so --frozen_batchnorm (`update`) changes nothing' in ' '.join(
       driver.moot_flags(config, info))
   assert driver.moot_flags(dataclasses.replace(config, conditions=('BnB+',)), info) == []
-  example = plan.validate(plan.StudyConfig(model=f'{EXAMPLE}:SmallVGG'))
+  example = driver.resolve(StudyConfig(model=f'{EXAMPLE}:SmallVGG'))
   assert example.depths == (1, 2, 3)  # 1..L-1 from the model's own 4 layers
-  assert plan.model_info(example).batchnorm
-  assert not plan.model_info(plan.StudyConfig(model=f'{EXAMPLE}:without_batchnorm')).batchnorm
-  assert not plan.model_info(plan.StudyConfig(model='initial')).batchnorm
+  assert context.model_info(example).batchnorm
+  assert not context.model_info(StudyConfig(model=f'{EXAMPLE}:without_batchnorm')).batchnorm
+  assert not context.model_info(StudyConfig(model='initial')).batchnorm
 
 
 class SlicedWithoutCount(TwoDense):

@@ -6,8 +6,9 @@ import types
 import numpy as np
 import pytest
 
+from jaxtransfer.config import StudyConfig
 from jaxtransfer.nets import flops, models
-from jaxtransfer.study import plan, progress, driver
+from jaxtransfer.study import context, plan, progress, driver
 from jaxtransfer import transfer
 
 
@@ -26,19 +27,26 @@ def test_eta_counts_work_not_epochs(monkeypatch):
   assert lines[1].endswith('| ETA 3.5 min')  # 10 of 80 units in 30 s: 70 to go, 210 s
 
 
-def stacks_of(batchnorm: str, layer_names):
-  config = plan.StudyConfig(num_splits=1, depths=(1, 3, 6), conditions=('BnB', 'AnB'),
-                            frozen_batchnorm=batchnorm)
-  halves = plan.make_halves(config, [str(c) for c in range(10)])
-  sizes = {(0, h): (2500, 500) for h in 'AB'}
-  return plan.plan(config, layer_names, halves, sizes), halves, sizes
+def study_of(config, make, layer_names, sizes, image_shape) -> context.Study:
+  """A study of 10 classes without its data (its labels: the sizes say how many)."""
+  halves = tuple(plan.make_halves(config, [str(c) for c in range(10)]))
+  stacks = tuple(plan.plan(config, layer_names, halves, sizes))
+  return context.Study(config, halves, make, tuple(layer_names), stacks, sizes, image_shape,
+                       np.zeros(0, np.int32), np.zeros(0, np.int32))
+
+
+def stacks_of(batchnorm: str, make, layer_names):
+  config = StudyConfig(num_splits=1, depths=(1, 3, 6), conditions=('BnB', 'AnB'),
+                       frozen_batchnorm=batchnorm)
+  return study_of(config, make, layer_names, {(0, h): (2500, 500) for h in 'AB'}, (32, 32, 3))
 
 
 def test_a_stack_weighs_its_flops_on_the_busiest_device():
   make = lambda k: models.FinalNet(num_classes=k, widths=(8, 16, 32))
   names = transfer.layer_order(make(5), np.zeros((1, 32, 32, 3), np.float32), train=False)
-  stacks, halves, sizes = stacks_of('update', names)
-  work = driver.epoch_work(stacks, make, halves, sizes, (32, 32, 3), devices=2, budget_mb=0)
+  study = stacks_of('update', make, names)
+  stacks = study.stacks
+  work = driver.epoch_work(study, devices=2, budget_mb=0)
   by_name = {s.name: s for s in stacks}
   base = next(s for s in stacks if s.is_base)
   macs = flops.layer_macs(make(5))
@@ -51,10 +59,10 @@ def test_a_stack_weighs_its_flops_on_the_busiest_device():
   assert frozen[1] == 2 * 2500 * flops.training_flops_per_image(macs, 1)
   assert frozen[1] > frozen[3] > frozen[6] and frozen[6] < work[base.name]
   # Under `fixed`, a prefix computed once within the budget drops out of every step.
-  fixed, halves, sizes = stacks_of('fixed', names)
-  once = driver.epoch_work(fixed, make, halves, sizes, (32, 32, 3), devices=2, budget_mb=4096)
-  plain = driver.epoch_work(fixed, make, halves, sizes, (32, 32, 3), devices=2, budget_mb=0)
-  deep = next(s.name for s in fixed if len(s.structure.frozen_layers) == 6)
+  fixed = stacks_of('fixed', make, names)
+  once = driver.epoch_work(fixed, devices=2, budget_mb=4096)
+  plain = driver.epoch_work(fixed, devices=2, budget_mb=0)
+  deep = next(s.name for s in fixed.stacks if len(s.structure.frozen_layers) == 6)
   prefix = flops.forward_flops_per_image(macs[:6])
   assert once[deep] == pytest.approx(plain[deep] - 2 * 2500 * prefix)
 
@@ -71,9 +79,7 @@ def test_a_model_without_layer_slices_weighs_its_members():
       return nn.Dense(self.num_classes)(x)
 
   names = ('Dense_0', 'Dense_1')
-  config = plan.StudyConfig(num_splits=1, depths=(1,), conditions=('BnB',))
-  halves = plan.make_halves(config, [str(c) for c in range(10)])
-  sizes = {(0, h): (10, 5) for h in 'AB'}
-  stacks = plan.plan(config, names, halves, sizes)
-  work = driver.epoch_work(stacks, lambda k: Plain(k), halves, sizes, (4, 4, 3), 2, 0)
-  assert work == {s.name: float(len(s.runs)) for s in stacks}
+  config = StudyConfig(num_splits=1, depths=(1,), conditions=('BnB',))
+  study = study_of(config, lambda k: Plain(k), names, {(0, h): (10, 5) for h in 'AB'}, (4, 4, 3))
+  work = driver.epoch_work(study, 2, 0)
+  assert work == {s.name: float(len(s.runs)) for s in study.stacks}

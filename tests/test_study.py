@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-from jaxtransfer.study import plan, driver
-from jaxtransfer import files
-from jaxtransfer.analysis import stats
+from jaxtransfer.config import ConfigError, StudyConfig
+from jaxtransfer.study import driver
 from jaxtransfer.analysis import rows as rows_lib
+from jaxtransfer.analysis import stats
+from jaxtransfer import files
 from jaxtransfer.train import trainer
 from jaxtransfer.study.workdir import Workdir
 from tests.conftest import ROOT, make_image_folder, run_cli, tiny_args
@@ -68,7 +69,8 @@ def test_interrupted_run_resumes_to_the_same_results(finished, image_folder, tmp
   os.remove(os.path.join(workdir, 'results.csv'))
   trained = []
   original = trainer.train_stack
-  monkeypatch.setattr(train, 'train_stack', lambda *a, **k: trained.append(1) or original(*a, **k))
+  monkeypatch.setattr(trainer, 'train_stack',
+                      lambda *a, **k: trained.append(1) or original(*a, **k))
   assert run_cli(*tiny_args(image_folder, workdir)) == 0
   assert len(trained) == 2  # only the lost stacks were retrained
   assert without_timings(os.path.join(workdir, 'results.csv')) == without_timings(
@@ -139,10 +141,10 @@ def test_python_api_refuses_what_the_cli_refuses(image_folder, tmp_path, capsys,
   assert run_cli(*tiny_args(image_folder, tmp_path / 'cli', *extra)) == 2
   cli_error = capsys.readouterr().err.strip().removeprefix('error: ')
   assert not os.path.exists(tmp_path / 'cli')
-  config = plan.StudyConfig(**{
+  config = StudyConfig(**{
       'widths': (2, 2, 2), 'num_splits': 2, 'depths': (1, 2), 'epochs': 1, 'batch_size': 8, **fields
   })
-  with pytest.raises(plan.ConfigError) as excinfo:
+  with pytest.raises(ConfigError) as excinfo:
     driver.run(config, Workdir(str(tmp_path / 'api')), image_folder=image_folder)
   assert str(excinfo.value) == cli_error
   assert not os.path.exists(tmp_path / 'api')
@@ -174,7 +176,8 @@ def test_a_moved_image_folder_resumes_without_training(finished, image_folder, t
   shutil.copytree(image_folder, moved, copy_function=shutil.copy)  # new paths, new mtimes
   trained = []
   original = trainer.train_stack
-  monkeypatch.setattr(train, 'train_stack', lambda *a, **k: trained.append(1) or original(*a, **k))
+  monkeypatch.setattr(trainer, 'train_stack',
+                      lambda *a, **k: trained.append(1) or original(*a, **k))
   assert run_cli(*tiny_args(moved, workdir, '--eval_every_epoch')) == 0
   assert trained == []
   assert without_timings(os.path.join(workdir, 'results.csv')) == without_timings(
@@ -200,7 +203,7 @@ def test_a_study_recorded_by_path_is_migrated(finished, image_folder, tmp_path, 
   same = tmp_path / 'same'
   files.write_json(str(same / 'study.json'), legacy)
   config = driver.resolve(
-      plan.StudyConfig(
+      StudyConfig(
           **{'widths': (2, 2, 2), 'num_splits': 2, 'depths': (1, 2), 'epochs': 1, 'batch_size': 8}),
       image_folder=image_folder)
   assert driver.prepare(config, Workdir(str(same)), image_folder) == config

@@ -1,6 +1,8 @@
 """The workdir: the per-epoch metrics file survives a kill mid-line; one run at a time holds it;
 a failed save loses nothing."""
 
+import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -9,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from jaxtransfer.study import plan
+from jaxtransfer.config import StudyConfig
+from jaxtransfer.study import driver, plan
 from jaxtransfer.analysis import rows as rows_lib
 from jaxtransfer.study import workdir as workdir_lib
 from jaxtransfer.study.workdir import Workdir
@@ -121,3 +124,15 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
   workdir.save(stack, second, [])
   np.testing.assert_array_equal(workdir.restore(stack)['params']['w'], second['params']['w'])
   assert os.listdir(workdir.file('checkpoints')) == ['s']
+
+
+def test_a_field_left_out_of_the_record_reads_at_its_value(tmp_path):
+  """--momentum at SGD's 0.9 is not in study.json; another value is another study, named so."""
+  sgd = StudyConfig(optimizer='sgd')
+  workdir = Workdir(str(tmp_path))
+  workdir.claim(sgd)
+  assert 'momentum' not in json.load(open(workdir.file('study.json')))['config']
+  assert workdir.study().config == driver.resolve(sgd)
+  workdir.check(sgd)
+  with pytest.raises(ValueError, match=r'other flags \(momentum: 0.9 -> 0.5\)'):
+    workdir.check(dataclasses.replace(sgd, momentum=0.5))

@@ -1,5 +1,6 @@
 """The CIFAR datasets as this project knows them: class names, the official archives (where they
-are, their checksums, their layout) and the names and version of our TFDS builders.
+are, their checksums, their layout) and the version of our TFDS builders (their names, by
+`--dataset`, are `config.TFDS_NAMES`).
 
 Facts only, no TFDS import: the data cache keys on them without preparing anything, and
 `cifar_builder` builds from them.
@@ -9,10 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
-# Single source of truth for the TFDS builder version and names: the cache key of a TFDS source
-# is computed from these without importing TFDS.
+# Single source of truth for the TFDS builder version: the cache key of a TFDS source is computed
+# from it and `config.TFDS_NAMES` without importing TFDS.
 BUILDER_VERSION = '1.0.0'
-TFDS_NAMES = {'cifar10': 'jaxtransfer_cifar10', 'cifar100': 'jaxtransfer_cifar100'}
 IMAGE_SHAPE = (32, 32, 3)  # H x W x C of every CIFAR image
 
 CIFAR10_CLASSES = (

@@ -25,11 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtransfer import config
+from jaxtransfer.config import DEFAULT_CACHE_DIR
 from jaxtransfer import files
 from jaxtransfer.data import cifar, imagefolder, types
 from jaxtransfer.data.types import ArrayDataset, DataError
 
-DEFAULT_CACHE_DIR = '~/.cache/jaxtransfer'
 # Examples fetched per `__getitems__` call when reading a TFDS data source.
 _READ_CHUNK = 2048
 
@@ -140,20 +141,20 @@ def load(
     return _cached(
         path, lambda: imagefolder.folder_split(splits, split, imagefolder.folder_class_names(
             splits), num_workers=None))
-  if dataset not in cifar.TFDS_NAMES:
+  if dataset not in config.TFDS_NAMES:
     raise DataError(f'unknown dataset {dataset!r}, expected one of '
-                    f'{sorted(cifar.TFDS_NAMES)} or an image_folder')
+                    f'{sorted(config.TFDS_NAMES)} or an image_folder')
   config = 'download' if manual_dir is None else 'manual'
   data_dir = os.path.abspath(os.path.expanduser(data_dir or _default_tfds_data_dir()))
   fingerprint = types.fingerprint({
       'format': types.CACHE_FORMAT,
       'kind': 'tfds',
-      'name': cifar.TFDS_NAMES[dataset],
+      'name': config.TFDS_NAMES[dataset],
       'config': config,
       'version': cifar.BUILDER_VERSION,
       'data_dir': data_dir,
   })
-  path = _cache_file(cache_dir, cifar.TFDS_NAMES[dataset], split, fingerprint)
+  path = _cache_file(cache_dir, config.TFDS_NAMES[dataset], split, fingerprint)
   return _cached(path, lambda: _load_tfds(dataset, config, split, data_dir, manual_dir))
 
 

@@ -18,6 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+# What each layer-defaults name means (`config.LAYER_DEFAULTS` says why they differ).
+from jaxtransfer.config import FINAL_WIDTHS, LAYER_DEFAULTS
+
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2/2 max-pool as reshape + max.
@@ -94,18 +97,6 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   return lax.platform_dependent(
       lhs, rhs, cpu=lambda x, k: conv_same(x, k, pad),
       default=lambda x, k: lax.conv_general_dilated(x, k, *args[2:], **kwargs))
-
-
-# Which framework's layer defaults the nets start from. The seed trained in PyTorch: its Conv2d and
-# Linear layers start from kaiming_uniform(a=sqrt(5)) weights, i.e. U(+-1/sqrt(fan_in)) with
-# variance 1/(3 fan_in), and U(+-1/sqrt(fan_in)) biases; its BatchNorm2d tracks the unbiased batch
-# variance (n / (n - 1)) in its running variance. flax starts from lecun_normal weights (variance
-# 1/fan_in) and zero biases, and tracks the biased variance. Under Adam the initial scale sets
-# every layer's relative step, so the choice changes accuracy (see README, "Recipe parity").
-LAYER_DEFAULTS = {
-    'pytorch': {'param_init': 'pytorch', 'running_var': 'unbiased'},
-    'flax': {'param_init': 'flax', 'running_var': 'biased'},
-}
 
 
 def initializers(param_init: str, fan_in: int) -> dict:
@@ -230,7 +221,7 @@ class FinalNet(_LayerStack):
   """
 
   num_classes: int
-  widths: Sequence[int] = (8, 16, 32)
+  widths: Sequence[int] = FINAL_WIDTHS
   param_init: str = 'pytorch'
   running_var: str = 'unbiased'
 

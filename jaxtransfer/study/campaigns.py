@@ -6,14 +6,15 @@ import json
 import os
 from typing import Sequence
 
+from jaxtransfer import config as config_lib
 from jaxtransfer.study import migrate, similarity, driver
 from jaxtransfer.nets import modelspec
-from jaxtransfer import files
 from jaxtransfer.analysis import plots, report
 from jaxtransfer.analysis import rows as rows_lib
+from jaxtransfer import files
+from jaxtransfer.config import RunOptions, StudyConfig
 from jaxtransfer.study import plan as plan_lib
 from jaxtransfer.study import workdir as workdir_lib
-from jaxtransfer.study.plan import RunOptions, StudyConfig
 from jaxtransfer.study.progress import Progress
 from jaxtransfer.study.workdir import Workdir
 
@@ -27,7 +28,7 @@ def run_sweep(config: StudyConfig, workdir: Workdir, *, image_folder: str | None
   sub-study's for its own run."""
   config = driver.resolve(config, image_folder=image_folder, model_fn=model_fn)
   progress = progress or Progress(None)
-  param, values = plan_lib.parse_sweep(config.sweep)
+  param, values = config_lib.parse_sweep(config.sweep)
   with workdir.lock(options.wait_for_lock, log=progress.log):
     driver.prepare(config, workdir, image_folder)
     kwargs = dict(image_folder=image_folder, model_fn=model_fn, options=options, mesh=mesh)
@@ -38,7 +39,7 @@ def _sweep_locked(config: StudyConfig, workdir: Workdir, param: str, values: Seq
                   progress: Progress, **kwargs) -> str:
   workdir.claim(config)
   rows_by_value = {}
-  for value, (folder, sub_config) in zip(values, plan_lib.sweep_studies(config)):
+  for value, (folder, sub_config) in zip(values, config_lib.sweep_studies(config)):
     sub = Workdir(workdir.file(folder))
     sub.check(sub_config)
     progress.log(f'sweep {param}={value}')
@@ -91,10 +92,11 @@ def pool(shards: Sequence[str], out: str) -> str:
     records.append(record)
     shard_rows.append(rows_lib.read_csv(csv, expected))
   configs = [r.recorded for r in records]
-  for path, config in zip(shards[1:], configs[1:]):
-    diff = plan_lib.differing(configs[0], config, ignore=SHARD_FIELDS)
+  first = config_lib.complete(configs[0])
+  for path, config in zip(shards[1:], map(config_lib.complete, configs[1:])):
+    diff = config_lib.differing(first, config, ignore=SHARD_FIELDS)
     if diff:
-      changes = ', '.join(f'{k}: {configs[0][k]!r} vs {config[k]!r}' for k in diff)
+      changes = ', '.join(f'{k}: {first[k]!r} vs {config[k]!r}' for k in diff)
       raise ValueError(f'{path} is not a shard of the same study as {shards[0]} ({changes})')
   owner: dict[int, str] = {}
   for path, rows in zip(shards, shard_rows):

@@ -1,47 +1,63 @@
 """Running a study: data -> plan -> stacks trained (resumably) -> results, figures, report.md.
 
-The plan (`plan`), the workdir (`workdir`), the trainer (`train`) and the layer-similarity
-analysis (`similarity`) each live in their own module; this one puts them together.
+The config (`jaxtransfer.config`), the study in context (`context`), the plan (`plan`), the
+workdir (`workdir`), the trainer (`train`) and the layer-similarity analysis (`similarity`) each
+live in their own module; this one puts them together.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtransfer.data import cifar, imagefolder
-from jaxtransfer import conditions, transfer
-from jaxtransfer.study import estimate, migrate
-from jaxtransfer.nets import flops, modelspec
-from jaxtransfer import files
+from jaxtransfer import conditions
+from jaxtransfer import config as config_lib
 from jaxtransfer.analysis import plots, report
 from jaxtransfer.analysis import rows as rows_lib
-from jaxtransfer.train import trainer
+from jaxtransfer import files
+from jaxtransfer.config import RunOptions, StudyConfig
+from jaxtransfer.data import cifar, imagefolder
 from jaxtransfer.data import datasets as data_lib
-from jaxtransfer.train import features as features_lib
-from jaxtransfer.study import plan as plan_lib
 from jaxtransfer.data import splits as splits_lib
-from jaxtransfer.study.plan import RunOptions, Run, Stack, StudyConfig
+from jaxtransfer.nets import flops, modelspec
+from jaxtransfer.study import context, estimate, migrate
+from jaxtransfer.study import plan as plan_lib
+from jaxtransfer.study.context import Study
+from jaxtransfer.study.plan import Run, Stack
 from jaxtransfer.study.progress import Progress
 from jaxtransfer.study.workdir import Corrupt, Workdir
+from jaxtransfer.train import features as features_lib
+from jaxtransfer.train import trainer
+
+
+class Data(NamedTuple):
+  """A study's data in memory: its train and test `imagefolder.ArrayDataset`s and the train
+  images' per-channel mean and std, which every model's inputs are normalised by."""
+
+  train: imagefolder.ArrayDataset
+  test: imagefolder.ArrayDataset
+  mean: np.ndarray
+  std: np.ndarray
 
 
 def resolve(config: StudyConfig, *, image_folder: str | None = None,
             model_fn: modelspec.ModelFn | None = None) -> StudyConfig:
   """The study `config` names, as its workdir records it: validated (a model of your own checked
   on the data's image shape) and identified by its data (`image_folder`'s content fingerprint).
-  Raises ConfigError or DataError (one line); writes nothing."""
+  The one check of a config, for the command line and the Python API alike. Raises ConfigError
+  or DataError (one line); writes nothing."""
   fingerprint, shape = imagefolder.identify(image_folder) if image_folder else ('',
                                                                                 cifar.IMAGE_SHAPE)
-  config = plan_lib.validate(config, model_fn=model_fn, image_shape=shape)
-  return plan_lib.with_data(config, fingerprint)
+  config = context.validate(config, model_fn=model_fn, image_shape=shape)
+  return config_lib.with_data(config, fingerprint)
 
 
 def prepare(config: StudyConfig, workdir: Workdir, image_folder: str | None = None) -> StudyConfig:
@@ -59,50 +75,52 @@ def run(config: StudyConfig, workdir: Workdir, *, image_folder: str | None = Non
 
   `image_folder`: where the data is, when not a TFDS dataset (the study records its content,
   not its path). `model_fn(num_classes)`: a flax module of your own (`config.model` names it;
-  contract in `modelspec`). `options`: how to run it (`plan.RunOptions`: not part of the study).
-  The workdir is locked for the whole run, and every finished stack's rows and checkpoint are
-  verified before anything is written."""
+  contract in `modelspec`). `options`: how to run it (`config.RunOptions`: not part of the
+  study). The workdir is locked for the whole run, and every finished stack's rows and
+  checkpoint are verified before anything is written."""
   config = resolve(config, image_folder=image_folder, model_fn=model_fn)
   progress = progress or Progress(None)
   with workdir.lock(options.wait_for_lock, log=progress.log):
     prepare(config, workdir, image_folder)
     workdir.remove_leftovers()
-    return _run_locked(config, workdir, image_folder=image_folder, model_fn=model_fn,
-                       options=options, progress=progress, mesh=mesh)
+    data = _load(config, image_folder, options)
+    study = context.build(config, data.train, data.test, model_fn)
+    workdir.claim(config, data.train.class_names)
+    notes = moot_flags(config, context.model_info(config, model_fn, study.image_shape))
+    for line in (_summary(study, data, options.member_map),
+                 class_counts(data.train, data.test, config.train_per_class), *notes):
+      progress.log(line)
+    device_data = trainer.to_device(data.train, data.test, data.mean, data.std)
+    rows = train_stacks(study, workdir, device_data, options=options, progress=progress, mesh=mesh)
+    return _write_outputs(study, workdir, rows, data, notes)
 
 
-def _run_locked(config: StudyConfig, workdir: Workdir, *, image_folder, model_fn,
-                options: RunOptions, progress: Progress, mesh) -> str:
-  train_ds, test_ds = _load(config, image_folder, options)
-  halves, make, layer_names, stacks = _plan(config, train_ds, test_ds, model_fn)
-  workdir.claim(config, train_ds.class_names)
-  progress.log(f'study {config.hash()}: {sum(len(s.runs) for s in stacks)} models in '
-               f'{len(stacks)} stacks, {len(train_ds)} train / {len(test_ds)} test images, '
-               f'{jax.device_count()} {jax.default_backend()} device(s), members under '
-               f'{trainer.resolve_member_map(options.member_map)}')
-  progress.log(class_counts(train_ds, test_ds, config.train_per_class))
-  notes = moot_flags(config, plan_lib.model_info(config, model_fn, train_ds.images.shape[1:]))
-  for note in notes:
-    progress.log(note)
-  mean, std = data_lib.channel_stats(train_ds.images)
-  device_data = trainer.to_device(train_ds, test_ds, mean, std)
-  rows = train_stacks(config, workdir, make, device_data, train_ds.labels, test_ds.labels, halves,
-                      stacks, options=options, progress=progress, mesh=mesh)
+def _summary(study: Study, data: Data, member_map: str) -> str:
+  """The study log's first line: the study, its data and where its members run."""
+  return (f'study {study.config.hash()}: {sum(len(s.runs) for s in study.stacks)} models in '
+          f'{len(study.stacks)} stacks, {len(data.train)} train / {len(data.test)} test images, '
+          f'{jax.device_count()} {jax.default_backend()} device(s), members under '
+          f'{trainer.resolve_member_map(member_map)}')
+
+
+def _write_outputs(study: Study, workdir: Workdir, rows: list[dict], data: Data,
+                   notes: Sequence[str]) -> str:
+  """results, figures and report.md from every stack's rows; returns the report's path."""
   rows_lib.write(workdir.path, rows)
   paths = plots.write_all(rows, workdir.path)
   diverged = [r for r in rows if r['diverged']]
   metrics = workdir.read_metrics()
   if metrics:
     paths += plots.curves_figure(metrics, workdir.file('figures', 'curves'))
-  if config.cka_images:
+  if study.config.cka_images:
     from jaxtransfer.study import similarity  # only when asked
-    paths += similarity.write(config, workdir, stacks, halves, make, layer_names, test_ds, mean,
-                              std, exclude={rows_lib.run_id(r) for r in diverged})
+    paths += similarity.write(study, workdir, data.test, data.mean, data.std,
+                              exclude={rows_lib.run_id(r) for r in diverged})
   figures = [os.path.relpath(p, workdir.path) for p in paths]
   path = workdir.file('report.md')
   files.write_text(
       path,
-      report.render(rows, config.to_json(), figures, class_names=train_ds.class_names,
+      report.render(rows, study.config.to_json(), figures, class_names=data.train.class_names,
                     note=' '.join(notes), metrics=metrics))
   if diverged:
     logging.warning(
@@ -112,32 +130,13 @@ def _run_locked(config: StudyConfig, workdir: Workdir, *, image_folder, model_fn
   return path
 
 
-def _load(config: StudyConfig, image_folder: str | None, options: RunOptions):
-  """(train, test) `ArrayDataset`s of the study's data (through the decoded-array cache)."""
+def _load(config: StudyConfig, image_folder: str | None, options: RunOptions) -> Data:
+  """The study's data (through the decoded-array cache)."""
   load = lambda split: data_lib.load(split, dataset=config.dataset, image_folder=image_folder,
                                      data_dir=options.data_dir, manual_dir=options.manual_dir,
                                      cache_dir=options.cache_dir)
-  return load('train'), load('test')
-
-
-def _plan(config: StudyConfig, train_ds, test_ds, model_fn: modelspec.ModelFn | None = None):
-  """(halves, model maker by class count, layer names, stacks) of a study on this data."""
-  halves = plan_lib.make_halves(config, train_ds.class_names)
-  make = modelspec.factory(config.model, config.widths, config.layer_defaults, model_fn)
-  example = np.zeros((1,) + train_ds.images.shape[1:], np.float32)
-  layer_names = transfer.layer_order(make(2), example, train=False)
-  sizes = half_sizes(config, halves, train_ds.labels, test_ds.labels)
-  return halves, make, layer_names, plan_lib.plan(config, layer_names, halves, sizes)
-
-
-def half_sizes(config: StudyConfig, halves: Sequence[splits_lib.Split], train_labels: np.ndarray,
-               test_labels: np.ndarray) -> dict[tuple[int, str], tuple[int, int]]:
-  """(train, test) examples of every half of every split, as its members use them (the train
-  images capped at --train_per_class per class): the shapes `plan.plan` stacks by."""
-  per_class = config.train_per_class or None
-  return {(s, half): (len(splits_lib.class_indices(train_labels, classes, per_class)),
-                      len(splits_lib.class_indices(test_labels, classes)))
-          for s, pair in enumerate(halves) for half, classes in zip('AB', pair)}
+  train, test = load('train'), load('test')
+  return Data(train, test, *data_lib.channel_stats(train.images))
 
 
 def class_counts(train_ds, test_ds, per_class: int = 0) -> str:
@@ -162,9 +161,7 @@ def moot_flags(config: StudyConfig, info: modelspec.ModelInfo) -> list[str]:
   ]
 
 
-def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], Any],
-                 data: trainer.DeviceData, train_labels: np.ndarray, test_labels: np.ndarray,
-                 halves: Sequence[splits_lib.Split], stacks: list[Stack], *,
+def train_stacks(study: Study, workdir: Workdir, data: trainer.DeviceData, *,
                  options: RunOptions = RunOptions(), progress: Progress, mesh=None) -> list[dict]:
   """Train every unfinished stack in order; return all rows (finished ones read back, after
   every one was verified, with this study's config hash: a study renamed by a change of its
@@ -172,19 +169,18 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
 
   A stack whose frozen prefix is a fixed function of the image trains on the prefix's output,
   computed once, when it fits in `options.feature_budget_mb` (`features.planned_nbytes`)."""
-  per_class = config.train_per_class or None
-  tconfig = config.train_config()
+  config = study.config
+  tconfig = context.train_config(config, options)
   member_map = trainer.resolve_member_map(options.member_map)
-  done = _finished(workdir, stacks, plan_lib.expected_rows(config, plan_lib.runs(config), halves),
+  done = _finished(workdir, study.stacks,
+                   plan_lib.expected_rows(config, plan_lib.runs(config), study.halves),
                    options.retrain_corrupt, progress)
-  work = epoch_work(stacks, make, halves, half_sizes(config, halves, train_labels,
-                                                     test_labels), data.train_images.shape[1:],
-                    mesh.size if mesh else jax.device_count(), options.feature_budget_mb)
+  work = epoch_work(study, mesh.size if mesh else jax.device_count(), options.feature_budget_mb)
   progress.plan(sum(work.values()) * config.epochs)
   all_rows, bases = [], None
-  for i, stack in enumerate(stacks):
+  for i, stack in enumerate(study.stacks):
     rows = done[stack.name]
-    label = f'[{i + 1}/{len(stacks)} {stack.name} K={len(stack.runs)} {member_map}]'
+    label = f'[{i + 1}/{len(study.stacks)} {stack.name} K={len(stack.runs)} {member_map}]'
     if rows is not None:
       rows = [{**r, 'config_hash': config.hash()} for r in rows]
       progress.skip(work[stack.name] * config.epochs)
@@ -192,38 +188,18 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
     else:
       sources = None
       if stack.structure.graft_layers:
-        bases = bases or workdir.members(stacks, base_only=True)
+        bases = bases or workdir.members(study.stacks, base_only=True)
         sources = _stacked_sources(bases, stack.runs, stack.structure.graft_layers)
-      classes = [plan_lib.half_classes(halves, r.split, r.target) for r in stack.runs]
-      members = stack_members(stack.runs, classes, train_labels, test_labels, per_class, sources)
-      model = make(len(classes[0]))
-      features = None
-      size = features_lib.planned_nbytes(model, stack.structure, *members.train_idx.shape,
-                                         members.test_idx.shape[1], data.train_images.shape[1:],
-                                         options.feature_budget_mb)
-      if size is not None:
-        features, members = features_lib.compute(model, members, data,
-                                                 len(stack.structure.frozen_layers))
-        label += f' (prefix features: {size / 2**20:.0f} MB)'
+      inputs = stack_inputs(study, stack, data, sources, options.feature_budget_mb)
+      if inputs.features is not None:
+        label += f' (prefix features: {inputs.feature_bytes / 2**20:.0f} MB)'
       progress.log(f'{label} training')
-
-      def on_epoch(epoch, metrics, stack=stack, label=label):
-        progress.epoch(label, epoch, config.epochs, metrics, work[stack.name])
-        workdir.append_metrics([{
-            'stack': stack.name, 'run': r.name, **plan_lib.run_fields(r), 'epoch': epoch + 1,
-            'loss': float(m[0]), 'train_accuracy': float(m[1]),
-            **({'test_accuracy': float(m[2])} if len(m) > 2 else {})
-        } for r, m in zip(stack.runs, metrics)])
-
-      result = trainer.train_stack(model, stack.structure, tconfig, data, members, mesh=mesh,
-                                   member_map=member_map, on_epoch=on_epoch, features=features,
+      on_epoch = EpochLog(workdir, progress, stack, label, config.epochs, work[stack.name])
+      result = trainer.train_stack(inputs.model, stack.structure, tconfig, data, inputs.members,
+                                   mesh=mesh, member_map=member_map, on_epoch=on_epoch,
+                                   features=inputs.features,
                                    eval_every_epoch=options.eval_every_epoch)
-      finite = _finite_members(result.variables)
-      rows = [
-          _row(config, halves, r, stack.structure, result.test_accuracy[j],
-               result.train_accuracy[j], result.train_loss[j], result.seconds / len(stack.runs),
-               finite[j]) for j, r in enumerate(stack.runs)
-      ]
+      rows = _rows(study, stack, result)
       saved = time.perf_counter()
       workdir.save(stack, result.variables, rows)
       phases = {**result.timings, 'save': time.perf_counter() - saved}
@@ -235,41 +211,87 @@ def train_stacks(config: StudyConfig, workdir: Workdir, make: Callable[[int], An
   return all_rows
 
 
-def epoch_work(stacks: Sequence[Stack], make: Callable[[int], Any],
-               halves: Sequence[splits_lib.Split], sizes: dict[tuple[int, str], tuple[int, int]],
-               image_shape: Sequence[int], devices: int, budget_mb: int) -> dict[str, float]:
+class StackInputs(NamedTuple):
+  """What a stack trains on: its model, its members' inputs and, when its frozen prefix's output
+  is computed once, that output (`trainer.Features`) and its size."""
+
+  model: Any
+  members: trainer.Members
+  features: trainer.Features | None = None
+  feature_bytes: int = 0
+
+
+def stack_inputs(study: Study, stack: Stack, data: trainer.DeviceData, sources,
+                 budget_mb: int) -> StackInputs:
+  """The model and members of `stack` (`sources`: its grafted layers, stacked), on the prefix's
+  features when they fit in `budget_mb` (`features.planned_nbytes`)."""
+  classes = [study.classes(r) for r in stack.runs]
+  members = stack_members(stack.runs, classes, study.train_labels, study.test_labels,
+                          study.config.train_per_class or None, sources)
+  model = study.make(len(classes[0]))
+  size = features_lib.planned_nbytes(model, stack.structure, *members.train_idx.shape,
+                                     members.test_idx.shape[1], data.train_images.shape[1:],
+                                     budget_mb)
+  if size is None:
+    return StackInputs(model, members)
+  features, members = features_lib.compute(model, members, data, len(stack.structure.frozen_layers))
+  return StackInputs(model, members, features, size)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochLog:
+  """What a stack's finished epoch writes (`trainer.train_stack`'s `on_epoch`): the progress
+  line, and one metrics.jsonl line per member."""
+
+  workdir: Workdir
+  progress: Progress
+  stack: Stack
+  label: str
+  epochs: int
+  work: float  # an epoch's work, for the ETA (`epoch_work`)
+
+  def __call__(self, epoch: int, metrics: np.ndarray) -> None:
+    self.progress.epoch(self.label, epoch, self.epochs, metrics, self.work)
+    self.workdir.append_metrics([{
+        'stack': self.stack.name, 'run': r.name, **plan_lib.run_fields(r), 'epoch': epoch + 1,
+        'loss': float(m[0]), 'train_accuracy': float(m[1]),
+        **({'test_accuracy': float(m[2])} if len(m) > 2 else {})
+    } for r, m in zip(self.stack.runs, metrics)])
+
+
+def epoch_work(study: Study, devices: int, budget_mb: int) -> dict[str, float]:
   """One epoch of each stack as the progress ETA weighs it: the training FLOPs of the busiest
-  device (`estimate`'s time model: members spread over devices, frozen layers pruned, a prefix
-  computed once skipped), so cheap frozen stacks do not inflate the ETA. Models whose layers
-  cannot be counted (`flops.layer_macs`) weigh one unit per member."""
+  device (`estimate`'s time model: members spread over `devices`, frozen layers pruned, a prefix
+  computed once within `budget_mb` skipped), so cheap frozen stacks do not inflate the ETA.
+  Models whose layers cannot be counted (`flops.layer_macs`) weigh one unit per member."""
   try:
-    shapes = list(stack_shapes(stacks, make, halves, sizes, image_shape, budget_mb))
+    shapes = stack_shapes(study, budget_mb)
   except ValueError:
-    return {s.name: float(len(s.runs)) for s in stacks}
+    return {s.name: float(len(s.runs)) for s in study.stacks}
   work = {}
-  for stack, macs, n_train, _, once in shapes:
-    per_image, _, _ = estimate.member_flops_per_image(macs, len(stack.structure.frozen_layers),
-                                                      once)
-    work[stack.name] = float(math.ceil(len(stack.runs) / devices) * n_train * per_image)
+  for shape in shapes:
+    per_image, _, _ = estimate.member_flops_per_image(shape.macs, shape.frozen, shape.prefix_once)
+    work[shape.name] = float(math.ceil(shape.k / devices) * shape.train_images * per_image)
   return work
 
 
-def stack_shapes(stacks: Sequence[Stack], make: Callable[[int], Any],
-                 halves: Sequence[splits_lib.Split], sizes: dict[tuple[int, str], tuple[int, int]],
-                 image_shape: Sequence[int], budget_mb: int):
-  """Per stack, what its cost follows from: (stack, layer MACs of its model, a member's train
-  and test images, prefix computed once?), for the dry run's estimate and the progress ETA.
-  Raises ValueError for a model whose layers cannot be counted (`flops.layer_macs`)."""
-  macs = {}
-  for stack in stacks:
+def stack_shapes(study: Study, budget_mb: int) -> list[estimate.StackShape]:
+  """Per stack (in order), what its cost follows from, for the dry run's estimate and the
+  progress ETA. Raises ValueError for a model whose layers cannot be counted
+  (`flops.layer_macs`)."""
+  macs, shapes = {}, []
+  for stack in study.stacks:
     run = stack.runs[0]
-    classes = len(plan_lib.half_classes(halves, run.split, run.target))
-    n_train, n_test = sizes[(run.split, run.target)]
+    classes = len(study.classes(run))
+    n_train, n_test = study.sizes[(run.split, run.target)]
     if classes not in macs:
-      macs[classes] = flops.layer_macs(make(classes), image_shape)
-    once = features_lib.planned_nbytes(make(classes), stack.structure, len(stack.runs), n_train,
-                                       n_test, image_shape, budget_mb) is not None
-    yield stack, macs[classes], n_train, n_test, once
+      macs[classes] = flops.layer_macs(study.make(classes), study.image_shape)
+    once = features_lib.planned_nbytes(study.make(classes), stack.structure, len(stack.runs),
+                                       n_train, n_test, study.image_shape, budget_mb) is not None
+    shapes.append(
+        estimate.StackShape(stack.name, len(stack.runs), len(stack.structure.frozen_layers),
+                            macs[classes], n_train, n_test, once))
+  return shapes
 
 
 def _finished(workdir: Workdir, stacks: Sequence[Stack], expected: dict, retrain_corrupt: bool,
@@ -311,46 +333,38 @@ def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder
   member_map = trainer.resolve_member_map(options.member_map)
   if workdir is not None:
     workdir.check(config)
-  train_ds, test_ds = _load(config, image_folder, options)
-  studies = plan_lib.sweep_studies(config) if config.sweep else [('', config)]
-  planned = [(folder, sub, *_plan(sub, train_ds, test_ds, model_fn)) for folder, sub in studies]
+  data = _load(config, image_folder, options)
+  subs = config_lib.sweep_studies(config) if config.sweep else [config_lib.SubStudy('', config)]
+  planned = {sub.folder: context.build(sub.config, data.train, data.test, model_fn) for sub in subs}
   mesh = mesh or jax.make_mesh((jax.device_count(),), (trainer.MODEL_AXIS,))
 
-  sizes = lambda sub, halves: half_sizes(sub, halves, train_ds.labels, test_ds.labels)
-
   # The probe: the first study's largest stack, in the base structure (every layer trained).
-  _, sub, halves, make, _, stacks = planned[0]
-  largest = max(stacks, key=lambda s: len(s.runs))
+  first = next(iter(planned.values()))
+  largest = max(first.stacks, key=lambda s: len(s.runs))
   run = largest.runs[0]
-  k = len(plan_lib.half_classes(halves, run.split, run.target))
-  model_epoch = sizes(sub, halves)[(run.split, run.target)][0]
-  mean, std = data_lib.channel_stats(train_ds.images)
-  probe = estimate.probe(make(k), sub.train_config(),
-                         trainer.to_device(train_ds, test_ds, mean, std),
+  k = len(first.classes(run))
+  model_epoch = first.sizes[(run.split, run.target)][0]
+  probe = estimate.probe(first.make(k), context.train_config(first.config, options),
+                         trainer.to_device(data.train, data.test, data.mean, data.std),
                          k=mesh.size if member_map == 'map' else len(largest.runs),
                          n_train=model_epoch, mesh=mesh, member_map=member_map)
   lines = [
       f'dry run of study {config.hash()}: nothing trained, nothing written',
-      f'data: {len(train_ds):,} train / {len(test_ds):,} test images, '
-      f'{len(train_ds.class_names)} classes; {mesh.size} {jax.default_backend()} device(s), '
+      f'data: {len(data.train):,} train / {len(data.test):,} test images, '
+      f'{len(data.train.class_names)} classes; {mesh.size} {jax.default_backend()} device(s), '
       f'members under {member_map}'
   ]
   total, n_models = 0.0, 0
-  for folder, sub, halves, make, _, stacks in planned:
+  for folder, study in planned.items():
     sub_workdir = Workdir(workdir.file(folder)) if workdir is not None and folder else workdir
-    costs = []
-    for stack, macs, n_train, n_test, once in stack_shapes(stacks, make, halves, sizes(sub, halves),
-                                                           train_ds.images.shape[1:],
-                                                           options.feature_budget_mb):
-      costs.append(
-          estimate.stack_cost(
-              stack.name, len(stack.runs), len(stack.structure.frozen_layers), macs,
-              epochs=sub.epochs, train_images=n_train, test_images=n_test, probe_=probe,
-              done=sub_workdir is not None and os.path.exists(sub_workdir.rows_file(stack)),
-              prefix_once=once))
+    done = lambda stack: sub_workdir is not None and os.path.exists(sub_workdir.rows_file(stack))
+    costs = [
+        estimate.stack_cost(shape, epochs=study.config.epochs, probe_=probe, done=done(stack))
+        for stack, shape in zip(study.stacks, stack_shapes(study, options.feature_budget_mb))
+    ]
     if folder:
       lines.append(f'sweep study {folder}:')
-    lines += estimate.render_stacks(costs, sub.epochs)
+    lines += estimate.render_stacks(costs, study.config.epochs)
     total += estimate.total_seconds(costs)
     n_models += sum(c.k for c in costs)
   lines += estimate.render_probe(probe, model_epoch)
@@ -359,18 +373,20 @@ def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder
   return '\n'.join(lines)
 
 
-def _row(config: StudyConfig, halves, run: Run, structure: trainer.Structure, test_acc, train_acc,
-         loss, seconds, finite: bool) -> dict:
-  return {
-      **plan_lib.planned_row(config, run, halves),
-      'batchnorm': structure.batchnorm,
-      'test_accuracy': float(test_acc),
-      'train_accuracy': float(train_acc),
-      'final_loss': float(loss),
+def _rows(study: Study, stack: Stack, result: trainer.StackResult) -> list[dict]:
+  """The result rows of a stack just trained, one per member."""
+  finite = _finite_members(result.variables)
+  seconds = result.seconds / len(stack.runs)
+  return [{
+      **plan_lib.planned_row(study.config, run, study.halves),
+      'batchnorm': stack.structure.batchnorm,
+      'test_accuracy': float(result.test_accuracy[j]),
+      'train_accuracy': float(result.train_accuracy[j]),
+      'final_loss': float(result.train_loss[j]),
       'wall_seconds': round(float(seconds), 3),
-      'config_hash': config.hash(),
-      'diverged': rows_lib.is_diverged(float(loss), bool(finite)),
-  }
+      'config_hash': study.config.hash(),
+      'diverged': rows_lib.is_diverged(float(result.train_loss[j]), bool(finite[j])),
+  } for j, run in enumerate(stack.runs)]
 
 
 def stack_members(runs: Sequence[Run], classes: Sequence[Sequence[int]], train_labels: np.ndarray,

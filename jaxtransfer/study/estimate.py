@@ -125,20 +125,31 @@ def member_flops_per_image(macs: Sequence[int], frozen: int,
   return per_image - prefix, forward - prefix, prefix
 
 
-def stack_cost(name: str, k: int, frozen: int, macs: Sequence[int], *, epochs: int,
-               train_images: int, test_images: int, probe_: Probe, done: bool,
-               prefix_once: bool = False) -> StackCost:
-  """A stack's FLOPs and estimated seconds (the time model above). `prefix_once`: the frozen
-  prefix's output is computed once (`features`), so the steps skip its forward pass."""
-  per_image, forward, prefix = member_flops_per_image(macs, frozen, prefix_once)
-  once = (train_images + test_images) * prefix
-  slots = math.ceil(k / probe_.devices)
-  seconds = probe_.overhead + probe_.seconds_per_flop * slots * (epochs * train_images * per_image +
-                                                                 test_images * forward + once)
-  return StackCost(name, k,
-                   len(macs) - frozen, len(macs), train_images, test_images, per_image,
-                   float(k) * epochs * train_images * per_image,
-                   float(k) * test_images * forward, seconds, done)
+class StackShape(NamedTuple):
+  """What a stack's cost follows from (`driver.stack_shapes`)."""
+
+  name: str
+  k: int  # members
+  frozen: int  # frozen layers, of `macs`
+  macs: Sequence[int]  # per layer of its model (`flops.layer_macs`)
+  train_images: int  # per member and epoch
+  test_images: int  # per member
+  prefix_once: bool = False  # the frozen prefix's output computed once (`features`)
+
+
+def stack_cost(shape: StackShape, *, epochs: int, probe_: Probe, done: bool) -> StackCost:
+  """A stack's FLOPs and estimated seconds (the time model above). With `shape.prefix_once` the
+  steps skip the frozen prefix's forward pass, computed once per image instead."""
+  per_image, forward, prefix = member_flops_per_image(shape.macs, shape.frozen, shape.prefix_once)
+  once = (shape.train_images + shape.test_images) * prefix
+  slots = math.ceil(shape.k / probe_.devices)
+  seconds = probe_.overhead + probe_.seconds_per_flop * slots * (
+      epochs * shape.train_images * per_image + shape.test_images * forward + once)
+  return StackCost(shape.name, shape.k,
+                   len(shape.macs) - shape.frozen, len(shape.macs), shape.train_images,
+                   shape.test_images, per_image,
+                   float(shape.k) * epochs * shape.train_images * per_image,
+                   float(shape.k) * shape.test_images * forward, seconds, done)
 
 
 def format_flops(x: float) -> str:

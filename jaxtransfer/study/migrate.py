@@ -16,10 +16,10 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from jaxtransfer import config as config_lib
 from jaxtransfer.data import imagefolder
-from jaxtransfer import files
 from jaxtransfer.analysis import rows as rows_lib
-from jaxtransfer.study import plan as plan_lib
+from jaxtransfer import files
 
 LEGACY_FIELD = 'image_folder'
 STUDY = 'study.json'
@@ -37,7 +37,7 @@ def migrated(record: dict, fingerprint: str) -> dict:
   old = {'config_hash_before_migration': record['config_hash']} if 'config_hash' in record else {}
   return {
       **record, 'config': config,
-      'config_hash': plan_lib.config_hash(plan_lib.with_defaults(config)), **old
+      'config_hash': config_lib.config_hash(config_lib.with_defaults(config)), **old
   }
 
 

@@ -8,51 +8,53 @@ independently trained base nets: where it falls, the features stop being general
 
 from __future__ import annotations
 
-from typing import AbstractSet, Callable, Sequence
+from typing import AbstractSet, Sequence
 
 import numpy as np
 
-from jaxtransfer import files
+from jaxtransfer import conditions
 from jaxtransfer.analysis import cka, plots
 from jaxtransfer.analysis import rows as rows_lib
-from jaxtransfer import conditions
+from jaxtransfer import files
 from jaxtransfer.data import datasets
-from jaxtransfer.study import plan as plan_lib
 from jaxtransfer.data import splits as splits_lib
-from jaxtransfer.study.plan import Run, Stack, StudyConfig
+from jaxtransfer.study import plan as plan_lib
+from jaxtransfer.study.context import Study
+from jaxtransfer.study.plan import Run
 from jaxtransfer.study.workdir import Workdir
 
 OTHER_BASE = 'other base'
 DATA_FILE = 'cka.json'
 
 
-def write(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], halves, make: Callable,
-          layer_names: Sequence[str], test_ds, mean, std,
+def write(study: Study, workdir: Workdir, test_ds, mean, std,
           exclude: AbstractSet[tuple] = frozenset()) -> list[str]:
   """figures/cka.json (every model's per-layer CKA, the data) and figures/cka.{png,pdf} (their
-  means) for the study in `workdir`; returns the figure paths. Runs in `exclude` (run ids:
-  diverged models) are left out, and so are the models paired with such a base."""
-  records = measure(config, workdir, stacks, halves, make, test_ds, mean, std, exclude)
-  files.write_json(workdir.file('figures', DATA_FILE),
-                   {'layers': list(layer_names), 'records': records})
-  return draw(records, list(layer_names), config.conditions, config.depths,
+  means) for `study` in `workdir`, on its test images `test_ds` normalised by `mean` and `std`;
+  returns the figure paths. Runs in `exclude` (run ids: diverged models) are left out, and so
+  are the models paired with such a base."""
+  records = measure(study, workdir, test_ds, mean, std, exclude)
+  layers = list(study.layer_names)
+  files.write_json(workdir.file('figures', DATA_FILE), {'layers': layers, 'records': records})
+  return draw(records, layers, study.config.conditions, study.config.depths,
               workdir.file('figures', 'cka'))
 
 
-def measure(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], halves, make: Callable,
-            test_ds, mean, std, exclude: AbstractSet[tuple] = frozenset()) -> list[dict]:
+def measure(study: Study, workdir: Workdir, test_ds, mean, std,
+            exclude: AbstractSet[tuple] = frozenset()) -> list[dict]:
   """One record per model and row of the figure: its run's identity, the row label and the
   per-layer CKA with its target half's base net."""
-  per_class = max(1, config.cka_images // len(halves[0][1]))
+  halves, make = study.halves, study.make
+  per_class = max(1, study.config.cka_images // len(halves[0][1]))
   features = {}  # (split, target) -> normalised test images
-  for s in sorted({r.split for stack in stacks for r in stack.runs}):
+  for s in sorted({r.split for stack in study.stacks for r in stack.runs}):
     for t, classes in zip('AB', halves[s]):
       idx = splits_lib.class_indices(test_ds.labels, classes)
       idx = np.concatenate([idx[test_ds.labels[idx] == c][:per_class] for c in classes])
       features[(s, t)] = np.asarray(datasets.normalize(test_ds.images[idx], mean, std))
   nets = {
       run: v
-      for run, v in workdir.members(stacks).items()
+      for run, v in workdir.members(study.stacks).items()
       if rows_lib.run_id(plan_lib.run_fields(run)) not in exclude
   }
   base = conditions.BASE.name
@@ -63,7 +65,7 @@ def measure(config: StudyConfig, workdir: Workdir, stacks: Sequence[Stack], halv
     base_of = lambda half: nets.get(Run(run.split, half, base, 0, run.seed))
     if run.condition == base or base_of(run.target) is None:
       continue
-    model = make(len(plan_lib.half_classes(halves, run.split, run.target)))
+    model = make(len(study.classes(run)))
     images = features[(run.split, run.target)]
     reference = cka.layer_features(model, base_of(run.target), images)
     other = 'A' if run.target == 'B' else 'B'

@@ -32,9 +32,12 @@ from typing import Callable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
-from jaxtransfer.study import plan as plan_lib
-from jaxtransfer import errors, files
+from jaxtransfer import config as config_lib
+from jaxtransfer import errors
 from jaxtransfer.analysis import rows as rows_lib
+from jaxtransfer import files
+from jaxtransfer.study import context
+from jaxtransfer.study import plan as plan_lib
 
 METRICS = 'metrics.jsonl'
 LOCK = 'lock'
@@ -63,10 +66,10 @@ class Corrupt(StateError):
 
 @dataclasses.dataclass(frozen=True)
 class StudyRecord:
-  """A study.json, checked: the config as recorded (fields added since at their defaults), the
+  """A study.json, checked: the config as today's code records it (`config.with_defaults`), the
   same config validated, and the dataset's class names."""
   recorded: dict
-  config: plan_lib.StudyConfig
+  config: config_lib.StudyConfig
   class_names: tuple[str, ...]
 
 
@@ -75,11 +78,11 @@ def read_study(path: str) -> StudyRecord:
   record = rows_lib.read_json(path)
   if not isinstance(record, dict) or not isinstance(record.get('config'), dict):
     raise StateError(f'{path} is not a study record (expected an object with a "config")')
-  config = plan_lib.from_json(record['config'], path)
+  config = context.from_json(record['config'], path)
   names = record.get('class_names', [])
   if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
     raise StateError(f'{path}: "class_names" must be a list of strings')
-  return StudyRecord(plan_lib.with_defaults(record['config']), config, tuple(names))
+  return StudyRecord(config_lib.with_defaults(record['config']), config, tuple(names))
 
 
 def digest(variables) -> dict[str, str]:
@@ -147,18 +150,18 @@ class Workdir:
     meta = self.file('study.json')
     return read_study(meta) if os.path.exists(meta) else None
 
-  def check(self, config: plan_lib.StudyConfig) -> None:
+  def check(self, config: config_lib.StudyConfig) -> None:
     """Refuse a workdir that holds a study with other flags (no mixing of studies)."""
     record = self.study()
     if record is not None:
-      old, new = record.recorded, config.to_json()
-      diff = plan_lib.differing(old, new)
+      old, new = config_lib.complete(record.recorded), config_lib.complete(config.to_json())
+      diff = config_lib.differing(old, new)
       if diff:
         changes = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff)
         raise ValueError(f'workdir {self.path} holds a study with other flags ({changes}); '
                          'use a new --workdir')
 
-  def claim(self, config: plan_lib.StudyConfig, class_names: Sequence[str] = ()) -> None:
+  def claim(self, config: config_lib.StudyConfig, class_names: Sequence[str] = ()) -> None:
     """Record `config` as this workdir's study (after `check`), with the dataset's class names
     so that the results can be read (and pooled) without the data."""
     self.check(config)

@@ -21,9 +21,6 @@ from jaxtransfer.data import datasets as data_lib
 from jaxtransfer.nets import modelspec
 from jaxtransfer.train import trainer
 
-# Features of one stack (every member's train and test images) above this stay uncomputed: for
-# the seed's net and K = 4 this caches n >= 2 (n = 1 would need 3.9 GB).
-DEFAULT_BUDGET_MB = 2048
 _BATCH = 1000
 
 

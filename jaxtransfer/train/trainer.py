@@ -28,27 +28,27 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxtransfer import transfer
+from jaxtransfer import config as config_lib, transfer
+from jaxtransfer.config import MEMBER_MAPS, OPTIMIZERS  # MEMBER_MAPS: see _over_members
 from jaxtransfer.data.datasets import normalize
 
 PyTree = Any
 MODEL_AXIS = 'models'
-OPTIMIZERS = ('adam', 'sgd')
 INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
-MEMBER_MAPS = ('auto', 'map', 'vmap')  # how members run inside a device: see _over_members
+_STUDY, _RUN = config_lib.StudyConfig(), config_lib.RunOptions()
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Optimisation hyper-parameters shared by a stack."""
+  """Optimisation hyper-parameters shared by a stack (by default, a default study's)."""
 
-  epochs: int = 10
-  batch_size: int = 64
-  optimizer: str = 'adam'  # one of OPTIMIZERS: 'adam' (AdamW) | 'sgd' (with momentum)
-  learning_rate: float = 1e-3
-  weight_decay: float = 0.0
-  momentum: float = 0.9
-  eval_batch_size: int = 1000
+  epochs: int = _STUDY.epochs
+  batch_size: int = _STUDY.batch_size
+  optimizer: str = _STUDY.optimizer  # one of OPTIMIZERS: 'adam' (AdamW) | 'sgd' (with momentum)
+  learning_rate: float = _STUDY.learning_rate
+  weight_decay: float = _STUDY.weight_decay
+  momentum: float = _STUDY.momentum  # sgd's
+  eval_batch_size: int = _RUN.eval_batch_size
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtransfer import config
-from jaxtransfer.config import DEFAULT_CACHE_DIR
+from jaxtransfer.config import DEFAULT_CACHE_DIR, TFDS_NAMES
 from jaxtransfer import files
 from jaxtransfer.data import cifar, imagefolder, types
 from jaxtransfer.data.types import ArrayDataset, DataError
@@ -141,20 +140,20 @@ def load(
     return _cached(
         path, lambda: imagefolder.folder_split(splits, split, imagefolder.folder_class_names(
             splits), num_workers=None))
-  if dataset not in config.TFDS_NAMES:
+  if dataset not in TFDS_NAMES:
     raise DataError(f'unknown dataset {dataset!r}, expected one of '
-                    f'{sorted(config.TFDS_NAMES)} or an image_folder')
+                    f'{sorted(TFDS_NAMES)} or an image_folder')
   config = 'download' if manual_dir is None else 'manual'
   data_dir = os.path.abspath(os.path.expanduser(data_dir or _default_tfds_data_dir()))
   fingerprint = types.fingerprint({
       'format': types.CACHE_FORMAT,
       'kind': 'tfds',
-      'name': config.TFDS_NAMES[dataset],
+      'name': TFDS_NAMES[dataset],
       'config': config,
       'version': cifar.BUILDER_VERSION,
       'data_dir': data_dir,
   })
-  path = _cache_file(cache_dir, config.TFDS_NAMES[dataset], split, fingerprint)
+  path = _cache_file(cache_dir, TFDS_NAMES[dataset], split, fingerprint)
   return _cached(path, lambda: _load_tfds(dataset, config, split, data_dir, manual_dir))
 
 

@@ -5,8 +5,10 @@ r"""Prints finished studies' difference-from-base tables side by side, as one ma
 
 Each argument is a study folder holding results.csv, optionally `=LABEL`; a label is appended to
 that study's column names. Each study is paired against its own base nets. When every study has
-AnB and BnB, a second table gives AnB − BnB (specificity) per study and each later study minus
-the first, with Welch's 95% interval (different studies share no nets to pair on).
+AnB and BnB, a second table gives AnB − BnB (specificity) per study, clustered by split, and each
+later study minus the first: paired on (split, target, seed) when the two hold the same base nets
+(e.g. studies that differ only in a flag the base nets never see), else Welch's 95% interval; the
+lines under the table say which.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def table(studies: list[tuple[str, str]]) -> str:
   text = '\n'.join(bases) + '\n\n' + report.relative_table(columns)
   specific = (ANB.name, BNB.name)
   if len(studies) > 1 and all(set(specific) <= conditions for _, _, conditions in contrasts):
-    text += ('\n\nSpecificity, paired within each study; each later study minus the first with '
-             "Welch's 95% interval:\n\n" +
+    text += ('\n\nSpecificity, paired within each study and clustered by split; each later study '
+             'minus the first, paired where the two share their base nets, else Welch:\n\n' +
              report.contrast_table([(label, rows) for label, rows, _ in contrasts], *specific))
   return text
 

@@ -29,9 +29,11 @@ def test_relative_table_pairs_each_column_with_its_own_base_nets(tmp_path):
 
 def test_compare_tests_the_specificity_of_a_second_study_against_the_first(tmp_path):
   from experiments import compare
+  from scipy import stats as scipy_stats
 
   # AnB is 0.02 below BnB in the first study and 0.05 below in the second (with some spread):
-  # each study's column pairs within it, the last column is their difference (Welch).
+  # each study's column pairs within it and clusters by split; the two share their base nets
+  # (ROWS), so the last column pairs them on the run identity.
   def study(drop, spread):
     anb = [
         dict(r, condition='AnB', test_accuracy=r['test_accuracy'] - drop + spread * (i % 3 - 1))
@@ -43,14 +45,17 @@ def test_compare_tests_the_specificity_of_a_second_study_against_the_first(tmp_p
   rows_lib.write(str(tmp_path / 'one'), first)
   rows_lib.write(str(tmp_path / 'two'), second)
   text = compare.table([(str(tmp_path / 'one'), ''), (str(tmp_path / 'two'), 'two')])
-  a, b = stats.paired(first, 'AnB', 'BnB', 1), stats.paired(second, 'AnB', 'BnB', 1)
-  assert len(a) == len(b) == 6
-  mean, half = stats.welch_ci(b, a)
-  assert mean == pytest.approx(-0.03)
-  assert '| n | AnB − BnB | AnB − BnB (two) | two − first study |' in text
-  assert (f'| 1 | {np.mean(a):+.3f} ± {stats.mean_ci(a)[1]:.3f} (n=6) | '
-          f'{np.mean(b):+.3f} ± {stats.mean_ci(b)[1]:.3f} (n=6) | '
-          f'{mean:+.3f} ± {half:.3f} (below) |') in text
+  # Rows s0A, s0B, s1A, ... get spread offsets -1, 0, 1, -1, 0, 1: split means -0.5, 0, 0.5.
+  offsets = np.array([-0.5, 0, 0.5])
+
+  def cell(values):
+    half = scipy_stats.t.ppf(0.975, 2) * np.std(values, ddof=1) / np.sqrt(3)  # df = 3 splits - 1
+    return f'{np.mean(values):+.3f} ± {half:.3f} (n=3)'
+
+  assert '| n | AnB − BnB | AnB − BnB (two) | two − first study (paired, Holm ×1) |' in text
+  assert (f'| 1 | {cell(-0.02 + 0.001 * offsets)} | {cell(-0.05 + 0.004 * offsets)} | '
+          f'{cell(-0.03 + 0.003 * offsets)} (below 0) |') in text
+  assert '- two − first study: paired on (split, target, seed)' in text
   # Without AnB in every study there is nothing to contrast.
   assert 'Specificity' not in compare.table([(str(tmp_path / 'one'), '')])
 

@@ -2,13 +2,15 @@
 (numpy and scipy here, not the module's own helpers): the four verdicts, Holm at the margin,
 clustering by split, the prediction interval, paired vs Welch between studies, small n."""
 
+import os
+
 import numpy as np
 import pytest
 from scipy import stats
 
 from jaxtransfer.analysis import report, verdicts
 from jaxtransfer.analysis import rows as rows_lib
-from tests.conftest import row
+from tests.conftest import ROOT, row
 
 # Standardised offsets: mean 0, sample standard deviation 1, for any length.
 z = lambda k: (np.arange(k) - (k - 1) / 2) / np.std(np.arange(k), ddof=1)
@@ -234,3 +236,9 @@ def test_report_renders_the_rule_table_and_variance_components():
   assert f'| between splits | {100 * expected[0]:.2f} (df 4) |' in text
   # One seed per unit: no such table.
   assert '### Where the spread comes from' not in report.render(study({1: effect}), PROTOCOL)
+
+
+def test_the_readme_states_the_rule_the_code_applies():
+  """The rule is written once in code and quoted verbatim in the README: they cannot drift."""
+  with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+    assert verdicts.RULE in f.read()

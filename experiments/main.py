@@ -157,12 +157,16 @@ def initialize_distributed() -> None:
 
   def expire() -> None:
     if not done.wait(timeout):
-      where = f'the coordinator at {address}' if address else 'the auto-detected coordinator'
-      print(
-          f'error: process {FLAGS.process_id if FLAGS.process_id is not None else "?"} '
-          f'could not meet every process of the run at {where} within {timeout} s '
-          '(--coordinator_timeout): start process 0 there and the same command, with the same '
-          '--coordinator_address and --num_processes, on every host', file=sys.stderr, flush=True)
+      where = f'at {address}' if address else 'at the auto-detected coordinator'
+      if FLAGS.process_id == 0:
+        line = (f'process 0 did not meet the other processes {where} within {timeout} s '
+                '(--coordinator_timeout): start the same command on every host, and name this '
+                'host in --coordinator_address')
+      else:
+        line = (f'process {"?" if FLAGS.process_id is None else FLAGS.process_id} did not meet '
+                f'process 0 {where} within {timeout} s (--coordinator_timeout): start process 0 '
+                'on that host, and the same command on every host')
+      print(f'error: {line}', file=sys.stderr, flush=True)
       os._exit(2)  # JAX's connect cannot be interrupted
 
   threading.Thread(target=expire, daemon=True).start()

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import sys
 import tempfile
+import threading
 
 from absl import app, flags, logging
 
@@ -70,6 +72,14 @@ flags.DEFINE_bool(
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (with --distributed).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (with --distributed).')
 flags.DEFINE_integer('process_id', None, 'This process\'s index (with --distributed).')
+flags.DEFINE_integer(
+    'coordinator_timeout', 60, 'Seconds (with --distributed) for every process to reach the '
+    'coordinator: then each one that has not fails with one line instead of waiting on.')
+CLUSTER_FLAGS = ('coordinator_address', 'num_processes', 'process_id', 'coordinator_timeout')
+# What JAX's errors say when a collective's peer is gone: gloo's connections and the
+# coordination service's RPCs.
+LOST_PEER_SIGNS = ('Gloo', 'gloo', 'Connection reset', 'Connection closed', 'Broken pipe',
+                   'CoordinationService', 'DEADLINE_EXCEEDED', 'UNAVAILABLE')
 flags.mark_flag_as_required('workdir')
 
 
@@ -111,19 +121,104 @@ def set_cpu_devices() -> None:
     pass
 
 
+def check_cluster_flags() -> None:
+  """Cluster flags only mean something with --distributed: refuse them without it."""
+  given = [f'--{name}' for name in CLUSTER_FLAGS if FLAGS[name].present]
+  if given and not FLAGS.distributed:
+    raise ValueError(f'{", ".join(given)} only apply with --distributed: add --distributed to '
+                     'run on several processes, or drop them')
+
+
+def check_coordinator(address: str) -> None:
+  """A malformed or unresolvable --coordinator_address, refused at once rather than waited on."""
+  host, _, port = address.rpartition(':')
+  host = host.strip('[]')
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ValueError(f'--coordinator_address={address} is not host:port with a port in 1-65535')
+  try:
+    socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+  except socket.gaierror as e:
+    raise ValueError(f'--coordinator_address={address}: host {host!r} cannot be resolved '
+                     f'({e.strerror}); name the host of process 0') from None
+
+
+def initialize_distributed() -> None:
+  """jax.distributed.initialize within --coordinator_timeout: a process that has not reached
+  the coordinator (and every peer) by then prints one line and exits, instead of JAX's own
+  wait and abort. CPU hosts use gloo collectives."""
+  import jax
+  address, timeout = FLAGS.coordinator_address, FLAGS.coordinator_timeout
+  if timeout <= 0:
+    raise ValueError(f'--coordinator_timeout must be positive, not {timeout}')
+  if address:
+    check_coordinator(address)
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts; else unused
+  done = threading.Event()
+
+  def expire() -> None:
+    if not done.wait(timeout):
+      where = f'at {address}' if address else 'at the auto-detected coordinator'
+      if FLAGS.process_id == 0:
+        line = (f'process 0 did not meet the other processes {where} within {timeout} s '
+                '(--coordinator_timeout): start the same command on every host, and name this '
+                'host in --coordinator_address')
+      else:
+        line = (f'process {"?" if FLAGS.process_id is None else FLAGS.process_id} did not meet '
+                f'process 0 {where} within {timeout} s (--coordinator_timeout): start process 0 '
+                'on that host, and the same command on every host')
+      print(f'error: {line}', file=sys.stderr, flush=True)
+      os._exit(2)  # JAX's connect cannot be interrupted
+
+  threading.Thread(target=expire, daemon=True).start()
+  # JAX's own limit is later than ours, so that the line above is what a user sees.
+  jax.distributed.initialize(address, FLAGS.num_processes, FLAGS.process_id,
+                             initialization_timeout=timeout + 30)
+  done.set()
+
+
+def check_same_study(config: config_lib.StudyConfig) -> None:
+  """Every process of a distributed run must run the same study: each compares every process's
+  config hash right after initialize, so all refuse a mismatch with the same line."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+  mine = np.frombuffer(config.hash().encode(), np.uint8)
+  hashes = [bytes(h).decode() for h in multihost_utils.process_allgather(mine)]
+  if len(set(hashes)) > 1:
+    given = ', '.join(f'process {i}: study {h}' for i, h in enumerate(hashes))
+    raise ValueError(f'the {jax.process_count()} processes were given different study flags '
+                     f'({given}); run the same command on every host')
+
+
+def lost_peer(error: BaseException) -> str | None:
+  """The error a lost process causes in a collective (training, a barrier, the config check),
+  as one line naming it; None for any other error. Asking the coordination service which
+  process is gone would take an RPC that a lost coordinator answers by aborting this process,
+  so with more than two processes the line names the candidates."""
+  import jax
+  text = str(error)
+  if jax.process_count() < 2 or not any(s in text for s in LOST_PEER_SIGNS):
+    return None
+  others = [str(i) for i in range(jax.process_count()) if i != jax.process_index()]
+  who = f'process {others[0]}' if len(others) == 1 else f'one of processes {", ".join(others)}'
+  from jaxtransfer import errors
+  return (f'lost contact with {who} ({errors.one_line(error)[:200]}): the run stopped; rerun '
+          'the same command on every host to resume')
+
+
 def run(progress: Progress) -> str:
   """The whole study for the parsed flags; returns the report path."""
   # A bad config is refused here, before JAX starts and before the workdir is made; the study
   # the workdir holds is checked under its lock.
   config, options = config_from_flags(), from_flags(config_lib.RunOptions)
-  check_writable(FLAGS.workdir)
-  workdir = Workdir(FLAGS.workdir)
   enable_compilation_cache()
   set_cpu_devices()
   if FLAGS.distributed:
-    import jax
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts; else unused
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    initialize_distributed()
+    check_same_study(config)
+  workdir = Workdir(FLAGS.workdir)
+  if workdir.writer:  # the other processes of a distributed run write nothing there
+    check_writable(FLAGS.workdir)
   run_fn = campaigns.run_sweep if config.sweep else driver.run
   return run_fn(config, workdir, image_folder=FLAGS.image_folder, options=options,
                 progress=progress)
@@ -145,6 +240,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   progress = Progress(None if FLAGS.quiet else sys.stderr)
   try:
+    check_cluster_flags()
     if FLAGS.dry_run:
       print(dry_run(), flush=True)
       return
@@ -152,6 +248,12 @@ def main(argv):
   except (ValueError, OSError) as e:  # ConfigError, DataError, StateError, RowsError, ...
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except Exception as e:  # pylint: disable=broad-except
+    lost = FLAGS.distributed and lost_peer(e)
+    if not lost:
+      raise
+    print(f'error: {lost}', file=sys.stderr, flush=True)
+    os._exit(3)  # not sys.exit: JAX's shutdown would wait on the lost process, then abort
   progress.log(f'done: {report}')
 
 

@@ -116,7 +116,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     raise OSError(28, 'No space left on device')
 
   with monkeypatch.context() as patch:
-    patch.setattr(ocp.PyTreeCheckpointer, 'save', full_disk)
+    patch.setattr(ocp.Checkpointer, 'save', full_disk)
     with pytest.raises(workdir_lib.StateError,
                        match=r'cannot save checkpoint .*/checkpoints/s: .*No space left'):
       workdir.save(stack, second, [])

@@ -40,14 +40,17 @@ def _sweep_locked(config: StudyConfig, workdir: Workdir, param: str, values: Seq
   workdir.claim(config)
   rows_by_value = {}
   for value, (folder, sub_config) in zip(values, config_lib.sweep_studies(config)):
-    sub = Workdir(workdir.file(folder))
+    sub = Workdir(workdir.file(folder), writer=workdir.writer)
     sub.check(sub_config)
     progress.log(f'sweep {param}={value}')
     driver.run(sub_config, sub, progress=progress, **kwargs)
-    rows_by_value[value] = rows_lib.read_csv(sub.file('results.csv'))
+    if workdir.writer:  # the others write no results.csv to read
+      rows_by_value[value] = rows_lib.read_csv(sub.file('results.csv'))
+  path = workdir.file('sweep.md')
+  if not workdir.writer:
+    return path
   summary = report.sweep_summary(rows_by_value)
   figures = plots.sweep_figure(summary, param, workdir.file('figures', f'sweep_{param}'))
-  path = workdir.file('sweep.md')
   files.write_text(
       path, report.render_sweep(summary, param,
                                 [os.path.relpath(f, workdir.path) for f in figures]))

@@ -62,8 +62,10 @@ def resolve(config: StudyConfig, *, image_folder: str | None = None,
 
 def prepare(config: StudyConfig, workdir: Workdir, image_folder: str | None = None) -> StudyConfig:
   """Make sure `workdir` is new or holds the (`resolve`d) study `config`: a record that named
-  this very image folder by path is migrated (`migrate.adopt`); nothing else is written."""
-  migrate.adopt(workdir.path, image_folder, config.data_fingerprint)
+  this very image folder by path is migrated (`migrate.adopt`, by the workdir's writer, before
+  any process checks it); nothing else is written."""
+  migrate.adopt(workdir.path, image_folder, config.data_fingerprint, write=workdir.writer)
+  workdir.sync('prepared')
   workdir.check(config)
   return config
 
@@ -105,7 +107,10 @@ def _summary(study: Study, data: Data, member_map: str) -> str:
 
 def _write_outputs(study: Study, workdir: Workdir, rows: list[dict], data: Data,
                    notes: Sequence[str]) -> str:
-  """results, figures and report.md from every stack's rows; returns the report's path."""
+  """results, figures and report.md from every stack's rows; returns the report's path. Only
+  the workdir's writer derives them: they hold nothing the training of another process needs."""
+  if not workdir.writer:
+    return workdir.file('report.md')
   rows_lib.write(workdir.path, rows)
   paths = plots.write_all(rows, workdir.path)
   diverged = [r for r in rows if r['diverged']]

@@ -72,9 +72,10 @@ def migrate(workdir: str, image_folder: str) -> str:
   return fingerprint
 
 
-def adopt(workdir: str, image_folder: str | None, fingerprint: str) -> bool:
+def adopt(workdir: str, image_folder: str | None, fingerprint: str, write: bool = True) -> bool:
   """Before a study resumes in `workdir`: migrate a record of `image_folder`'s own path (the
-  data of `fingerprint`); refuse one of another path, naming the command. True if migrated."""
+  data of `fingerprint`); refuse one of another path, naming the command. True if migrated (or,
+  without `write`, for a process that only reads the workdir, if it is to be)."""
   record = _read(workdir)
   path = legacy_path(record or {})
   if not path:
@@ -82,7 +83,8 @@ def adopt(workdir: str, image_folder: str | None, fingerprint: str) -> bool:
   if image_folder is None or os.path.abspath(image_folder) != path:
     raise ValueError(f'{workdir} records its image folder by path ({path}), not by content: if '
                      f'that data is now elsewhere, run {command(workdir)} first')
-  files.write_json(os.path.join(workdir, STUDY), migrated(record, fingerprint))
+  if write:
+    files.write_json(os.path.join(workdir, STUDY), migrated(record, fingerprint))
   return True
 
 

@@ -113,10 +113,15 @@ def _quiet_closed_loop() -> None:
   sys.unraisablehook = hook
 
 
-def _primary() -> bool:
-  """Whether this process writes shared files: the first of a distributed run (every process
-  computes the same values)."""
-  return jax.process_index() == 0
+def _checkpointer():
+  """An orbax checkpointer for this process alone: in a distributed run the writer saves and
+  every process restores by itself, so no save or restore waits on a collective (orbax's own
+  default makes every process take part in both)."""
+  import orbax.checkpoint as ocp  # heavy import, only when a checkpoint is saved or read
+  me = jax.process_index()
+  options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=options),
+                          multiprocessing_options=options)
 
 
 def _barrier(name: str) -> None:
@@ -134,8 +139,22 @@ def _remove(path: str) -> None:
 
 class Workdir:
   """Layout: study.json, lock, stacks/<stack>.json (rows, written last), checkpoints/<stack>/."""
-  def __init__(self, path: str):
+  def __init__(self, path: str, writer: bool | None = None):
     self.path = path
+    self._writer = writer
+
+  @property
+  def writer(self) -> bool:
+    """Whether this process writes the workdir (its lock, study.json, rows files, checkpoints,
+    metrics and every derived file); by default the first process of a distributed run. The
+    others compute the same values, read what the writer wrote and write nothing, so every
+    shared file has one writer."""
+    return jax.process_index() == 0 if self._writer is None else self._writer
+
+  def sync(self, name: str) -> None:
+    """Wait until every process of a distributed run is here (after the writer wrote what the
+    others read next)."""
+    _barrier(f'{name}-{self.path}')
 
   def file(self, *parts: str) -> str:
     return os.path.join(self.path, *parts)
@@ -165,6 +184,8 @@ class Workdir:
     """Record `config` as this workdir's study (after `check`), with the dataset's class names
     so that the results can be read (and pooled) without the data."""
     self.check(config)
+    if not self.writer:
+      return
     os.makedirs(self.file('stacks'), exist_ok=True)
     meta = self.file('study.json')
     record = {'config': config.to_json(), 'config_hash': config.hash()}
@@ -182,7 +203,7 @@ class Workdir:
     file that is still there but unlocked was left by a run that died: `log` says whose, since
     its work is resumed now. Only the first process of a distributed run locks: the others are
     the same run."""
-    if not _primary():
+    if not self.writer:
       yield
       return
     os.makedirs(self.path, exist_ok=True)
@@ -221,7 +242,7 @@ class Workdir:
   def remove_leftovers(self) -> None:
     """Delete partial checkpoints of killed runs (call under the lock: then nobody writes)."""
     folder = self.file('checkpoints')
-    if _primary() and os.path.isdir(folder):
+    if self.writer and os.path.isdir(folder):
       for name in os.listdir(folder):
         if name.startswith(_PARTIAL) or _ORBAX_TMP in name:
           _remove(os.path.join(folder, name))
@@ -265,7 +286,7 @@ class Workdir:
     except rows_lib.RowsError as e:
       raise Corrupt(str(e), self._recovery(stack)) from None
     if sha is None:
-      if _primary():
+      if self.writer:
         files.write_json(path, {'rows': rows, DIGEST: digest(self._load(stack))})
         logging.info('%s: recorded the digest of %s', path, self.checkpoint(stack))
       _barrier(f'digest-{stack.name}')
@@ -275,7 +296,7 @@ class Workdir:
 
   def discard(self, stack: plan_lib.Stack) -> None:
     """Mark the stack unfinished (its rows file goes first), to be retrained."""
-    if _primary() and os.path.lexists(self.rows_file(stack)):
+    if self.writer and os.path.lexists(self.rows_file(stack)):
       os.remove(self.rows_file(stack))
     _barrier(f'discard-{stack.name}')
 
@@ -283,34 +304,31 @@ class Workdir:
     """Checkpoint into a temporary folder, swap it in, then write the rows with the digest of
     every array: the rows file marks the stack finished. A failure ends in one line, leaving
     what was there. A synchronous orbax checkpointer: the asynchronous one's background thread
-    held a failed save's process for minutes before it could exit."""
-    import orbax.checkpoint as ocp  # heavy import, only when something is saved
+    held a failed save's process for minutes before it could exit. Only the writer saves; the
+    others wait until it has."""
     final = self.checkpoint(stack)
     tmp = self.file('checkpoints', _PARTIAL[0] + stack.name)
     old = self.file('checkpoints', _PARTIAL[1] + stack.name)
-    if _primary():
+    if self.writer:
       _remove(tmp)
-    _barrier(f'save-{stack.name}')
-    try:
-      ocp.PyTreeCheckpointer().save(os.path.abspath(tmp), variables)
-      if _primary():
+      try:
+        _checkpointer().save(os.path.abspath(tmp), variables)
         if os.path.exists(final):  # left by a run killed before its rows were written
           files.replace(final, old)
         files.replace(tmp, final)
         _remove(old)
         files.write_json(self.rows_file(stack), {'rows': rows, DIGEST: digest(variables)})
-    except Exception as e:  # pylint: disable=broad-except
-      raise StateError(f'cannot save checkpoint {final}: {errors.one_line(e)}') from None
+      except Exception as e:  # pylint: disable=broad-except
+        raise StateError(f'cannot save checkpoint {final}: {errors.one_line(e)}') from None
     _barrier(f'saved-{stack.name}')
 
   def _load(self, stack: plan_lib.Stack):
     path = os.path.abspath(self.checkpoint(stack))
     if not os.path.isdir(path):
       raise Corrupt(f'checkpoint {path} is missing', self._recovery(stack))
-    import orbax.checkpoint as ocp
     _quiet_closed_loop()
     try:
-      return ocp.PyTreeCheckpointer().restore(path)
+      return _checkpointer().restore(path)
     except Exception as e:  # pylint: disable=broad-except
       raise Corrupt(f'checkpoint {path} cannot be read ({errors.one_line(e)})',
                     self._recovery(stack)) from None
@@ -347,6 +365,8 @@ class Workdir:
     """Append one JSON line per record. One write per call, and a call that finds the file
     ending mid-line (a killed writer) starts on a new line: a kill costs at most its own last
     line, which `read_metrics` skips."""
+    if not self.writer:
+      return
     text = ''.join(json.dumps(r, sort_keys=True) + '\n' for r in records)
     path = self.file(METRICS)
     with open(path, 'ab') as f:

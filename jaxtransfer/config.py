@@ -79,9 +79,9 @@ class StudyConfig:
       'cifar10', 'TFDS dataset name (our TF-free builder). Ignored when '
       '--image_folder is given.', tuple(TFDS_NAMES))
   data_fingerprint: str = _opt(
-      '', 'The identity of the data when --image_folder gives it (set from the folder: sha256 '
-      'over its class names, image paths relative to it and file sizes), so the study is the '
-      'same wherever the folder lies. Given, the folder must match it.')
+      '', "The identity of the data when --image_folder gives it (set from the folder: 'v2:' + "
+      'sha256 over its class names, image paths relative to it and the bytes of every image), '
+      'so the study is the same wherever the folder lies. Given, the folder must match it.')
   # Model.
   model: str = _opt(
       'final', "The network: the seed's 'initial' (8 convs of 3 filters, no pooling) or "

@@ -57,6 +57,10 @@ def resolve(config: StudyConfig, *, image_folder: str | None = None,
   fingerprint, shape = imagefolder.identify(image_folder) if image_folder else ('',
                                                                                 cifar.IMAGE_SHAPE)
   config = context.validate(config, model_fn=model_fn, image_shape=shape)
+  if image_folder and imagefolder.is_sizes_fingerprint(config.data_fingerprint):
+    config = dataclasses.replace(
+        config, data_fingerprint=migrate.recognised(config.data_fingerprint, image_folder,
+                                                    fingerprint))
   return config_lib.with_data(config, fingerprint)
 
 

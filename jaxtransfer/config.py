@@ -88,6 +88,12 @@ class StudyConfig:
       "'final' (3 conv-BN blocks + pools), or your own flax module as MODULE:ATTR or "
       'path/to/file.py:ATTR, ATTR(num_classes) returning it (contract: '
       'jaxtransfer/nets/modelspec.py).')
+  # Added without changing any study: the built-in nets have none, and so record none.
+  model_sha256: str = _opt(
+      '', 'sha256 of the source of a model of your own (set from it: the bytes of FILE.py for '
+      '--model=FILE.py:ATTR, of the module\'s source file for MODULE:ATTR), so that an edited '
+      'model is another study and a workdir refuses to resume with it. Given, the source must '
+      'match it. Empty for the built-in nets.', before='', implicit=True)
   widths: tuple[int, ...] = _opt(
       FINAL_WIDTHS, "Filters of the final net's three blocks; the "
       "default 8,16,32 gives the seed's 512 features into the head. Built-in nets only.")
@@ -286,6 +292,18 @@ def with_data(config: StudyConfig, fingerprint: str) -> StudyConfig:
     raise ConfigError(f'--image_folder holds other data ({fingerprint}) than '
                       f'--data_fingerprint {config.data_fingerprint}')
   return dataclasses.replace(config, data_fingerprint=fingerprint)
+
+
+def with_model_source(config: StudyConfig, digest: str) -> StudyConfig:
+  """`config` identified by its model's source too: `digest` is the sha256 of the source file of
+  a model of your own ('' for a built-in net, or a model without a source file)."""
+  if config.model_sha256 and not digest:
+    raise ConfigError(f'--model_sha256 names the source of a model of your own, and --model '
+                      f'{config.model} has none')
+  if config.model_sha256 and config.model_sha256 != digest:
+    raise ConfigError(f'--model {config.model}: its source has sha256 {digest}, not '
+                      f'--model_sha256 {config.model_sha256}')
+  return dataclasses.replace(config, model_sha256=digest)
 
 
 def parse_sweep(sweep: str) -> tuple[str, tuple[int, ...]]:

@@ -15,12 +15,16 @@ fingerprint as `data_fingerprint_before_migration`):
 - else by `python -m experiments.migrate_study WORKDIR... --image_folder=PATH`, with PATH the
   data wherever it is now (its class names, or its names and sizes, must be the recorded ones).
 
+A study of a model of your own recorded before its source's digest (`model_sha256`) was part of
+its identity adopts the digest of the model file when it resumes (`adopt_model`).
+
 Records of names and sizes keep reading and pooling with each other as they are (every
 published study's); a shard of that kind pools with one of today's only once migrated.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Sequence
 
@@ -157,3 +161,36 @@ def refuse_legacy(workdirs: Sequence[str]) -> None:
     if content and sizes_kind(record):
       raise ValueError(f'{workdir} names its data by names and sizes ({sizes_kind(record)}), '
                        f'{content[0]} by the bytes of its images: run {command(workdir)} first')
+
+
+def adopt_model(workdir: str, config: config_lib.StudyConfig) -> bool:
+  """Before a study of a model of your own resumes in `workdir`: a record of that model written
+  before model sources were digested adopts its source's digest (one log line; nothing to
+  compare it with); one whose model source changed since is refused in one line naming the file.
+  True if migrated."""
+  record = _read(workdir) or {}
+  recorded = record.get('config', {})
+  if not config.model_sha256 or recorded.get('model') != config.model:
+    return False  # a built-in net, or another study (`Workdir.check` names the difference)
+  before = recorded.get('model_sha256', '')
+  if before == config.model_sha256:
+    return False
+  from jaxtransfer.nets import modelspec  # flax: only for a model of your own
+  source = modelspec.source_file(config.model) or config.model
+  if before:
+    raise ValueError(f'--model {config.model}: {source} changed since {workdir} was started (its '
+                     f'sha256 is {config.model_sha256}, the study recorded {before}): restore '
+                     'it, or use a new --workdir for the edited model')
+  logging.warning('%s/%s recorded no digest of its model: adopting that of %s as it is now (%s)',
+                  workdir, STUDY, source, config.model_sha256)
+  config_now = {**recorded, 'model_sha256': config.model_sha256}
+  old = {}
+  if 'config_hash' in record:
+    old['config_hash_before_migration'] = record.get('config_hash_before_migration',
+                                                     record['config_hash'])
+  files.write_json(
+      os.path.join(workdir, STUDY), {
+          **record, 'config': config_now, 'config_hash': config_lib.config_hash(
+              config_lib.with_defaults(config_now)), **old
+      })
+  return True

@@ -312,3 +312,20 @@ def test_data_changed_under_a_study_is_refused(finished, image_folder, tmp_path,
   assert err.count('\n') == 1, err
   assert f'{changed} no longer holds the data {workdir} was started on' in err
   assert snapshot(workdir) == before
+
+
+def test_a_data_fingerprint_of_names_and_sizes_is_recognised_when_given(image_folder, tmp_path):
+  """--data_fingerprint of the earlier kind names the folder whose names and sizes give it: the
+  study is then identified by the folder's content fingerprint; other data is refused."""
+  from jaxtransfer.config import ConfigError, StudyConfig
+  from jaxtransfer.data import imagefolder
+  from jaxtransfer.study import driver
+  splits = imagefolder.scan_image_folder(image_folder)
+  sizes, content = imagefolder.sizes_fingerprint(splits), imagefolder.content_fingerprint(splits)
+  config = driver.resolve(StudyConfig(widths=(2, 2, 2), data_fingerprint=sizes),
+                          image_folder=image_folder)
+  assert config.data_fingerprint == content
+  wrong = sizes[:-1] + ('1' if sizes.endswith('0') else '0')
+  with pytest.raises(ConfigError, match=f'holds other data .{content}. than --data_fingerprint '
+                     f'{wrong}'):
+    driver.resolve(StudyConfig(widths=(2, 2, 2), data_fingerprint=wrong), image_folder=image_folder)

@@ -79,15 +79,21 @@ class StudyConfig:
       'cifar10', 'TFDS dataset name (our TF-free builder). Ignored when '
       '--image_folder is given.', tuple(TFDS_NAMES))
   data_fingerprint: str = _opt(
-      '', 'The identity of the data when --image_folder gives it (set from the folder: sha256 '
-      'over its class names, image paths relative to it and file sizes), so the study is the '
-      'same wherever the folder lies. Given, the folder must match it.')
+      '', "The identity of the data when --image_folder gives it (set from the folder: 'v2:' + "
+      'sha256 over its class names, image paths relative to it and the bytes of every image), '
+      'so the study is the same wherever the folder lies. Given, the folder must match it.')
   # Model.
   model: str = _opt(
       'final', "The network: the seed's 'initial' (8 convs of 3 filters, no pooling) or "
       "'final' (3 conv-BN blocks + pools), or your own flax module as MODULE:ATTR or "
       'path/to/file.py:ATTR, ATTR(num_classes) returning it (contract: '
       'jaxtransfer/nets/modelspec.py).')
+  # Added without changing any study: the built-in nets have none, and so record none.
+  model_sha256: str = _opt(
+      '', 'sha256 of the source of a model of your own (set from it: the bytes of FILE.py for '
+      '--model=FILE.py:ATTR, of the module\'s source file for MODULE:ATTR), so that an edited '
+      'model is another study and a workdir refuses to resume with it. Given, the source must '
+      'match it. Empty for the built-in nets.', before='', implicit=True)
   widths: tuple[int, ...] = _opt(
       FINAL_WIDTHS, "Filters of the final net's three blocks; the "
       "default 8,16,32 gives the seed's 512 features into the head. Built-in nets only.")
@@ -286,6 +292,18 @@ def with_data(config: StudyConfig, fingerprint: str) -> StudyConfig:
     raise ConfigError(f'--image_folder holds other data ({fingerprint}) than '
                       f'--data_fingerprint {config.data_fingerprint}')
   return dataclasses.replace(config, data_fingerprint=fingerprint)
+
+
+def with_model_source(config: StudyConfig, digest: str) -> StudyConfig:
+  """`config` identified by its model's source too: `digest` is the sha256 of the source file of
+  a model of your own ('' for a built-in net, or a model without a source file)."""
+  if config.model_sha256 and not digest:
+    raise ConfigError(f'--model_sha256 names the source of a model of your own, and --model '
+                      f'{config.model} has none')
+  if config.model_sha256 and config.model_sha256 != digest:
+    raise ConfigError(f'--model {config.model}: its source has sha256 {digest}, not '
+                      f'--model_sha256 {config.model_sha256}')
+  return dataclasses.replace(config, model_sha256=digest)
 
 
 def parse_sweep(sweep: str) -> tuple[str, tuple[int, ...]]:

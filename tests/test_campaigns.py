@@ -213,3 +213,119 @@ def test_bad_sweep(tmp_path, image_folder, capsys):
   assert run_cli(f'--image_folder={image_folder}', f'--workdir={tmp_path}',
                  '--sweep=learning_rate=1,2', '--quiet') == 2
   assert "PARAM one of ('epochs', 'train_per_class')" in capsys.readouterr().err
+
+
+def _sizes_record(finished: str, image_folder: str) -> tuple[dict, dict]:
+  """(the finished study's record, the same study as recorded before image bytes were hashed:
+  its data named by names and sizes, and its hash of then)."""
+  from jaxtransfer import config as config_lib
+  from jaxtransfer.data import imagefolder
+  record = json.load(open(os.path.join(finished, 'study.json')))
+  sizes = imagefolder.sizes_fingerprint(imagefolder.scan_image_folder(image_folder))
+  config = {**record['config'], 'data_fingerprint': sizes}
+  return record, {
+      **record, 'config': config,
+      'config_hash': config_lib.config_hash(config_lib.with_defaults(config))
+  }
+
+
+def test_a_study_of_names_and_sizes_migrates_resumes_and_pools(finished, image_folder, tmp_path,
+                                                               capsys):
+  """A record of the earlier fingerprint kind (every published study's) pools with its kind as it
+  is; resumed on its data, or by migrate_study, it gets the content fingerprint (the earlier one and
+  its hash kept) and is then the very study a new run on that data is."""
+  import shutil
+  from tests.conftest import copy_study, tiny_args
+  record, legacy = _sizes_record(finished, image_folder)
+  assert legacy['config_hash'] != record['config_hash']
+  migrated = {
+      **record, 'config_hash_before_migration': legacy['config_hash'],
+      'data_fingerprint_before_migration': legacy['config']['data_fingerprint']
+  }
+  study = lambda path: json.load(open(os.path.join(path, 'study.json')))
+  one, two, three = (str(tmp_path / n) for n in ('one', 'two', 'three'))
+  _shard(finished, one, 1)
+  for path, split in ((two, 0), (three, 1)):
+    _shard(finished, path, split)
+    files.write_json(os.path.join(path, 'study.json'),
+                     {**legacy, 'config': {**legacy['config'], 'splits': [split]}})
+  campaigns.pool([two, three], str(tmp_path / 'old-kind'))  # of one kind: pool as they are
+  with pytest.raises(
+      ValueError, match=f'{two} names its data by names and sizes .* '
+      f'python -m experiments.migrate_study {two} --image_folder=PATH'):
+    campaigns.pool([one, two], str(tmp_path / 'mixed'))
+  assert not os.path.exists(tmp_path / 'mixed')
+  other = tmp_path / 'other-data'
+  shutil.copytree(image_folder, other)
+  with open(os.path.join(other, 'train', 'class0', '0000.png'), 'ab') as f:
+    f.write(b'\0')  # other names and sizes
+  migrate = lambda *argv: subprocess.run([sys.executable, '-m', 'experiments.migrate_study', *argv],
+                                         cwd=ROOT, capture_output=True, text=True)
+  before = study(two)
+  proc = migrate(two, f'--image_folder={other}')
+  assert proc.returncode == 2 and 'is not the data' in proc.stderr and study(two) == before
+  proc = migrate(two, f'--image_folder={image_folder}')
+  assert proc.returncode == 0, proc.stderr
+  from jaxtransfer import config as config_lib
+  shard_config = {**record['config'], 'splits': [0]}
+  assert study(two) == {
+      **migrated, 'config': shard_config,
+      'config_hash': config_lib.config_hash(config_lib.with_defaults(shard_config)),
+      'config_hash_before_migration': before['config_hash']
+  }
+  campaigns.pool([one, two], str(tmp_path / 'migrated'))
+  # Resumed on its data: migrated, and nothing retrained (the same rows, byte for byte).
+  workdir = copy_study(finished, tmp_path / 'resumed')
+  files.write_json(os.path.join(workdir, 'study.json'), legacy)
+  assert run_cli(*tiny_args(image_folder, workdir)) == 0
+  assert study(workdir) == migrated
+  assert (open(os.path.join(workdir, 'results.csv'),
+               'rb').read() == open(os.path.join(finished, 'results.csv'), 'rb').read())
+  # Resumed on other data: refused in one line, untouched.
+  workdir = copy_study(finished, tmp_path / 'refused')
+  files.write_json(os.path.join(workdir, 'study.json'), legacy)
+  capsys.readouterr()
+  assert run_cli(*tiny_args(str(other), workdir)) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and f'{other} is not the data {workdir} recorded' in err
+  assert study(workdir) == legacy
+
+
+def test_data_changed_under_a_study_is_refused(finished, image_folder, tmp_path, capsys):
+  """An image changed after stacks finished (of the same size or not: the fingerprint hashes the
+  bytes, `test_imagefolder`): the resume is refused in one line naming the folder, before
+  anything is written."""
+  import shutil
+  from PIL import Image
+  from tests.conftest import copy_study, snapshot, tiny_args
+  changed = tmp_path / 'changed'
+  shutil.copytree(image_folder, changed)
+  path = os.path.join(changed, 'train', 'class3', '0001.png')
+  with Image.open(path) as image:
+    pixels = np.asarray(image)
+  Image.fromarray(pixels[::-1]).save(path)  # upside down
+  workdir = copy_study(finished, tmp_path / 'wd')
+  before = snapshot(workdir)
+  capsys.readouterr()
+  assert run_cli(*tiny_args(str(changed), workdir)) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1, err
+  assert f'{changed} no longer holds the data {workdir} was started on' in err
+  assert snapshot(workdir) == before
+
+
+def test_a_data_fingerprint_of_names_and_sizes_is_recognised_when_given(image_folder, tmp_path):
+  """--data_fingerprint of the earlier kind names the folder whose names and sizes give it: the
+  study is then identified by the folder's content fingerprint; other data is refused."""
+  from jaxtransfer.config import ConfigError, StudyConfig
+  from jaxtransfer.data import imagefolder
+  from jaxtransfer.study import driver
+  splits = imagefolder.scan_image_folder(image_folder)
+  sizes, content = imagefolder.sizes_fingerprint(splits), imagefolder.content_fingerprint(splits)
+  config = driver.resolve(StudyConfig(widths=(2, 2, 2), data_fingerprint=sizes),
+                          image_folder=image_folder)
+  assert config.data_fingerprint == content
+  wrong = sizes[:-1] + ('1' if sizes.endswith('0') else '0')
+  with pytest.raises(ConfigError, match=f'holds other data .{content}. than --data_fingerprint '
+                     f'{wrong}'):
+    driver.resolve(StudyConfig(widths=(2, 2, 2), data_fingerprint=wrong), image_folder=image_folder)

@@ -69,8 +69,8 @@ def test_fields_added_since_say_what_the_studies_before_them_ran_with():
   """One table of added fields (what a record without them ran with), of which the implicit
   ones are left out of records at that value; `layer_defaults` came with a new default, so it
   is recorded always."""
-  assert config_lib.ADDED_VALUES == {'layer_defaults': 'flax', 'momentum': 0.9}
-  assert config_lib.IMPLICIT == ('momentum',)
+  assert config_lib.ADDED_VALUES == {'layer_defaults': 'flax', 'momentum': 0.9, 'model_sha256': ''}
+  assert config_lib.IMPLICIT == ('model_sha256', 'momentum')
   assert StudyConfig(layer_defaults='flax').to_json()['layer_defaults'] == 'flax'
   record = StudyConfig().to_json()
   del record['layer_defaults']

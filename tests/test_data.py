@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -126,3 +127,66 @@ def test_import_does_not_load_tensorflow():
   code = ('import jaxtransfer.data.datasets, sys; '
           "assert 'tensorflow_datasets' not in sys.modules and 'tensorflow' not in sys.modules")
   subprocess.run([sys.executable, '-c', code], check=True)
+
+
+def _tamper(path, digest: bool, **arrays) -> None:
+  """Rewrite a cache file with some arrays replaced (a valid npz); `digest`: with the digest of
+  the new arrays, as a tool that knew the format would write it."""
+  with np.load(path) as npz:
+    content = {k: npz[k] for k in npz.files}
+  content.update(arrays)
+  if digest:
+    content['digest'] = np.array(
+        datasets._digest(
+            datasets.ArrayDataset(content['images'], content['labels'],
+                                  tuple(str(n) for n in content['class_names']))))
+  with open(path, 'wb') as f:
+    np.savez(f, **content)
+
+
+@pytest.mark.parametrize('change, digest, problem', [
+    ('shuffle', True, "labels are not the folder's: the same counts per class, in another order"),
+    ('names', True, 'class names'),
+    ('range', True, 'outside the 3 classes'),
+    ('images', False, 'do not match the digest'),
+])
+def test_a_bad_cache_is_rebuilt_not_trusted(tree, tmp_path, caplog, change, digest, problem):
+  """A valid npz whose labels are shuffled or out of range, whose class names are swapped or
+  whose pixels changed is rebuilt with one log line naming the file and the problem."""
+  root, _ = tree
+  cache = tmp_path / 'cache'
+  first = datasets.load('train', image_folder=str(root), cache_dir=str(cache))
+  (path,) = cache.iterdir()
+  arrays = {
+      'shuffle': {'labels': first.labels[::-1].copy()},
+      'names': {'class_names': np.array(first.class_names[::-1], dtype=str)},
+      'range': {'labels': np.where(first.labels == 2, 3, first.labels).astype(np.int32)},
+      'images': {'images': 255 - first.images},
+  }[change]
+  _tamper(path, digest, **arrays)
+  with caplog.at_level(logging.WARNING):
+    second = datasets.load('train', image_folder=str(root), cache_dir=str(cache))
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert len(warnings) == 1 and str(path) in warnings[0] and problem in warnings[0], warnings
+  np.testing.assert_array_equal(second.images, first.images)
+  np.testing.assert_array_equal(second.labels, first.labels)
+  assert second.class_names == first.class_names
+  caplog.clear()
+  third = datasets.load('train', image_folder=str(root), cache_dir=str(cache))  # rebuilt: trusted
+  assert not caplog.records and np.array_equal(third.labels, first.labels)
+
+
+def test_a_same_size_edit_with_its_mtime_restored_is_seen(tree, tmp_path):
+  """cp -p and rsync restore mtimes: the cache follows the bytes, not the (size, mtime)."""
+  root, _ = tree
+  cache = str(tmp_path / 'cache')
+  changed = root / 'train' / 'ant' / '0000.png'
+  Image.fromarray(np.full((SIZE, SIZE, 3), 7, np.uint8)).save(changed, compress_level=0)
+  first = datasets.load('train', image_folder=str(root), cache_dir=cache)
+  st = os.stat(changed)
+  Image.fromarray(np.full((SIZE, SIZE, 3), 42, np.uint8)).save(changed, compress_level=0)
+  os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns))
+  assert os.stat(changed).st_size == st.st_size
+  second = datasets.load('train', image_folder=str(root), cache_dir=cache)
+  np.testing.assert_array_equal(first.images[0], 7)
+  np.testing.assert_array_equal(second.images[0], 42)

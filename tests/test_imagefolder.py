@@ -171,13 +171,11 @@ def test_content_fingerprint_follows_the_data_not_its_place(tree, tmp_path):
   import shutil
   root, _ = tree
   fingerprint, shape = imagefolder.identify(root)
-  assert shape == (SIZE, SIZE, 3) and len(fingerprint) == 64
+  assert shape == (SIZE, SIZE, 3) and fingerprint.startswith('v2:') and len(fingerprint) == 67
   copy = tmp_path / 'elsewhere' / 'copy'
   shutil.copytree(root, copy, copy_function=shutil.copy)  # fresh mtimes
   assert imagefolder.identify(copy)[0] == fingerprint
   splits = imagefolder.scan_image_folder(copy)
-  assert imagefolder.folder_fingerprint(str(copy), splits) != imagefolder.folder_fingerprint(
-      str(root), imagefolder.scan_image_folder(root))  # the decode cache stays per place
   first = splits['train'][0][0]
   os.rename(first, first.replace('0000', '0009'))
   renamed = imagefolder.identify(copy)[0]
@@ -185,3 +183,71 @@ def test_content_fingerprint_follows_the_data_not_its_place(tree, tmp_path):
   with open(splits['test'][0][0], 'ab') as f:
     f.write(b'\0')  # one byte more
   assert imagefolder.identify(copy)[0] not in (fingerprint, renamed)
+
+
+def test_content_fingerprint_sees_every_byte_not_just_sizes(tree):
+  """An image replaced by another of the same size is other data: the earlier names-and-sizes
+  kind cannot tell them apart, today's content fingerprint can."""
+  root, pngs = tree
+  path = sorted(pngs)[0]
+  rng = np.random.default_rng(7)
+  write = lambda: Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), np.uint8)).save(
+      path, compress_level=0)  # stored, not deflated: the size follows the shape alone
+  write()
+  splits = imagefolder.scan_image_folder(root)
+  before = imagefolder.content_fingerprint(splits), imagefolder.sizes_fingerprint(splits)
+  size, mtime = os.path.getsize(path), os.stat(path).st_mtime_ns
+  write()
+  os.utime(path, ns=(mtime, mtime))  # as cp -p or rsync leave it
+  assert os.path.getsize(path) == size
+  after = imagefolder.content_fingerprint(splits), imagefolder.sizes_fingerprint(splits)
+  assert after[1] == before[1] and imagefolder.is_sizes_fingerprint(after[1])
+  assert after[0] != before[0] and not imagefolder.is_sizes_fingerprint(after[0])
+
+
+def test_the_real_folder_has_the_published_sizes_fingerprint():
+  """The published studies recorded e8ae1be3... (names and sizes) for the real CIFAR-10 folder:
+  `sizes_fingerprint` still computes it, so they migrate when given that folder."""
+  root = '/work/data/cifar10-jpeg'
+  if not os.path.isdir(root):
+    pytest.skip('no real CIFAR-10 image folder here')
+  assert imagefolder.sizes_fingerprint(imagefolder.scan_image_folder(root)) == (
+      'e8ae1be30bd6e776705bb4a9a328b8dcc6e3115abf3ea682b830b5719fdd1293')
+
+
+def _png16(path, values: np.ndarray) -> None:
+  """A 16-bit PNG written by hand (grey for [H, W], RGB for [H, W, 3]): PIL saves none itself."""
+  import struct
+  import zlib
+  h, w = values.shape[:2]
+  color = 0 if values.ndim == 2 else 2
+  raw = b''.join(b'\0' + values[y].astype('>u2').tobytes() for y in range(h))
+  chunk = lambda kind, data: (struct.pack('>I', len(data)) + kind + data + struct.pack(
+      '>I', zlib.crc32(kind + data)))
+  with open(path, 'wb') as f:
+    f.write(b'\x89PNG\r\n\x1a\n' +
+            chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, color, 0, 0, 0)) +
+            chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_16_bit_images_are_scaled_not_clipped(tmp_path, channels):
+  """16-bit grey (PIL mode I;16, which its RGB conversion clips at 255) and 48-bit RGB decode to
+  value >> 8."""
+  values = np.random.default_rng(0).integers(0, 65536, (5, 6, 3)[:2 if channels == 1 else 3])
+  path = str(tmp_path / 'wide.png')
+  _png16(path, values)
+  with Image.open(path) as image:
+    assert image.mode == ('I;16' if channels == 1 else 'RGB')
+  decoded = imagefolder.decode_image(path)
+  expected = (values >> 8).astype(np.uint8)
+  if channels == 1:
+    expected = np.repeat(expected[..., None], 3, axis=-1)
+  assert decoded.dtype == np.uint8 and decoded.shape == (5, 6, 3)
+  np.testing.assert_array_equal(decoded, expected)
+  assert (decoded == 255).mean() < 0.05  # clipped, nearly every pixel would be 255
+
+
+def test_values_beyond_16_bits_are_refused():
+  with pytest.raises(DataError, match=r'x.png has I pixel values in 0..70000, outside'):
+    imagefolder._wide_grey_to_rgb(np.array([[0, 70000]], np.int32), 'I', 'x.png')

@@ -180,3 +180,62 @@ def test_one_check_says_whether_a_model_runs_a_slice_of_its_layers():
     assert not features.applicable(model, fixed(('hidden',)))
     with pytest.raises(ValueError, match='needs a model that runs a slice of its layers'):
       flops.layer_macs(model, (2, 2, 3))
+
+
+TWO_DENSE_FILE = '''
+import flax.linen as nn
+
+
+class TwoDense(nn.Module):
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    return nn.Dense(self.num_classes, name='out')(nn.Dense(4, name='hidden')(x.reshape(len(x), -1)))
+'''
+
+
+def test_an_edited_model_file_is_refused_on_resume(image_folder, tmp_path, capsys):
+  """The source's sha256 is part of a study of a model of your own: a resume after the file was
+  edited is refused in one line naming it (restored, it resumes); a record of before digests
+  adopts the file's; the built-in nets record none (their hashes unchanged)."""
+  import hashlib
+  from jaxtransfer import config as config_lib
+  from jaxtransfer import files
+  from tests.conftest import snapshot
+  net = tmp_path / 'net.py'
+  net.write_text(TWO_DENSE_FILE)
+  sha = lambda path: hashlib.sha256(open(path, 'rb').read()).hexdigest()
+  workdir = tmp_path / 'wd'
+  args = own_args(image_folder, workdir, f'{net}:TwoDense', '--epochs=1', '--cka_images=0')
+  assert run_cli(*args) == 0
+  record = json.load(open(workdir / 'study.json'))
+  assert record['config']['model_sha256'] == sha(net)
+  before = snapshot(str(workdir))
+  net.write_text(TWO_DENSE_FILE.replace('Dense(4', 'Dense(5'))
+  capsys.readouterr()
+  assert run_cli(*args) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and f'{net} changed since {workdir} was started' in err, err
+  assert sha(net) in err and snapshot(str(workdir)) == before
+  net.write_text(TWO_DENSE_FILE)
+  assert run_cli(*args) == 0 and snapshot(str(workdir)) == before  # restored: resumes, all done
+  # Recorded before model digests: adopts the file's, and is then the study a new run names.
+  config = {k: v for k, v in record['config'].items() if k != 'model_sha256'}
+  old_hash = config_lib.config_hash(config_lib.with_defaults(config))
+  assert old_hash != record['config_hash']
+  files.write_json(str(workdir / 'study.json'),
+                   {**record, 'config': config, 'config_hash': old_hash})
+  assert run_cli(*args) == 0
+  assert json.load(open(workdir /
+                        'study.json')) == {**record, 'config_hash_before_migration': old_hash}
+  # A module's source file, and a model_fn's module's; none for the built-in nets.
+  here = os.path.join(ROOT, 'tests', 'test_modelspec.py')
+  assert modelspec.source_digest('tests.test_modelspec:TwoDense') == sha(here)
+  assert driver.resolve(StudyConfig(), model_fn=TwoDense).model_sha256 == sha(here)
+  builtin = driver.resolve(StudyConfig(model='initial'))
+  assert builtin.model_sha256 == '' and 'model_sha256' not in builtin.to_json()
+  with pytest.raises(ConfigError, match='its source has sha256 .*, not --model_sha256 abc'):
+    driver.resolve(StudyConfig(model=f'{net}:TwoDense', model_sha256='abc'),
+                   image_folder=image_folder)

@@ -8,18 +8,22 @@ Two sources give the same `types.ArrayDataset`:
   official CIFAR archive as array_record and is read with `as_data_source`.
 
 Either way the decoded arrays are cached as one uncompressed `.npz` per split,
-keyed by a fingerprint of the source, so every later run starts in well under
-2 s. This module never imports TensorFlow or TFDS at import time: TFDS is only
+keyed by a fingerprint of the source (an image folder's by the bytes of its images), so every
+later run starts in a few seconds. A cache is never trusted blindly: its class names, labels
+and the digest of its arrays written with it are checked on every read, and one that fails is
+rebuilt. This module never imports TensorFlow or TFDS at import time: TFDS is only
 imported inside the functions that use it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import zipfile
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,35 +38,84 @@ from jaxtransfer.data.types import ArrayDataset, DataError
 _READ_CHUNK = 2048
 
 
-def _read_cache(path: str) -> ArrayDataset | None:
-  """The cached dataset, or None if absent or unreadable (then rebuilt)."""
+class Expected(NamedTuple):
+  """What a split read from the cache must be, known without decoding it: its class names and,
+  for an image folder, every image's label (the scan's, so the per-class counts too)."""
+
+  class_names: tuple[str, ...]
+  labels: np.ndarray | None = None
+
+
+def _digest(ds: ArrayDataset) -> str:
+  """sha256 of a dataset's arrays (dtype, shape, bytes) and class names, stored in its cache."""
+  h = hashlib.sha256(json.dumps(ds.class_names).encode())
+  for x in (ds.images, ds.labels):
+    x = np.ascontiguousarray(x)
+    h.update(f'\0{x.dtype.str}{x.shape}\0'.encode())
+    h.update(memoryview(x).cast('B'))
+  return h.hexdigest()
+
+
+def _cache_problem(npz, ds: ArrayDataset, key: str, expected: Expected) -> str | None:
+  """Why a cached dataset cannot be used (None if it can)."""
+  if str(npz['key']) != key:
+    return f'it holds the arrays of another source ({str(npz["key"])[:20]}...)'
+  if ds.class_names != expected.class_names:
+    return f'its class names {list(ds.class_names)} are not the data\'s {list(expected.class_names)}'
+  if len(ds) and (ds.labels.min() < 0 or ds.labels.max() >= len(ds.class_names)):
+    return (f'its labels span {ds.labels.min()}..{ds.labels.max()}, outside the '
+            f'{len(ds.class_names)} classes')
+  if expected.labels is not None and not np.array_equal(ds.labels, expected.labels):
+    if len(ds) != len(expected.labels):
+      return f'it holds {len(ds)} images, the folder {len(expected.labels)}'
+    count = lambda y: np.bincount(y, minlength=len(ds.class_names)).tolist()
+    if count(ds.labels) != count(expected.labels):
+      return (f'its labels are not the folder\'s: images per class {count(ds.labels)}, the '
+              f'folder has {count(expected.labels)}')
+    return 'its labels are not the folder\'s: the same counts per class, in another order'
+  if str(npz['digest']) != _digest(ds):
+    return 'its arrays do not match the digest written with them (changed since)'
+  return None
+
+
+def _read_cache(path: str, key: str, expected: Expected) -> ArrayDataset | None:
+  """The cached dataset, or None if absent or not to be trusted (then rebuilt, with one log
+  line): every check of `_cache_problem`, the arrays' digest last."""
   if not os.path.exists(path):
     return None
   try:
     with np.load(path, allow_pickle=False) as npz:
-      return ArrayDataset(
+      ds = ArrayDataset(
           images=npz['images'],
           labels=npz['labels'],
           class_names=tuple(str(n) for n in npz['class_names']),
       )
+      problem = _cache_problem(npz, ds, key, expected)
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-    logging.warning('Ignoring unreadable cache %s: %s', path, e)
+    problem = f'unreadable ({types.DataError(str(e))})'
+  if problem:
+    logging.warning('Rebuilding the cache %s: %s', path, problem)
     return None
+  return ds
 
 
-def _write_cache(path: str, ds: ArrayDataset) -> None:
-  """Writes the cache atomically: a killed run leaves no file at `path`."""
+def _write_cache(path: str, ds: ArrayDataset, key: str) -> None:
+  """Writes the cache atomically (a killed run leaves no file at `path`), with its source's key
+  and the digest of its arrays, which every read checks."""
   with files.atomic_path(path) as tmp:
     with open(tmp, 'wb') as f:
       np.savez(f, images=ds.images, labels=ds.labels,
-               class_names=np.array(ds.class_names, dtype=str))
+               class_names=np.array(ds.class_names,
+                                    dtype=str), key=np.array(key), digest=np.array(_digest(ds)))
 
 
-def _cached(path: str, build: Callable[[], ArrayDataset]) -> ArrayDataset:
-  ds = _read_cache(path)
+def _cached(cache_dir: str, name: str, split: str, key: str, expected: Expected,
+            build: Callable[[], ArrayDataset]) -> ArrayDataset:
+  path = _cache_file(cache_dir, name, split, key)
+  ds = _read_cache(path, key, expected)
   if ds is None:
     ds = build()
-    _write_cache(path, ds)
+    _write_cache(path, ds, key)
   return ds
 
 
@@ -133,19 +186,22 @@ def load(
   imagefolder.check_split(split)
   cache_dir = cache_dir or DEFAULT_CACHE_DIR
   if image_folder is not None:
-    root = os.fspath(image_folder)
-    splits = imagefolder.scan_image_folder(root)
-    path = _cache_file(cache_dir, 'image_folder', split,
-                       imagefolder.folder_fingerprint(root, splits))
-    return _cached(
-        path, lambda: imagefolder.folder_split(splits, split, imagefolder.folder_class_names(
-            splits), num_workers=None))
+    splits = imagefolder.scan_image_folder(os.fspath(image_folder))
+    class_names = imagefolder.folder_class_names(splits)
+    key = types.fingerprint({
+        'format': types.CACHE_FORMAT,
+        'kind': 'image_folder',
+        'content': imagefolder.content_fingerprint(splits),
+    })
+    expected = Expected(class_names, np.array([label for _, label in splits[split]], np.int32))
+    return _cached(cache_dir, 'image_folder', split, key, expected,
+                   lambda: imagefolder.folder_split(splits, split, class_names, num_workers=None))
   if dataset not in TFDS_NAMES:
     raise DataError(f'unknown dataset {dataset!r}, expected one of '
                     f'{sorted(TFDS_NAMES)} or an image_folder')
   config = 'download' if manual_dir is None else 'manual'
   data_dir = os.path.abspath(os.path.expanduser(data_dir or _default_tfds_data_dir()))
-  fingerprint = types.fingerprint({
+  key = types.fingerprint({
       'format': types.CACHE_FORMAT,
       'kind': 'tfds',
       'name': TFDS_NAMES[dataset],
@@ -153,8 +209,9 @@ def load(
       'version': cifar.BUILDER_VERSION,
       'data_dir': data_dir,
   })
-  path = _cache_file(cache_dir, TFDS_NAMES[dataset], split, fingerprint)
-  return _cached(path, lambda: _load_tfds(dataset, config, split, data_dir, manual_dir))
+  return _cached(cache_dir, TFDS_NAMES[dataset], split, key,
+                 Expected(cifar.ARCHIVES[dataset].class_names),
+                 lambda: _load_tfds(dataset, config, split, data_dir, manual_dir))
 
 
 # ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ it (scan, decode, cache); this module lists, checks, decodes and identifies the 
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxtransfer.data.types import CACHE_FORMAT, ArrayDataset, DataError, fingerprint
+from jaxtransfer.data.types import ArrayDataset, DataError
 
 SPLITS = ('train', 'test')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -85,16 +86,37 @@ def folder_class_names(splits: dict[str, list[tuple[str, int]]]) -> tuple[str, .
   return tuple(names[label] for label in range(len(names)))
 
 
+# PIL modes of one 16-bit (or wider) integer channel: PNG greyscale of 16 bits opens as one of
+# these, and PIL's conversion to RGB clips it at 255 (a 16-bit image would turn almost white).
+# PIL itself keeps the high byte of 16-bit RGB(A) and grey + alpha PNGs.
+_WIDE_GREY_MODES = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
+
+
+def _wide_grey_to_rgb(values: np.ndarray, mode: str, path: str) -> np.ndarray:
+  """A 16-bit grey image as 8-bit RGB: its high byte (value >> 8), as PIL reads 16-bit RGB."""
+  if values.size and (values.min() < 0 or values.max() > 0xFFFF):
+    raise DataError(f'image {path} has {mode} pixel values in {values.min()}..{values.max()}, '
+                    'outside the 16-bit range 0..65535 that can be scaled to 8 bits: save it '
+                    'with 8 or 16 bits per channel')
+  grey = (values.astype(np.uint32) >> 8).astype(np.uint8)
+  return np.repeat(grey[..., None], 3, axis=-1)
+
+
 def decode_image(path: str) -> np.ndarray:
-  """Decodes one image file to a uint8 RGB [H, W, 3] array with PIL."""
+  """Decodes one image file to a uint8 RGB [H, W, 3] array with PIL; 16 bits per channel are
+  scaled to 8 (the high byte), never clipped."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   try:
     with Image.open(path, formats=('PNG', 'JPEG')) as image:
       image.load()
+      if image.mode in _WIDE_GREY_MODES:
+        return _wide_grey_to_rgb(np.asarray(image), image.mode, path)
       if image.mode != 'RGB':
         image = image.convert('RGB')
       return np.asarray(image, dtype=np.uint8)
+  except DataError:
+    raise
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     raise DataError(f'cannot decode image {path}: {e}') from e
 
@@ -220,20 +242,82 @@ def check_split(split: str) -> None:
     raise DataError(f'unknown split {split!r}, expected one of {SPLITS}')
 
 
-def content_fingerprint(splits: dict[str, list[tuple[str, int]]]) -> str:
-  """Identity of an image tree's content wherever it lies: sha256 over the class names and every
-  image's path relative to the tree ('train/<class>/<file>') with its size in bytes.
+# A content fingerprint of today's kind starts with this; the earlier kind (`sizes_fingerprint`,
+# names and sizes only) is a bare sha256, and the records naming one are migrated
+# (`study.migrate`).
+CONTENT_PREFIX = 'v2:'
+# Threads hashing image files: reading and sha256 release the GIL, and most of the time of a small
+# file is the system calls, which overlap across threads even on few cores.
+_HASH_THREADS = 16
+_HASH_CHUNK = 256  # files per task
+_fingerprints: dict[str, str] = {}  # stat signature of a tree -> its content fingerprint
 
-  Not the root's location nor mtimes (unlike `folder_fingerprint`, the cache key), so a copy,
-  extraction or mount elsewhere is the same data: a study names its data by this."""
+
+def _relative(split: str, path: str) -> str:
+  return '/'.join((split, os.path.basename(os.path.dirname(path)), os.path.basename(path)))
+
+
+def _file_digests(paths: Sequence[str]) -> list[bytes]:
+  out = []
+  for path in paths:
+    with open(path, 'rb') as f:
+      out.append(hashlib.file_digest(f, 'sha256').digest())
+  return out
+
+
+def content_fingerprint(splits: dict[str, list[tuple[str, int]]]) -> str:
+  """Identity of an image tree's content wherever it lies: 'v2:' + sha256 over the class names
+  and, for every image, its path relative to the tree ('train/<class>/<file>'), its size and the
+  sha256 of its bytes.
+
+  Every byte is read (in threads), so an image replaced by another of the same size is other
+  data; not the root's location nor mtimes, so a copy, extraction or mount elsewhere is the same
+  data: a study names its data by this. Remembered within the process under every file's
+  (size, mtime, ctime, inode): a file written since changes its ctime, which no copy tool
+  restores, so a study's identity, cache and resume checks hash the tree once."""
+  items = [(split, path) for split in SPLITS for path, _ in splits[split]]
+  signature = hashlib.sha256()
+  for _, path in items:
+    st = os.stat(path)
+    signature.update(f'\0{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}'
+                     f'\0{st.st_dev}'.encode())
+  key = signature.hexdigest()
+  if key in _fingerprints:
+    return _fingerprints[key]
+  paths = [path for _, path in items]
+  chunks = [paths[i:i + _HASH_CHUNK] for i in range(0, len(paths), _HASH_CHUNK)]
+  try:
+    with concurrent.futures.ThreadPoolExecutor(_HASH_THREADS) as pool:
+      digests = [d for chunk in pool.map(_file_digests, chunks) for d in chunk]
+  except OSError as e:
+    raise DataError(f'cannot read image {e.filename}: {e.strerror}') from None
+  h = hashlib.sha256(
+      json.dumps({
+          'kind': 'image_folder_content', 'version': 2, 'classes': list(folder_class_names(splits))
+      }).encode())
+  for (split, path), digest in zip(items, digests):
+    h.update(f'\0{_relative(split, path)}\0{os.stat(path).st_size}\0'.encode() + digest)
+  _fingerprints[key] = CONTENT_PREFIX + h.hexdigest()
+  return _fingerprints[key]
+
+
+def is_sizes_fingerprint(fingerprint: str) -> bool:
+  """Whether `fingerprint` is of the earlier kind (`sizes_fingerprint`): a bare sha256."""
+  return len(fingerprint) == 64 and all(c in '0123456789abcdef' for c in fingerprint)
+
+
+def sizes_fingerprint(splits: dict[str, list[tuple[str, int]]]) -> str:
+  """The earlier kind of content fingerprint, which studies recorded before the bytes were
+  hashed: sha256 over the class names and every image's relative path with its size in bytes.
+  Blind to an image replaced by one of the same size: only `study.migrate` computes it, to
+  recognise the data of such a record (and give it the `content_fingerprint`)."""
   h = hashlib.sha256(
       json.dumps({
           'kind': 'image_folder_content', 'version': 1, 'classes': list(folder_class_names(splits))
       }).encode())
   for split in SPLITS:
     for path, _ in splits[split]:
-      relative = '/'.join((split, os.path.basename(os.path.dirname(path)), os.path.basename(path)))
-      h.update(f'\0{relative}\0{os.stat(path).st_size}'.encode())
+      h.update(f'\0{_relative(split, path)}\0{os.stat(path).st_size}'.encode())
   return h.hexdigest()
 
 
@@ -242,14 +326,3 @@ def identify(root: str | os.PathLike) -> tuple[str, tuple[int, ...]]:
   know of its data before decoding it all (its identity, and the input shape of its model)."""
   splits = scan_image_folder(root)
   return content_fingerprint(splits), decode_image(splits['train'][0][0]).shape
-
-
-def folder_fingerprint(root: str, splits: dict[str, list[tuple[str, int]]]) -> str:
-  """Identity of an image tree: resolved root + file names, sizes and mtimes."""
-  resolved = str(pathlib.Path(root).resolve())
-  files = sorted(p for split in SPLITS for p, _ in splits[split])
-  return fingerprint(
-      {'format': CACHE_FORMAT, 'kind': 'image_folder', 'root': resolved},
-      files,
-      root,
-  )

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 # Bump when decoding or the array cache layout changes, so old caches are not reused.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -93,10 +93,47 @@ def load(spec: str) -> ModelFn:
   return obj
 
 
+def _file_sha256(path: str) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+def source_file(spec: str, model_fn: ModelFn | None = None) -> str | None:
+  """The file whose bytes name a model of your own in its study (`source_digest`): FILE.py of
+  `FILE.py:ATTR`, the source file of MODULE in `MODULE:ATTR` (as of `model_fn`'s module, when
+  given); None for a built-in net or a module without one."""
+  if model_fn is None and is_builtin(spec):
+    return None
+  source = getattr(model_fn, '__module__',
+                   None) if model_fn is not None else spec.rpartition(':')[0]
+  if not source:
+    return None
+  if source.endswith('.py'):
+    return os.path.realpath(source)
+  module = sys.modules.get(source)
+  path = getattr(module, '__file__', None) if module is not None else None
+  if path is None and module is None:
+    try:
+      path = getattr(importlib.util.find_spec(source), 'origin', None)
+    except (ImportError, ValueError):
+      path = None
+  return path if path and os.path.isfile(path) else None
+
+
+def source_digest(spec: str, model_fn: ModelFn | None = None) -> str:
+  """sha256 of the bytes of `source_file` ('' if none): part of a study's identity, so that an
+  edited model file is another study. Only that file: modules it imports are not hashed."""
+  path = source_file(spec, model_fn)
+  return _file_sha256(path) if path else ''
+
+
 def _import_file(path: str):
-  """A model file as a module, once per file per process (under a name from its real path)."""
+  """A model file as a module, once per file content per process (under a name from its real path
+  and its sha256, so an edited file is imported afresh: what runs is what `source_digest`
+  hashed)."""
   real = os.path.realpath(path)
-  name = 'jaxtransfer_model_' + hashlib.sha256(real.encode()).hexdigest()[:16]
+  name = 'jaxtransfer_model_' + hashlib.sha256(
+      f'{real}\0{_file_sha256(real)}'.encode()).hexdigest()[:16]
   if name in sys.modules:
     return sys.modules[name]
   spec = importlib.util.spec_from_file_location(name, real)

@@ -57,14 +57,22 @@ def resolve(config: StudyConfig, *, image_folder: str | None = None,
   fingerprint, shape = imagefolder.identify(image_folder) if image_folder else ('',
                                                                                 cifar.IMAGE_SHAPE)
   config = context.validate(config, model_fn=model_fn, image_shape=shape)
+  config = config_lib.with_model_source(config, modelspec.source_digest(config.model, model_fn))
+  if image_folder and imagefolder.is_sizes_fingerprint(config.data_fingerprint):
+    config = dataclasses.replace(
+        config, data_fingerprint=migrate.recognised(config.data_fingerprint, image_folder,
+                                                    fingerprint))
   return config_lib.with_data(config, fingerprint)
 
 
 def prepare(config: StudyConfig, workdir: Workdir, image_folder: str | None = None) -> StudyConfig:
   """Make sure `workdir` is new or holds the (`resolve`d) study `config`: a record that named
-  this very image folder by path is migrated (`migrate.adopt`, by the workdir's writer, before
-  any process checks it); nothing else is written."""
+  this very image folder by path, or by its names and sizes, is migrated (`migrate.adopt`), and
+  one of a model of your own recorded without its source's digest adopts it
+  (`migrate.adopt_model`), by the workdir's writer before any process checks it; nothing else is
+  written."""
   migrate.adopt(workdir.path, image_folder, config.data_fingerprint, write=workdir.writer)
+  migrate.adopt_model(workdir.path, config, write=workdir.writer)
   workdir.sync('prepared')
   workdir.check(config)
   return config

@@ -7,6 +7,9 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxtransfer.config import ConfigError, half_names
+from jaxtransfer.data.types import ArrayDataset
+
 Split = tuple[tuple[int, ...], tuple[int, ...]]
 
 
@@ -99,3 +102,28 @@ def dissimilar_halves(class_names: Sequence[str]) -> Split:
       return named_halves(class_names, group)
   raise ValueError('dissimilar halves need CIFAR-10 or CIFAR-100 class names; got '
                    f'{", ".join(class_names[:5])}...')
+
+
+def class_ids(names: Sequence[str], class_names: Sequence[str], flag: str) -> tuple[int, ...]:
+  """The indices of the classes `names` (sorted), checked against the data's `class_names`:
+  where a flag naming classes (`flag`) meets the data it names them in."""
+  missing = sorted(set(names) - set(class_names))
+  if missing:
+    raise ConfigError(f'--{flag}: no class {", ".join(missing)} in this data; its classes are '
+                      f'{", ".join(class_names)}')
+  return tuple(sorted(class_names.index(n) for n in names))
+
+
+def restrict(ds: ArrayDataset, names: Sequence[str]) -> ArrayDataset:
+  """The examples of the classes `names` (--classes) only, re-indexed 0..k-1 in the dataset's
+  class order, so the study sees a dataset of those k classes."""
+  ids = class_ids(names, ds.class_names, 'classes')
+  idx = class_indices(ds.labels, ids)
+  labels = label_map(ids, len(ds.class_names))[ds.labels[idx]]
+  return ArrayDataset(ds.images[idx], labels, tuple(ds.class_names[i] for i in ids))
+
+
+def explicit_halves(class_names: Sequence[str], half_classes: str) -> Split:
+  """(A, B) as --half_classes names them (`config.half_names`), checked against the data."""
+  a, b = half_names(half_classes)
+  return (class_ids(a, class_names, 'half_classes'), class_ids(b, class_names, 'half_classes'))

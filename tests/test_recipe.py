@@ -255,3 +255,22 @@ def test_a_study_on_a_class_subset_with_explicit_halves_and_the_whole_recipe(tmp
   # bee, cat, dog, fox -> 0, 1, 2, 3: A = dog, fox; B = bee, cat.
   assert {(r['classes_A'], r['classes_B']) for r in rows} == {('2 3', '0 1')}
   assert len(rows) == 2 + 2  # the base nets of A and B, then BnB with each as the target
+
+
+def test_the_options_given_at_their_defaults_train_the_same_study_bit_for_bit(
+    image_folder, tmp_path):
+  """From the command line: the same study.json, byte for byte, and the same checkpoints (their
+  sha256 digests in the rows files) as the flags left out."""
+  small = ('--num_splits=1', '--depths=1', '--conditions=BnB', '--cka_images=0')
+  default, explicit = str(tmp_path / 'default'), str(tmp_path / 'explicit')
+  assert run_cli(*tiny_args(image_folder, default, *small)) == 0
+  assert run_cli(*tiny_args(image_folder, explicit, *small, '--lr_schedule=constant',
+                            '--warmup_epochs=0', '--augment=none', '--classes=',
+                            '--halves=random', '--half_classes=')) == 0
+  read = lambda wd, name: open(os.path.join(wd, name), 'rb').read()
+  assert read(default, 'study.json') == read(explicit, 'study.json')
+  stacks = sorted(os.listdir(os.path.join(default, 'stacks')))
+  assert stacks == sorted(os.listdir(os.path.join(explicit, 'stacks'))) and len(stacks) == 2
+  for name in stacks:
+    digests = lambda wd: json.loads(read(wd, os.path.join('stacks', name)))['checkpoint_sha256']
+    assert digests(default) == digests(explicit)

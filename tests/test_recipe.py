@@ -264,9 +264,9 @@ def test_the_options_given_at_their_defaults_train_the_same_study_bit_for_bit(
   small = ('--num_splits=1', '--depths=1', '--conditions=BnB', '--cka_images=0')
   default, explicit = str(tmp_path / 'default'), str(tmp_path / 'explicit')
   assert run_cli(*tiny_args(image_folder, default, *small)) == 0
-  assert run_cli(*tiny_args(image_folder, explicit, *small, '--lr_schedule=constant',
-                            '--warmup_epochs=0', '--augment=none', '--classes=',
-                            '--halves=random', '--half_classes=')) == 0
+  assert run_cli(
+      *tiny_args(image_folder, explicit, *small, '--lr_schedule=constant', '--warmup_epochs=0',
+                 '--augment=none', '--classes=', '--halves=random', '--half_classes=')) == 0
   read = lambda wd, name: open(os.path.join(wd, name), 'rb').read()
   assert read(default, 'study.json') == read(explicit, 'study.json')
   stacks = sorted(os.listdir(os.path.join(default, 'stacks')))
@@ -274,3 +274,40 @@ def test_the_options_given_at_their_defaults_train_the_same_study_bit_for_bit(
   for name in stacks:
     digests = lambda wd: json.loads(read(wd, os.path.join('stacks', name)))['checkpoint_sha256']
     assert digests(default) == digests(explicit)
+
+
+def test_dissimilar_halves_of_a_class_subset():
+  names = ('airplane', 'cat', 'dog', 'ship')  # --classes=cat,dog,airplane,ship of CIFAR-10
+  assert splits.dissimilar_halves(names) == ((0, 3), (1, 2))
+  with pytest.raises(ValueError, match='need both man-made'):
+    splits.dissimilar_halves(('cat', 'dog'))
+
+
+def test_augmented_vmapped_members_train_like_the_loop():
+  """The accelerators' member map draws the same crops and flips as the loop over members."""
+  config = trainer.TrainConfig(epochs=1, batch_size=16, learning_rate=0.03, augment='crop_flip',
+                               lr_schedule='cosine')
+  ms = members(HALVES[:2])
+  loop = trainer.train_stack(MODEL, trainer.Structure(), config, DATA, ms, member_map='map')
+  vmap = trainer.train_stack(MODEL, trainer.Structure(), config, DATA, ms, member_map='vmap')
+  np.testing.assert_allclose(vmap.train_loss, loop.train_loss, rtol=1e-4)
+  np.testing.assert_allclose(vmap.train_accuracy, loop.train_accuracy, atol=1e-6)
+
+
+def test_a_schedule_on_precomputed_prefix_features_is_the_plain_paths(stacked):
+  """Prefix features keep each member's step count (its train images), so a warm-up + cosine
+  schedule trains as on the plain path (compared as tests/test_features.py does: the loss)."""
+  config = trainer.TrainConfig(epochs=2, batch_size=16, learning_rate=0.03, lr_schedule='cosine',
+                               warmup_epochs=1)
+  prefix = tuple(NAMES[:3])
+  sources = {c: {n: v[n] for n in prefix if n in v} for c, v in stacked.variables.items()}
+  structure = trainer.Structure(prefix, prefix, 'fixed')
+  ms = members(HALVES, 7, sources)
+  plain = trainer.train_stack(MODEL, structure, config, DATA, ms)
+  cached, indexed = features.compute(MODEL, ms, DATA, start=3)
+  fast = trainer.train_stack(MODEL, structure, config, DATA, indexed, features=cached)
+  np.testing.assert_allclose(fast.train_loss, plain.train_loss, rtol=1e-5)
+  constant = trainer.train_stack(
+      MODEL, structure, dataclasses.replace(config, lr_schedule='constant', warmup_epochs=0), DATA,
+      indexed, features=cached)
+  assert not np.allclose(constant.train_loss, plain.train_loss, rtol=1e-3)

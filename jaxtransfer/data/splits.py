@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxtransfer.config import ConfigError, half_names
+from jaxtransfer.data.cifar import CIFAR10_CLASSES, CIFAR100_CLASSES
 from jaxtransfer.data.types import ArrayDataset
 
 Split = tuple[tuple[int, ...], tuple[int, ...]]
@@ -83,6 +84,7 @@ MAN_MADE = {
                  'house', 'road', 'skyscraper', 'bicycle', 'bus', 'motorcycle', 'pickup_truck',
                  'train', 'lawn_mower', 'rocket', 'streetcar', 'tank', 'tractor'),
 }
+_CLASSES = {'cifar10': CIFAR10_CLASSES, 'cifar100': CIFAR100_CLASSES}
 
 
 def named_halves(class_names: Sequence[str], group_a: Sequence[str]) -> Split:
@@ -96,10 +98,18 @@ def named_halves(class_names: Sequence[str], group_a: Sequence[str]) -> Split:
 
 
 def dissimilar_halves(class_names: Sequence[str]) -> Split:
-  """Man-made (A) against natural (B) classes, for CIFAR-10 or CIFAR-100 class names."""
+  """Man-made (A) against natural (B) classes, for CIFAR-10 or CIFAR-100 class names, or some
+of either's (--classes) holding both kinds."""
   for group in MAN_MADE.values():
     if set(group) <= set(class_names):
       return named_halves(class_names, group)
+  for name, group in MAN_MADE.items():
+    if set(class_names) <= set(_CLASSES[name]):
+      a = [c for c in group if c in class_names]
+      if not a or len(a) == len(class_names):
+        raise ValueError(f'dissimilar halves of {", ".join(class_names)}: need both man-made '
+                         f'({", ".join(group[:4])}, ...) and natural classes')
+      return named_halves(class_names, a)
   raise ValueError('dissimilar halves need CIFAR-10 or CIFAR-100 class names; got '
                    f'{", ".join(class_names[:5])}...')
 

@@ -39,7 +39,10 @@ FINAL_WIDTHS = (8, 16, 32)  # the final net's filters per block: the seed's 512 
 OPTIMIZERS = ('adam', 'sgd')
 MEMBER_MAPS = ('auto', 'map', 'vmap')  # how members run inside a device (`train.trainer`)
 BATCHNORM_POLICIES = ('update', 'fixed')  # BatchNorm in frozen layers (`transfer`)
-HALVINGS = ('random', 'dissimilar')
+HALVINGS = ('random', 'dissimilar', 'explicit')
+LR_SCHEDULES = ('constant', 'cosine')
+AUGMENTATIONS = ('none', 'crop_flip')  # crop_flip: 4-pixel zero padding, random crop, h-flip
+CROP_PADDING = 4
 DIRECTIONS = ('AtoB', 'both')
 SWEEPABLE = ('epochs', 'train_per_class')
 # Features of one stack (every member's train and test images) above this stay uncomputed
@@ -82,6 +85,10 @@ class StudyConfig:
       '', "The identity of the data when --image_folder gives it (set from the folder: 'v2:' + "
       'sha256 over its class names, image paths relative to it and the bytes of every image), '
       'so the study is the same wherever the folder lies. Given, the folder must match it.')
+  classes: tuple[str, ...] = _opt(
+      (), 'Use only these classes (names, as the dataset names them; default all): the data is '
+      'restricted to them, in the dataset\'s class order and re-indexed 0..k-1, before it is '
+      'split into halves.', before=(), implicit=True)
   # Model.
   model: str = _opt(
       'final', "The network: the seed's 'initial' (8 convs of 3 filters, no pooling) or "
@@ -109,7 +116,12 @@ class StudyConfig:
   halves: str = _opt(
       'random', "How classes split into A and B: 'random' halves, or "
       "'dissimilar': man-made (A) against natural (B) classes of CIFAR-10 (4 vs 6) "
-      'or CIFAR-100 (by superclass, 30 vs 70).', HALVINGS)
+      'or CIFAR-100 (by superclass, 30 vs 70); \'explicit\': the classes --half_classes '
+      'names (one split).', HALVINGS)
+  half_classes: str = _opt(
+      '', 'With --halves=explicit: the classes of A and of B by name, A/B, e.g. '
+      'cat,dog,deer/airplane,ship,truck (disjoint, at least 2 each; classes in neither half are '
+      'unused).', before='', implicit=True)
   num_splits: int = _opt(5, 'Random class splits into halves A and B.')
   split_seed: int = _opt(0, 'Seed of the random class splits.')
   splits: tuple[int, ...] = _opt((), 'Train only these splits (0-based indices into the '
@@ -137,6 +149,19 @@ class StudyConfig:
   weight_decay: float = _opt(0.0, 'Decoupled weight decay.')
   # SGD's momentum was fixed at 0.9 before it was a flag: recorded only off that value.
   momentum: float = _opt(0.9, 'SGD momentum (with --optimizer=sgd).', before=0.9, implicit=True)
+  # Added at the seed's recipe (a constant rate, no augmentation): recorded only off it.
+  lr_schedule: str = _opt(
+      'constant', "The learning rate over training: 'constant' (the seed's) or 'cosine' "
+      'decay to 0 at the last step (after the warm-up).', LR_SCHEDULES, before='constant',
+      implicit=True)
+  warmup_epochs: int = _opt(
+      0, 'Epochs over which the learning rate rises linearly from 0 to --learning_rate, '
+      'before --lr_schedule takes over.', before=0, implicit=True)
+  augment: str = _opt(
+      'none', "Training-image augmentation, on device: 'none' (the seed's) or 'crop_flip' (the "
+      'standard CIFAR one: a random crop of the image zero-padded by 4 pixels, and a '
+      'horizontal flip with p = 0.5). Never on test images. Trains every stack the plain way '
+      '(no precomputed prefix features).', AUGMENTATIONS, before='none', implicit=True)
   train_per_class: int = _opt(
       0, 'Use only the first N training images of each class (0 = '
       'all). For quick runs and data-size sweeps.')
@@ -270,6 +295,13 @@ def validate(config: StudyConfig, layers: int) -> StudyConfig:
   if config.optimizer != 'sgd' and config.momentum != StudyConfig.momentum:
     raise ConfigError(f'--momentum applies to --optimizer=sgd only, not to --optimizer '
                       f'{config.optimizer}')
+  if config.warmup_epochs < 0 or config.warmup_epochs > config.epochs:
+    raise ConfigError(f'--warmup_epochs must be in 0..--epochs ({config.epochs}), got '
+                      f'{config.warmup_epochs}')
+  classes = _class_names('classes', config.classes)
+  if classes and len(classes) < 2:
+    raise ConfigError(f'--classes needs at least 2 classes to split, got {",".join(classes)}')
+  half_classes = _checked_halves(config, classes)
   split_ids = tuple(sorted(set(_ints('splits', config.splits))))
   if any(not 0 <= s < config.num_splits for s in split_ids):
     raise ConfigError(f'--splits {",".join(map(str, config.splits))}: indices must be in 0..'
@@ -279,7 +311,48 @@ def validate(config: StudyConfig, layers: int) -> StudyConfig:
   if config.sweep:
     parse_sweep(config.sweep)
   return dataclasses.replace(config, depths=tuple(sorted(set(depths))), conditions=chosen,
-                             splits=split_ids)
+                             splits=split_ids, classes=classes, half_classes=half_classes)
+
+
+def _class_names(name: str, values: Sequence[str]) -> tuple[str, ...]:
+  """Class names, sorted (the same classes in any order are the same study), each once."""
+  names = [str(v).strip() for v in values]
+  if any(not n for n in names):
+    raise ConfigError(f'--{name} {",".join(values)}: empty class name')
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    raise ConfigError(f'--{name} names {", ".join(repeated)} twice')
+  return tuple(sorted(names))
+
+
+def half_names(half_classes: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """'cat,dog/airplane,ship' -> (('cat', 'dog'), ('airplane', 'ship')), unchecked."""
+  a, _, b = half_classes.partition('/')
+  return tuple(a.split(',')), tuple(b.split(','))
+
+
+def _checked_halves(config: StudyConfig, classes: tuple[str, ...]) -> str:
+  """--half_classes checked against --halves, --num_splits and --classes; normalised."""
+  if config.halves != 'explicit':
+    if config.half_classes:
+      raise ConfigError(f'--half_classes applies to --halves=explicit only, not to --halves '
+                        f'{config.halves}')
+    return ''
+  if config.half_classes.count('/') != 1:
+    raise ConfigError(f'--halves=explicit needs --half_classes=A1,A2,.../B1,B2,... (the '
+                      f'classes of A and of B), got {config.half_classes!r}')
+  if config.num_splits != 1:
+    raise ConfigError('--halves=explicit is one fixed split: use --num_splits=1')
+  a, b = (_class_names('half_classes', half) for half in half_names(config.half_classes))
+  if min(len(a), len(b)) < 2:
+    raise ConfigError(f'--half_classes {config.half_classes}: each half needs at least 2 classes')
+  shared = sorted(set(a) & set(b))
+  if shared:
+    raise ConfigError(f'--half_classes {config.half_classes}: {", ".join(shared)} in both halves')
+  outside = sorted(set(a + b) - set(classes)) if classes else []
+  if outside:
+    raise ConfigError(f'--half_classes names {", ".join(outside)}, not among --classes')
+  return f'{",".join(a)}/{",".join(b)}'
 
 
 def with_data(config: StudyConfig, fingerprint: str) -> StudyConfig:

@@ -69,8 +69,12 @@ def test_fields_added_since_say_what_the_studies_before_them_ran_with():
   """One table of added fields (what a record without them ran with), of which the implicit
   ones are left out of records at that value; `layer_defaults` came with a new default, so it
   is recorded always."""
-  assert config_lib.ADDED_VALUES == {'layer_defaults': 'flax', 'momentum': 0.9, 'model_sha256': ''}
-  assert config_lib.IMPLICIT == ('model_sha256', 'momentum')
+  assert config_lib.ADDED_VALUES == {
+      'layer_defaults': 'flax', 'momentum': 0.9, 'model_sha256': '', 'classes': [],
+      'half_classes': '', 'lr_schedule': 'constant', 'warmup_epochs': 0, 'augment': 'none'
+  }
+  assert config_lib.IMPLICIT == ('classes', 'model_sha256', 'half_classes', 'momentum',
+                                 'lr_schedule', 'warmup_epochs', 'augment')
   assert StudyConfig(layer_defaults='flax').to_json()['layer_defaults'] == 'flax'
   record = StudyConfig().to_json()
   del record['layer_defaults']

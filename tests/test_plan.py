@@ -72,10 +72,12 @@ def test_flags_take_their_defaults_and_choices_from_the_config():
 def test_the_trainer_gets_each_setting_from_its_one_source():
   """Every TrainConfig field is named with its source: the study's or the run's."""
   config = StudyConfig(epochs=3, batch_size=8, optimizer='sgd', learning_rate=0.1,
-                       weight_decay=0.01, momentum=0.5)
+                       weight_decay=0.01, momentum=0.5, lr_schedule='cosine', warmup_epochs=1,
+                       augment='crop_flip')
   sources = {
       'epochs': 3, 'batch_size': 8, 'optimizer': 'sgd', 'learning_rate': 0.1, 'weight_decay': 0.01,
-      'momentum': 0.5, 'eval_batch_size': 7
+      'momentum': 0.5, 'lr_schedule': 'cosine', 'warmup_epochs': 1, 'augment': 'crop_flip',
+      'eval_batch_size': 7
   }
   assert dataclasses.asdict(context.train_config(config, RunOptions(eval_batch_size=7))) == sources
   assert all(getattr(trainer.TrainConfig(), k) != v for k, v in sources.items())

@@ -7,6 +7,10 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxtransfer.config import ConfigError, half_names
+from jaxtransfer.data.cifar import CIFAR10_CLASSES, CIFAR100_CLASSES
+from jaxtransfer.data.types import ArrayDataset
+
 Split = tuple[tuple[int, ...], tuple[int, ...]]
 
 
@@ -80,6 +84,7 @@ MAN_MADE = {
                  'house', 'road', 'skyscraper', 'bicycle', 'bus', 'motorcycle', 'pickup_truck',
                  'train', 'lawn_mower', 'rocket', 'streetcar', 'tank', 'tractor'),
 }
+_CLASSES = {'cifar10': CIFAR10_CLASSES, 'cifar100': CIFAR100_CLASSES}
 
 
 def named_halves(class_names: Sequence[str], group_a: Sequence[str]) -> Split:
@@ -93,9 +98,42 @@ def named_halves(class_names: Sequence[str], group_a: Sequence[str]) -> Split:
 
 
 def dissimilar_halves(class_names: Sequence[str]) -> Split:
-  """Man-made (A) against natural (B) classes, for CIFAR-10 or CIFAR-100 class names."""
+  """Man-made (A) against natural (B) classes, for CIFAR-10 or CIFAR-100 class names, or some
+of either's (--classes) holding both kinds."""
   for group in MAN_MADE.values():
     if set(group) <= set(class_names):
       return named_halves(class_names, group)
+  for name, group in MAN_MADE.items():
+    if set(class_names) <= set(_CLASSES[name]):
+      a = [c for c in group if c in class_names]
+      if not a or len(a) == len(class_names):
+        raise ValueError(f'dissimilar halves of {", ".join(class_names)}: need both man-made '
+                         f'({", ".join(group[:4])}, ...) and natural classes')
+      return named_halves(class_names, a)
   raise ValueError('dissimilar halves need CIFAR-10 or CIFAR-100 class names; got '
                    f'{", ".join(class_names[:5])}...')
+
+
+def class_ids(names: Sequence[str], class_names: Sequence[str], flag: str) -> tuple[int, ...]:
+  """The indices of the classes `names` (sorted), checked against the data's `class_names`:
+  where a flag naming classes (`flag`) meets the data it names them in."""
+  missing = sorted(set(names) - set(class_names))
+  if missing:
+    raise ConfigError(f'--{flag}: no class {", ".join(missing)} in this data; its classes are '
+                      f'{", ".join(class_names)}')
+  return tuple(sorted(class_names.index(n) for n in names))
+
+
+def restrict(ds: ArrayDataset, names: Sequence[str]) -> ArrayDataset:
+  """The examples of the classes `names` (--classes) only, re-indexed 0..k-1 in the dataset's
+  class order, so the study sees a dataset of those k classes."""
+  ids = class_ids(names, ds.class_names, 'classes')
+  idx = class_indices(ds.labels, ids)
+  labels = label_map(ids, len(ds.class_names))[ds.labels[idx]]
+  return ArrayDataset(ds.images[idx], labels, tuple(ds.class_names[i] for i in ids))
+
+
+def explicit_halves(class_names: Sequence[str], half_classes: str) -> Split:
+  """(A, B) as --half_classes names them (`config.half_names`), checked against the data."""
+  a, b = half_names(half_classes)
+  return (class_ids(a, class_names, 'half_classes'), class_ids(b, class_names, 'half_classes'))

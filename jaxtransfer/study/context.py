@@ -72,7 +72,8 @@ def train_config(config: StudyConfig, options: RunOptions) -> trainer.TrainConfi
   return trainer.TrainConfig(epochs=config.epochs, batch_size=config.batch_size,
                              optimizer=config.optimizer, learning_rate=config.learning_rate,
                              weight_decay=config.weight_decay, momentum=config.momentum,
-                             eval_batch_size=options.eval_batch_size)
+                             lr_schedule=config.lr_schedule, warmup_epochs=config.warmup_epochs,
+                             augment=config.augment, eval_batch_size=options.eval_batch_size)
 
 
 def half_sizes(config: StudyConfig, halves: Sequence[splits_lib.Split], train_labels: np.ndarray,

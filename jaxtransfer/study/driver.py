@@ -144,11 +144,14 @@ def _write_outputs(study: Study, workdir: Workdir, rows: list[dict], data: Data,
 
 
 def _load(config: StudyConfig, image_folder: str | None, options: RunOptions) -> Data:
-  """The study's data (through the decoded-array cache)."""
+  """The study's data (through the decoded-array cache), restricted to --classes when given
+  (the channel statistics are then those classes' images')."""
   load = lambda split: data_lib.load(split, dataset=config.dataset, image_folder=image_folder,
                                      data_dir=options.data_dir, manual_dir=options.manual_dir,
                                      cache_dir=options.cache_dir)
   train, test = load('train'), load('test')
+  if config.classes:
+    train, test = (splits_lib.restrict(ds, config.classes) for ds in (train, test))
   return Data(train, test, *data_lib.channel_stats(train.images))
 
 
@@ -244,7 +247,7 @@ def stack_inputs(study: Study, stack: Stack, data: trainer.DeviceData, sources,
   model = study.make(len(classes[0]))
   size = features_lib.planned_nbytes(model, stack.structure, *members.train_idx.shape,
                                      members.test_idx.shape[1], data.train_images.shape[1:],
-                                     budget_mb)
+                                     budget_mb, augment=study.config.augment != 'none')
   if size is None:
     return StackInputs(model, members)
   features, members = features_lib.compute(model, members, data, len(stack.structure.frozen_layers))
@@ -300,7 +303,8 @@ def stack_shapes(study: Study, budget_mb: int) -> list[estimate.StackShape]:
     if classes not in macs:
       macs[classes] = flops.layer_macs(study.make(classes), study.image_shape)
     once = features_lib.planned_nbytes(study.make(classes), stack.structure, len(stack.runs),
-                                       n_train, n_test, study.image_shape, budget_mb) is not None
+                                       n_train, n_test, study.image_shape, budget_mb,
+                                       augment=study.config.augment != 'none') is not None
     shapes.append(
         estimate.StackShape(stack.name, len(stack.runs), len(stack.structure.frozen_layers),
                             macs[classes], n_train, n_test, once))

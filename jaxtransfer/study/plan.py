@@ -70,6 +70,8 @@ def make_halves(config: StudyConfig, class_names: Sequence[str]) -> list[splits_
     if config.num_splits != 1:
       raise ConfigError('--halves=dissimilar is one fixed split: use --num_splits=1')
     return [splits_lib.dissimilar_halves(class_names)]
+  if config.halves == 'explicit':
+    return [splits_lib.explicit_halves(class_names, config.half_classes)]
   return splits_lib.random_halves(len(class_names), config.num_splits, config.split_seed)
 
 

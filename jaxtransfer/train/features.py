@@ -24,18 +24,22 @@ from jaxtransfer.train import trainer
 _BATCH = 1000
 
 
-def applicable(model: Any, structure: trainer.Structure) -> bool:
-  """Frozen grafted layers under `fixed`, and a model that can run a slice of its layers."""
-  return (structure.batchnorm == 'fixed' and bool(structure.frozen_layers) and
+def applicable(model: Any, structure: trainer.Structure, augment: bool = False) -> bool:
+  """Frozen grafted layers under `fixed`, and a model that can run a slice of its layers; and
+  no augmentation (`augment`: a prefix of images augmented afresh at every step cannot be
+  computed once)."""
+  return (not augment and structure.batchnorm == 'fixed' and bool(structure.frozen_layers) and
           structure.frozen_layers == structure.graft_layers and modelspec.runs_slices(model))
 
 
 def planned_nbytes(model: Any, structure: trainer.Structure, k: int, train_images: int,
-                   test_images: int, image_shape: tuple[int, ...], budget_mb: int) -> int | None:
+                   test_images: int, image_shape: tuple[int, ...], budget_mb: int,
+                   augment: bool = False) -> int | None:
   """Bytes of a stack's prefix features if they are to be computed once: the structure allows
-  it (`applicable`) and they fit in `budget_mb`; else None (the stack trains the plain way). The
-  one decision, for the trainer and for the dry run's estimate."""
-  if not applicable(model, structure):
+  it and the images are not augmented (`applicable`), and they fit in `budget_mb`; else None
+  (the stack trains the plain way). The one decision, for the trainer and for the dry run's
+  estimate."""
+  if not applicable(model, structure, augment):
     return None
   size = stack_nbytes(model, k, train_images, test_images, image_shape,
                       len(structure.frozen_layers))

@@ -48,6 +48,9 @@ class TrainConfig:
   learning_rate: float = _STUDY.learning_rate
   weight_decay: float = _STUDY.weight_decay
   momentum: float = _STUDY.momentum  # sgd's
+  lr_schedule: str = _STUDY.lr_schedule  # one of config.LR_SCHEDULES
+  warmup_epochs: int = _STUDY.warmup_epochs
+  augment: str = _STUDY.augment  # one of config.AUGMENTATIONS
   eval_batch_size: int = _RUN.eval_batch_size
 
 
@@ -103,12 +106,36 @@ class StackResult(NamedTuple):
   timings: dict[str, float]  # seconds by phase: compile, init, train, evaluate (where time goes)
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def steps_per_epoch(train_images: int, batch_size: int) -> int:
+  """Optimiser steps in an epoch of `train_images`: the full batches and a partial last one."""
+  return -(-train_images // batch_size)
+
+
+def learning_rate(config: TrainConfig, steps: int) -> float | optax.Schedule:
+  """The rate at each optimiser step (its update count), for `steps` steps an epoch: a linear
+  warm-up from 0 over `warmup_epochs`, then constant or cosine-decayed to 0 at the last step.
+  The seed's recipe (constant, no warm-up) is the plain float, as it always was."""
+  warmup, total = config.warmup_epochs * steps, config.epochs * steps
+  lr = config.learning_rate
+  if config.lr_schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1), 0.0)
+  if config.lr_schedule != 'constant':
+    raise ValueError(f'unknown lr_schedule {config.lr_schedule!r}: expected one of '
+                     f'{config_lib.LR_SCHEDULES}')
+  if not warmup:
+    return lr
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
+                               optax.constant_schedule(lr)], [warmup])
+
+
+def make_optimizer(config: TrainConfig, steps: int = 1) -> optax.GradientTransformation:
+  """The optimiser of `config`, for `steps` optimiser steps an epoch (its schedule's unit)."""
+  lr = learning_rate(config, steps)
   if config.optimizer == 'adam':
-    return optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+    return optax.adamw(lr, weight_decay=config.weight_decay)
   if config.optimizer == 'sgd':
     return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.sgd(config.learning_rate, momentum=config.momentum))
+                       optax.sgd(lr, momentum=config.momentum))
   raise ValueError(f'unknown optimizer {config.optimizer!r}: expected one of {OPTIMIZERS}')
 
 
@@ -136,14 +163,20 @@ class Trainer:
   """The per-member functions of one stack; `train_stack` maps them over members.
 
   `example`: an input image batch of the model (for `init`); `start` > 0: the inputs of `step`
-  and `evaluate` are the outputs of layer start-1 (see `Features`), else uint8 images."""
+  and `evaluate` are the outputs of layer start-1 (see `Features`), else uint8 images.
+  `train_images`: each member's training examples (the unit of the learning-rate schedule is
+  an epoch of them)."""
   def __init__(self, model: nn.Module, structure: Structure, config: TrainConfig,
-               example: jax.Array, start: int = 0):
+               example: jax.Array, start: int = 0, train_images: int = 1):
     self.model, self.structure, self.config, self.example = model, structure, config, example
     self.layers = {'start': start} if start else {}
+    if start and config.augment != 'none':
+      raise ValueError('augmented images have no precomputed prefix features: train a stack '
+                       'with --augment the plain way (features.planned_nbytes(augment=True))')
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example, train=False))
     self.labels = transfer.freeze_labels(shapes['params'], structure.frozen_layers)
-    self.tx = transfer.masked_optimizer(make_optimizer(config), self.labels)
+    steps = steps_per_epoch(train_images, config.batch_size)
+    self.tx = transfer.masked_optimizer(make_optimizer(config, steps), self.labels)
 
   def init(self, key: jax.Array, source: PyTree | None) -> TrainState:
     variables = dict(self.model.init(key, self.example, train=False))
@@ -161,10 +194,13 @@ class Trainer:
     correct = (logits.argmax(-1) == labels).sum()
     return loss, (model_state, correct)
 
-  def step(self, state: TrainState, batch_idx, label_map, data: DeviceData):
-    """One optimiser step on the examples `batch_idx`; gradients only w.r.t. trainable leaves,
-    so no backward pass runs through a frozen prefix."""
-    images = _inputs(data.train_images[batch_idx], data)
+  def step(self, state: TrainState, batch_idx, label_map, data: DeviceData, key=None):
+    """One optimiser step on the examples `batch_idx` (augmented with `key` under --augment);
+    gradients only w.r.t. trainable leaves, so no backward pass runs through a frozen prefix."""
+    images = data.train_images[batch_idx]
+    if key is not None:
+      images = augment(key, images, self.config.augment)
+    images = _inputs(images, data)
     labels = label_map[data.train_labels[batch_idx]]
     trainable, frozen = transfer.partition(state.params, self.labels)
     (loss, (model_state, correct)), grads = jax.value_and_grad(self.loss,
@@ -188,12 +224,21 @@ class Trainer:
     order = train_idx[jax.random.permutation(key, n)]
     full, rem = divmod(n, b)
     step = functools.partial(self.step, label_map=label_map, data=data)
+    batches = order[:full * b].reshape(full, b)
+    if self.config.augment != 'none':
+      # Each step's own key, from the member's epoch key alone (not the stack's other members);
+      # the permutation above keeps `key` itself.
+      keys = jax.random.split(jax.random.fold_in(key, _AUGMENT_STREAM), full + 1)
+      scan_step = lambda state, xs: step(state, xs[0], key=xs[1])
+      batches, last = (batches, keys[:full]), {'key': keys[full]}
+    else:
+      scan_step, last = step, {}
     totals = jnp.zeros(2)
     if full:
-      state, sums = lax.scan(step, state, order[:full * b].reshape(full, b))
+      state, sums = lax.scan(scan_step, state, batches)
       totals += sums.sum(0)
     if rem:
-      state, sums = step(state, order[full * b:])
+      state, sums = step(state, order[full * b:], **last)
       totals += sums
     return state, totals / n  # (mean loss, accuracy)
 
@@ -214,6 +259,31 @@ class Trainer:
 
     hits = lax.map(correct, (padded.reshape(batches, eb), valid.reshape(batches, eb)))
     return hits.sum() / m
+
+
+_AUGMENT_STREAM = 0x617567  # folded into a member's epoch key: its augmentation stream
+
+
+def augment(key: jax.Array, images: jax.Array, kind: str = 'crop_flip') -> jax.Array:
+  """uint8 images [B, H, W, C] augmented as `kind` (one of config.AUGMENTATIONS) says, each by
+  its own draw from `key`: 'crop_flip' is a random H x W crop of the image zero-padded by
+  CROP_PADDING pixels on every side (black, as torchvision's RandomCrop(padding=4) pads before
+  normalising) and a horizontal flip with p = 0.5."""
+  if kind == 'none':
+    return images
+  if kind != 'crop_flip':
+    raise ValueError(f'unknown augment {kind!r}: expected one of {config_lib.AUGMENTATIONS}')
+  pad = config_lib.CROP_PADDING
+  _, h, w, c = images.shape
+  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+  def one(key, image):
+    k_crop, k_flip = jax.random.split(key)
+    dy, dx = jax.random.randint(k_crop, (2,), 0, 2 * pad + 1)
+    crop = lax.dynamic_slice(image, (dy, dx, 0), (h, w, c))
+    return jnp.where(jax.random.bernoulli(k_flip), crop[:, ::-1], crop)
+
+  return jax.vmap(one)(jax.random.split(key, images.shape[0]), padded)
 
 
 def _inputs(x: jax.Array, data: DeviceData) -> jax.Array:
@@ -335,7 +405,8 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   k_padded = -(-k // mesh.size) * mesh.size
   members = _pad_members(members, k_padded)
   example = jnp.zeros((1,) + data.train_images.shape[1:], jnp.float32)
-  trainer = Trainer(model, structure, config, example, features.start if features else 0)
+  trainer = Trainer(model, structure, config, example, features.start if features else 0,
+                    train_images=members.train_idx.shape[1])
 
   shared = features is None  # data replicated to every member, or each member's own features
   fns = stack_functions(trainer, mesh, member_map, shared_data=shared)

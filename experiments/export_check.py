@@ -16,11 +16,20 @@ model axis sharded over a mesh of 4 (CPU) devices. In the exported StableHLO it 
   loop over members (the `lax.map` build, checked as a control, has one more and ungrouped
   convolutions);
 * no CPU-only code: `models.conv_general_dilated` routes CPU through a hand-written VJP behind
-  `lax.platform_dependent`. An accelerator program must hold exactly the convolutions of the
-  same stack built on stock `lax.conv_general_dilated` (same dimension numbers, shapes and group
-  counts), including XLA's own kernel gradients (`[f, 0, 1, b]x[i, 0, 1, o]->[0, 1, b, f]`) and
-  none of the hand-written ones (canonical `[b, 0, 1, f]` convolutions whose output is a 3x3
-  kernel). The `cpu` export, as a control, must show the opposite.
+  `lax.platform_dependent` (kernel gradients as canonical `[b, 0, 1, f]` convolutions whose
+  output is a 3x3 kernel); none may be in an accelerator program, and the `cpu` export, as a
+  control, must show them;
+* no convolution computes a weight gradient: on accelerators the kernel gradient is a GEMM
+  (`models.conv_same_gemm`), because XLA:GPU turns a grouped backward-filter convolution into a
+  forward one with the whole image as its window. Every convolution must be a forward 3x3
+  convolution of activations (canonical dimension numbers, a 3x3 kernel operand, as many output
+  features per member as a layer's width), the stock `lax.conv_general_dilated` build's forward
+  convolutions must all be among them (the rest are input gradients, one fewer per step than
+  layers), and the weight gradients must be there as batched dot_generals with a `9 x Cin x
+  Cout` result, one per conv layer and step body.
+
+Then it exports every stack of `seed.flags` (one device, as on one GPU) for `cuda` and prints
+how many distinct programs the study compiles (module text without `loc(...)`, hashed).
 
 Prints one line per platform and program; exits 1 with `error: ...` on the first failed check.
 """
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import re
 import sys
 import time
@@ -37,6 +47,8 @@ from unittest import mock
 
 K, DEVICES, BATCH, TRAIN_PER_MEMBER, TEST_PER_MEMBER = 20, 4, 64, 25_000, 5_000
 WIDTHS, CLASSES, GLOBAL_CLASSES = (8, 16, 32), 5, 10
+CONV_LAYERS = 2 * len(WIDTHS)
+STUDY_FLAGS = 'experiments/configs/seed.flags'
 PLATFORMS = ('cuda', 'tpu')
 KERNEL_GRAD_AUTODIFF = '[f, 0, 1, b]x[i, 0, 1, o]->[0, 1, b, f]'
 CANONICAL = '[b, 0, 1, f]x[0, 1, i, o]->[b, 0, 1, f]'
@@ -56,11 +68,26 @@ class Conv(NamedTuple):
     """The CPU VJP's kernel gradient: canonical labels, a 3x3 'image' out (the kernel)."""
     return self.dims == CANONICAL and self.out_shape[1:3] == (3, 3)
 
+  @property
+  def forward_3x3(self) -> bool:
+    """A forward convolution of activations by a 3x3 kernel (the kernel operand's window)."""
+    return self.dims == CANONICAL and self.rhs_shape[:2] == (3, 3)
+
+  @property
+  def rhs_shape(self) -> tuple[int, ...]:
+    rhs = re.search(r'^\(tensor<[^>]*>, tensor<([\dx]+)x\w+>\)', self.types).group(1)
+    return tuple(int(d) for d in rhs.split('x'))
+
 
 class Summary(NamedTuple):
   convs: list[Conv]
   loops: int
   text: str
+
+  @property
+  def kernel_grad_gemms(self) -> list[str]:
+    """dot_generals whose result is a member-batched `[members, 9, Cin, Cout]` kernel gradient."""
+    return re.findall(r'stablehlo\.dot_general .* -> (tensor<\d+x9x\d+x\d+xf32>)', self.text)
 
 
 def convolutions(text: str) -> list[Conv]:
@@ -174,16 +201,85 @@ def check_accelerator(platform: str, name: str, got: Summary, stock: Summary) ->
   handwritten = [c for c in got.convs if c.handwritten_kernel_grad]
   check(not handwritten, f'{platform} {name}: {len(handwritten)} hand-written (CPU) kernel '
         'gradients')
-  same = collections.Counter(c[:4] for c in got.convs) == collections.Counter(
-      c[:4] for c in stock.convs)
-  check(same, f'{platform} {name}: convolutions differ from the stock lax.conv build')
-  forms = collections.Counter(
-      'kernel-grad' if c.dims == KERNEL_GRAD_AUTODIFF else 'forward' if c.dims ==
-      CANONICAL else 'input-grad' for c in got.convs)
-  detail = ', '.join(f'{n} {form}' for form, n in sorted(forms.items()))
-  convs = (f'{len(got.convs)} convolutions ({detail}), each grouped by the {per_device} members '
-           'of a device, the same as on stock lax.conv' if got.convs else 'no convolutions')
+  widths = {per_device * w for w in WIDTHS}
+  not_forward = [c for c in got.convs if not c.forward_3x3 or c.out_shape[-1] not in widths]
+  check(
+      not not_forward, f'{platform} {name}: {len(not_forward)} convolutions are not forward 3x3 '
+      f'convolutions of activations (a weight gradient?), e.g. {not_forward[:1]}')
+  mine, stock_forward = collections.Counter(c[:4] for c in got.convs), collections.Counter(
+      c[:4] for c in stock.convs if c.dims == CANONICAL)
+  check(not stock_forward - mine,
+        f'{platform} {name}: forward convolutions differ from the stock lax.conv build')
+  # Per step body (the epoch has two: the scan's and the last partial batch's), the stock build
+  # has a forward convolution per layer, an input gradient for all but the first, and a kernel
+  # gradient per layer; here the kernel gradients are GEMMs.
+  bodies = sum(c.dims == KERNEL_GRAD_AUTODIFF for c in stock.convs) // CONV_LAYERS
+  input_grads = len(got.convs) - sum(stock_forward.values())
+  gemms = got.kernel_grad_gemms
+  check(
+      input_grads == bodies * (CONV_LAYERS - 1) and len(gemms) == bodies * CONV_LAYERS,
+      f'{platform} {name}: {input_grads} input-gradient convolutions and {len(gemms)} kernel-'
+      f'gradient GEMMs for {bodies} step bodies')
+  detail = f'{sum(stock_forward.values())} forward, {input_grads} input-grad'
+  convs = (f'{len(got.convs)} convolutions ({detail}), all forward 3x3 convolutions of '
+           f'activations grouped by the {per_device} members of a device; {len(gemms)} '
+           'kernel-gradient GEMMs' if got.convs else 'no convolutions')
   return f'{convs}; {got.loops} loop(s); member arguments split over {DEVICES} devices'
+
+
+def program_key(text: str) -> str:
+  """sha256 of a module's text without its source locations: equal for the same program."""
+  text = '\n'.join(line for line in text.splitlines() if not line.startswith('#loc'))
+  return hashlib.sha256(re.sub(r' loc\(#loc\d*\)', '', text).encode()).hexdigest()
+
+
+def study_programs(flagfile: str = STUDY_FLAGS, platform: str = 'cuda') -> dict[str, list[str]]:
+  """{program: [key per stack]} of init/epoch/evaluate of every stack of the study `flagfile`
+  names, exported for `platform` on one device (CIFAR-sized halves, members under vmap)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from experiments import main as cli
+  from jaxtransfer import config as config_lib, transfer
+  from jaxtransfer.data import cifar
+  from jaxtransfer.nets import modelspec
+  from jaxtransfer.study import context, plan as plan_lib
+  from jaxtransfer.train import trainer
+  cli.FLAGS([sys.argv[0], f'--flagfile={flagfile}', '--workdir=unused'])
+  config = cli.config_from_flags()  # validated and normalised, as the CLI sees it
+  tconfig = context.train_config(config, cli.from_flags(config_lib.RunOptions))
+  make = modelspec.factory(config.model, config.widths, config.layer_defaults)
+  example = jnp.zeros((1,) + cifar.IMAGE_SHAPE, jnp.float32)
+  layer_names = tuple(transfer.layer_order(make(2), example, train=False))
+  halves = plan_lib.make_halves(config, cifar.CIFAR10_CLASSES)
+  mesh = jax.make_mesh((1,), (trainer.MODEL_AXIS,), devices=jax.devices('cpu')[:1])
+  sharded = NamedSharding(mesh, P(trainer.MODEL_AXIS))
+  keys = {name: [] for name in ('init', 'epoch', 'evaluate')}
+  for stack in plan_lib.plan(config, layer_names, halves):
+    k, classes = len(stack.runs), len(plan_lib.half_classes(halves, 0, stack.runs[0].target))
+    data, _, train_idx, test_idx, label_map = abstract_inputs(mesh)
+    s = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=sharded)
+    train_idx, test_idx = s((k, classes * 5_000)), s((k, classes * 1_000))
+    init_keys, label_map = s((k,), jax.random.key(0).dtype), s((k, GLOBAL_CLASSES))
+    model = make(classes)
+    sources = None
+    if stack.structure.graft_layers:
+      shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example, train=False))
+      prefix = {
+          c: {n: sub[n] for n in stack.structure.graft_layers if n in sub}
+          for c, sub in shapes.items()
+      }
+      sources = jax.tree.map(lambda x: s((k,) + x.shape, x.dtype), prefix)
+    stack_trainer = trainer.Trainer(model, stack.structure, tconfig, example)
+    fns = trainer.stack_functions(stack_trainer, mesh, 'vmap')
+    state = jax.tree.map(lambda x: s(x.shape, x.dtype),
+                         jax.eval_shape(fns.init, init_keys, sources, data))
+    for name, fn, args in (('init', fns.init, (init_keys, sources, data)),
+                           ('epoch', fns.epoch, (state, init_keys, train_idx, label_map, data)),
+                           ('evaluate', fns.evaluate, (state, test_idx, label_map, data))):
+      keys[name].append(
+          program_key(jax.export.export(fn, platforms=(platform,))(*args).mlir_module()))
+  return keys
 
 
 def main() -> int:
@@ -213,6 +309,17 @@ def main() -> int:
     print(
         f'control cpu   epoch: {handwritten} hand-written kernel gradients, {autodiff} of '
         "XLA's: the CPU VJP is there, and only there", flush=True)
+    # XLA's kernel gradient: x [f, 0, 1, b] by dy [i, 0, 1, o], so its window is dy's image.
+    refused = [c for c in stock['epoch'][0].convs if not c.forward_3x3]
+    weight_grads = [c for c in refused if c.dims == KERNEL_GRAD_AUTODIFF]
+    windows = sorted({'x'.join(map(str, c.rhs_shape[1:3])) for c in weight_grads})
+    check(
+        len(weight_grads) == 2 * CONV_LAYERS and '3x3' not in windows, f'control: the stock '
+        f'cuda epoch has {len(weight_grads)} kernel-gradient convolutions, windows {windows}')
+    print(
+        f'control cuda  epoch on stock lax.conv: {len(weight_grads)} weight-gradient '
+        f'convolutions (windows {", ".join(windows)}); the check above refuses {len(refused)} of '
+        'its convolutions', flush=True)
     looped, _ = export_stack('cuda', member_map='map', programs=('epoch',))['epoch']
     grouped = sum(c.feature_groups > 1 or c.batch_groups > 1 for c in looped.convs)
     check(looped.loops == OWN_LOOPS['epoch'] + 1 and grouped == 0,
@@ -220,6 +327,15 @@ def main() -> int:
     print(
         f'control cuda  epoch with member_map=map: {looped.loops} loops, {grouped} grouped '
         'convolutions: members in turn', flush=True)
+    t = time.perf_counter()
+    programs = study_programs()
+    stacks = len(programs['init'])
+    total = sum(len(set(v)) for v in programs.values())
+    detail = ', '.join(f'{name} {len(set(v))}/{len(v)}' for name, v in programs.items())
+    print(
+        f'study {STUDY_FLAGS}: {stacks} stacks, {3 * stacks} programs, {total} distinct '
+        f'({detail}), exported for cuda on one device in {time.perf_counter() - t:.0f} s',
+        flush=True)
   except CheckError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

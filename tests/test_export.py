@@ -21,6 +21,15 @@ def test_seed_stack_exports_for_gpu_and_tpu(capsys):
     for program in ('init', 'epoch', 'evaluate'):
       assert any(line.split()[:2] == [platform, program] for line in lines), (platform, program)
   epoch = next(line for line in lines if line.split()[:2] == ['cuda', 'epoch'])
-  assert '34 convolutions (12 forward, 10 input-grad, 12 kernel-grad)' in epoch
+  # No weight gradient is a convolution (XLA:GPU gives grouped ones whole-image windows): 6
+  # forward and 5 input-gradient 3x3 convolutions and 6 kernel-gradient GEMMs per step body, two
+  # bodies (the scan's and the last partial batch's); the stock build's 12 are refused.
+  assert '22 convolutions (12 forward, 10 input-grad), all forward 3x3' in epoch
+  assert '12 kernel-gradient GEMMs' in epoch
   assert 'grouped by the 5 members' in epoch
+  assert any(
+      line.startswith('control cuda  epoch on stock lax.conv: 12 weight-gradient '
+                      'convolutions (windows 16x16, 32x32, 8x8)') for line in lines)
+  study = next(line for line in lines if line.startswith('study '))
+  assert '13 stacks, 39 programs' in study, study
   assert lines[-1].startswith('ok: cuda and tpu export')

@@ -273,3 +273,26 @@ def test_other_convolutions_fall_back_to_lax():
     np.testing.assert_array_equal(
         models.conv_general_dilated(x, k, strides, padding, dimension_numbers=dn),
         lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=dn))
+
+
+@pytest.mark.parametrize('shape, features, kernel', [((2, 9, 7, 3), 5, 3), ((3, 8, 8, 16), 4, 3),
+                                                     ((2, 7, 6, 3), 4, 5)])
+def test_gemm_kernel_gradient_equals_lax_under_vmap(shape, features, kernel):
+  """The accelerators' VJP (`conv_same_gemm`, called directly: the CPU lowering would take the
+  CPU branch) against jax.grad of lax's convolution, per member of a vmapped stack of three."""
+  members = 3
+  x, k, ct = (jnp.asarray(_RNG.normal(size=(members,) + s), jnp.float32)
+              for s in (shape, (kernel, kernel, shape[-1], features), shape[:-1] + (features,)))
+  pad = kernel // 2
+  ref = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), (
+      (pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  gemm = lambda x, k: models.conv_same_gemm(x, k, pad)
+  grads = lambda conv: jax.jit(jax.vmap(jax.grad(lambda x, k, ct: (conv(x, k) * ct).sum(),
+                                                 (0, 1))))(x, k, ct)
+  (dx, dk), (ref_dx, ref_dk) = grads(gemm), grads(ref)
+  assert dk.shape == k.shape and dx.shape == x.shape
+  _close(dx, ref_dx, rtol=1e-5, atol=1e-4)
+  _close(dk, ref_dk, rtol=1e-5, atol=1e-4)
+  # The kernel gradient alone, as the trainer's backward pass computes it.
+  direct = jax.vmap(lambda x, ct: models.kernel_grad_gemm(x, ct, kernel, kernel, pad))(x, ct)
+  _close(direct, ref_dk, rtol=1e-5, atol=1e-4)

@@ -71,12 +71,48 @@ def _conv_same_bwd(pad, residuals, dy):
 conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
 
 
+def kernel_grad_gemm(x: jax.Array, dy: jax.Array, kh: int, kw: int, pad: int) -> jax.Array:
+  """dk[h, w, i, o] = sum_{b, y, x} x_pad[b, y + h, x + w, i] * dy[b, y, x, o] as one GEMM.
+
+  The kh*kw shifted windows of the padded input, stacked, are contracted with dy over batch and
+  space: a [kh*kw*Cin, B*H*W] x [B*H*W, Cout] matrix product, batched over members under vmap.
+  XLA:GPU rewrites a grouped backward-filter convolution (the vmapped autodiff kernel gradient)
+  as a forward convolution with the whole image as its window, the worst shape a direct
+  convolution can get; a GEMM has no such case."""
+  b, h, w, _ = dy.shape
+  x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  windows = jnp.stack([x[:, i:i + h, j:j + w] for i in range(kh) for j in range(kw)], axis=3)
+  dk = lax.dot_general(windows, dy, (((0, 1, 2), (0, 1, 2)), ((), ())))  # [kh*kw, Cin, Cout]
+  return dk.reshape(kh, kw, *dk.shape[1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_same_gemm(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+  """`conv_same` for accelerators: forward and input gradient as 3x3 convolutions (cuDNN's
+  forward call), the kernel gradient as a GEMM (`kernel_grad_gemm`)."""
+  return _conv_nhwc(x, kernel, pad)
+
+
+def _conv_same_gemm_bwd(pad, residuals, dy):
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  dx = _conv_nhwc(dy, jnp.swapaxes(kernel[::-1, ::-1], 2, 3), kh - 1 - pad)
+  return dx, kernel_grad_gemm(x, dy, kh, kw, pad).astype(kernel.dtype)
+
+
+conv_same_gemm.defvjp(_conv_same_fwd, _conv_same_gemm_bwd)
+
+# Platforms whose lowering takes `conv_same_gemm`; any other keeps lax's own gradients.
+GEMM_KERNEL_GRAD_PLATFORMS = ('cuda', 'rocm', 'tpu')
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
   """Drop-in for `lax.conv_general_dilated` (flax `nn.Conv(conv_general_dilated=...)`).
 
-  On CPU, the stride-1, undilated, ungrouped, symmetric 'SAME' NHWC case with odd square kernels
-  goes through `conv_same`; anything else, and every other platform, to lax unchanged.
+  The stride-1, undilated, ungrouped, symmetric 'SAME' NHWC case with odd square kernels goes
+  through `conv_same` on CPU and `conv_same_gemm` on GPU/TPU (the same values); anything else,
+  and any other platform, to lax unchanged.
   """
   args = (lhs, rhs, window_strides, padding)
   kwargs.update(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -93,9 +129,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
           dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
   if not fast:
     return lax.conv_general_dilated(*args, **kwargs)
-  # CPU only: elsewhere (GPU/TPU) the compiler's own backward convolutions are kept as they were.
+  # CPU: canonical backward convolutions; GPU/TPU: the kernel gradient as a GEMM.
+  accelerators = {p: lambda x, k: conv_same_gemm(x, k, pad) for p in GEMM_KERNEL_GRAD_PLATFORMS}
   return lax.platform_dependent(
-      lhs, rhs, cpu=lambda x, k: conv_same(x, k, pad),
+      lhs, rhs, cpu=lambda x, k: conv_same(x, k, pad), **accelerators,
       default=lambda x, k: lax.conv_general_dilated(x, k, *args[2:], **kwargs))
 
 

@@ -30,6 +30,4 @@ def test_seed_stack_exports_for_gpu_and_tpu(capsys):
   assert any(
       line.startswith('control cuda  epoch on stock lax.conv: 12 weight-gradient '
                       'convolutions (windows 16x16, 32x32, 8x8)') for line in lines)
-  study = next(line for line in lines if line.startswith('study '))
-  assert '13 stacks, 39 programs' in study, study
   assert lines[-1].startswith('ok: cuda and tpu export')

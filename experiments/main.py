@@ -104,11 +104,15 @@ def enable_compilation_cache() -> None:
 
 
 def set_cpu_devices() -> None:
-  import jax
+  """--cpu_devices, first thing: loading and checking a model of your own starts JAX, which fixes
+  its device count then. In a process where JAX runs already (the CLI called in-process) an
+  explicit --cpu_devices it cannot apply is said, not dropped."""
+  import jaxtransfer  # pylint: disable=import-outside-toplevel
   try:
-    jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)  # before any device is touched
-  except RuntimeError:  # JAX already running in this process (e.g. called from a test)
-    pass
+    jaxtransfer.use_cpu_devices(FLAGS.cpu_devices)
+  except RuntimeError as e:
+    if FLAGS['cpu_devices'].present:
+      print(f'warning: --cpu_devices ignored: {e}', file=sys.stderr)
 
 
 def run(progress: Progress) -> str:
@@ -119,7 +123,6 @@ def run(progress: Progress) -> str:
   check_writable(FLAGS.workdir)
   workdir = Workdir(FLAGS.workdir)
   enable_compilation_cache()
-  set_cpu_devices()
   if FLAGS.distributed:
     import jax
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts; else unused
@@ -134,7 +137,6 @@ def dry_run() -> str:
   with other flags is refused, its finished stacks left out); the compilation cache stays off,
   so the probe's compile times are those of a first run."""
   config, options = config_from_flags(), from_flags(config_lib.RunOptions)
-  set_cpu_devices()
   return driver.dry_run(config, Workdir(FLAGS.workdir), image_folder=FLAGS.image_folder,
                         options=options)
 
@@ -143,6 +145,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  set_cpu_devices()  # before anything can start JAX
   progress = Progress(None if FLAGS.quiet else sys.stderr)
   try:
     if FLAGS.dry_run:

@@ -88,7 +88,8 @@ def run(config: StudyConfig, workdir: Workdir, *, image_folder: str | None = Non
     workdir.claim(config, data.train.class_names)
     notes = moot_flags(config, context.model_info(config, model_fn, study.image_shape))
     for line in (_summary(study, data, options.member_map),
-                 class_counts(data.train, data.test, config.train_per_class), *notes):
+                 class_counts(data.train, data.test,
+                              config.train_per_class), *notes, *one_cpu_device_hint()):
       progress.log(line)
     device_data = trainer.to_device(data.train, data.test, data.mean, data.std)
     rows = train_stacks(study, workdir, device_data, options=options, progress=progress, mesh=mesh)
@@ -101,6 +102,18 @@ def _summary(study: Study, data: Data, member_map: str) -> str:
           f'{len(study.stacks)} stacks, {len(data.train)} train / {len(data.test)} test images, '
           f'{jax.device_count()} {jax.default_backend()} device(s), members under '
           f'{trainer.resolve_member_map(member_map)}')
+
+
+def one_cpu_device_hint() -> list[str]:
+  """On a multi-core CPU seen as one JAX device, how to get more: members then train in turn."""
+  cores = os.cpu_count() or 1
+  if jax.default_backend() != 'cpu' or jax.device_count() > 1 or cores < 2:
+    return []
+  return [
+      f'note: 1 cpu device on {cores} cores: a stack\'s members train one after another; '
+      f'jaxtransfer.use_cpu_devices({min(cores, 8)}) before anything runs JAX (the command '
+      'line\'s --cpu_devices) trains them in parallel'
+  ]
 
 
 def _write_outputs(study: Study, workdir: Workdir, rows: list[dict], data: Data,

@@ -76,10 +76,11 @@ def run(config: StudyConfig, workdir: Workdir, *, image_folder: str | None = Non
   `image_folder`: where the data is, when not a TFDS dataset (the study records its content,
   not its path). `model_fn(num_classes)`: a flax module of your own (`config.model` names it;
   contract in `modelspec`). `options`: how to run it (`config.RunOptions`: not part of the
-  study). The workdir is locked for the whole run, and every finished stack's rows and
-  checkpoint are verified before anything is written."""
+  study). `progress`: where its progress lines go (default: stderr; `Progress(None)`: nowhere).
+  The workdir is locked for the whole run, and every finished stack's rows and checkpoint are
+  verified before anything is written."""
   config = resolve(config, image_folder=image_folder, model_fn=model_fn)
-  progress = progress or Progress(None)
+  progress = progress or Progress()
   with workdir.lock(options.wait_for_lock, log=progress.log):
     prepare(config, workdir, image_folder)
     workdir.remove_leftovers()
@@ -276,34 +277,36 @@ def epoch_work(study: Study, devices: int, budget_mb: int) -> dict[str, float]:
   """One epoch of each stack as the progress ETA weighs it: the training FLOPs of the busiest
   device (`estimate`'s time model: members spread over `devices`, frozen layers pruned, a prefix
   computed once within `budget_mb` skipped), so cheap frozen stacks do not inflate the ETA.
-  Models whose layers cannot be counted (`flops.layer_macs`) weigh one unit per member."""
-  try:
-    shapes = stack_shapes(study, budget_mb)
-  except ValueError:
-    return {s.name: float(len(s.runs)) for s in study.stacks}
+  A model whose layers cannot be counted one by one weighs its whole FLOPs in every stack."""
   work = {}
-  for shape in shapes:
-    per_image, _, _ = estimate.member_flops_per_image(shape.macs, shape.frozen, shape.prefix_once)
+  for shape in stack_shapes(study, budget_mb):
+    per_image, _, _ = estimate.shape_flops(shape)
     work[shape.name] = float(math.ceil(shape.k / devices) * shape.train_images * per_image)
   return work
 
 
 def stack_shapes(study: Study, budget_mb: int) -> list[estimate.StackShape]:
   """Per stack (in order), what its cost follows from, for the dry run's estimate and the
-  progress ETA. Raises ValueError for a model whose layers cannot be counted
-  (`flops.layer_macs`)."""
-  macs, shapes = {}, []
+  progress ETA: per-layer FLOPs where the model's layers can be counted one by one
+  (`flops.layer_macs`), else the whole model's (`flops.whole_model_flops`)."""
+  counts, shapes = {}, []
   for stack in study.stacks:
     run = stack.runs[0]
     classes = len(study.classes(run))
     n_train, n_test = study.sizes[(run.split, run.target)]
-    if classes not in macs:
-      macs[classes] = flops.layer_macs(study.make(classes), study.image_shape)
+    if classes not in counts:
+      model = study.make(classes)
+      try:
+        counts[classes] = dict(macs=flops.layer_macs(model, study.image_shape))
+      except ValueError:
+        counts[classes] = dict(macs=(), layers=len(study.layer_names),
+                               whole=flops.whole_model_flops(model, study.image_shape))
     once = features_lib.planned_nbytes(study.make(classes), stack.structure, len(stack.runs),
                                        n_train, n_test, study.image_shape, budget_mb) is not None
     shapes.append(
         estimate.StackShape(stack.name, len(stack.runs), len(stack.structure.frozen_layers),
-                            macs[classes], n_train, n_test, once))
+                            train_images=n_train, test_images=n_test, prefix_once=once,
+                            **counts[classes]))
   return shapes
 
 
@@ -367,19 +370,22 @@ def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder
       f'{len(data.train.class_names)} classes; {mesh.size} {jax.default_backend()} device(s), '
       f'members under {member_map}'
   ]
-  total, n_models = 0.0, 0
+  total, n_models, whole = 0.0, 0, False
   for folder, study in planned.items():
     sub_workdir = Workdir(workdir.file(folder)) if workdir is not None and folder else workdir
     done = lambda stack: sub_workdir is not None and os.path.exists(sub_workdir.rows_file(stack))
+    shapes = stack_shapes(study, options.feature_budget_mb)
+    whole = whole or any(shape.whole is not None for shape in shapes)
     costs = [
         estimate.stack_cost(shape, epochs=study.config.epochs, probe_=probe, done=done(stack))
-        for stack, shape in zip(study.stacks, stack_shapes(study, options.feature_budget_mb))
+        for stack, shape in zip(study.stacks, shapes)
     ]
     if folder:
       lines.append(f'sweep study {folder}:')
     lines += estimate.render_stacks(costs, study.config.epochs)
     total += estimate.total_seconds(costs)
     n_models += sum(c.k for c in costs)
+  lines += [estimate.whole_model_note(config.model)] if whole else []
   lines += estimate.render_probe(probe, model_epoch)
   lines.append(f'estimate: {estimate.duration(total)} for {n_models} models on this backend '
                f'({mesh.size} {jax.default_backend()} device(s), members under {member_map})')

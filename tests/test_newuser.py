@@ -157,3 +157,93 @@ def test_a_layer_of_normalisation_alone_is_warned_about(caplog):
   lines = [r.getMessage() for r in caplog.records if 'normalisation' in r.getMessage()]
   assert len(lines) == 1, lines
   assert 'layer(s) bn1, bn2 hold only' in lines[0] and 'are conv1 and bn1' in lines[0]
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_resume(tmp_path):
+  from tests.conftest import tiny_args
+  make_image_folder(tmp_path / 'images')
+  args = [a for a in tiny_args(tmp_path / 'images', tmp_path / 'wd') if a != '--quiet']
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.Popen([sys.executable, '-m', 'experiments.main', *args, '--epochs=50'],
+                          cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          text=True)
+  lines = []
+  for line in proc.stderr:  # until the first stack is finished and the second one is training
+    lines.append(line)
+    if '[2/' in line and 'training' in line:
+      break
+  time.sleep(1)
+  proc.send_signal(signal.SIGINT)
+  rest = proc.stderr.read()
+  assert proc.wait(timeout=120) == 130, ''.join(lines) + rest
+  assert 'Traceback' not in rest, rest
+  last = rest.strip().splitlines()[-1]
+  assert last == (f'interrupted: 1 finished stack(s) are kept in {tmp_path / "wd"} (a stack in '
+                  'training is lost); rerun the same command to resume')
+
+
+def test_a_long_decode_says_how_far_it_is(tmp_path, monkeypatch):
+  import io
+  import numpy as np
+  from PIL import Image
+  from jaxtransfer.data import imagefolder
+  from jaxtransfer.study import driver
+  from jaxtransfer.study.progress import Progress
+  paths = []
+  for i in range(600):
+    paths.append(str(tmp_path / f'{i}.png'))
+    Image.fromarray(np.full((2, 2, 3), i % 256, np.uint8)).save(paths[-1])
+  monkeypatch.setattr(imagefolder, 'PROGRESS_SECONDS', 0.0)
+  stream = io.StringIO()
+  with driver._data_progress(Progress(stream)):
+    images = imagefolder._decode_images(paths, 1, 'the train split')
+  assert images[:, 0, 0, 0].tolist() == [i % 256 for i in range(600)]
+  lines = [line.split(', ')[0] for line in stream.getvalue().splitlines()]
+  assert lines == [
+      'decoding the train split: 256 of 600 images (42%)',
+      'decoding the train split: 512 of 600 images (85%)'
+  ]
+  imagefolder._decode_images(paths, 1)  # no driver listening: nothing shown, nothing kept
+  assert stream.getvalue().count('\n') == 2
+
+
+def test_curves_after_one_epoch_show_a_point_per_depth(tmp_path, monkeypatch):
+  from jaxtransfer.analysis import plots
+  records = [{
+      'stack': 's', 'run': f'{c}{d}{k}', 'condition': c, 'depth': d, 'epoch': 1, 'loss': 1.0,
+      'train_accuracy': 0.5 + 0.1 * d + 0.01 * k, 'test_accuracy': 0.4
+  } for c, ds in (('base', (0,)), ('BnB', (1, 2)), ('AnB', (1, 2))) for d in ds for k in range(2)]
+  figures = []
+  monkeypatch.setattr(plots, 'save_figure', lambda fig, stem: figures.append(fig) or [stem])
+  assert plots.curves_figure(records, str(tmp_path / 'curves')) == [str(tmp_path / 'curves')]
+  axes = [ax for ax in figures[0].axes if ax.axison]
+  assert len(axes) == 3
+  for ax in axes:
+    points = [line for line in ax.get_lines() if line.get_marker() not in (None, 'None', '')]
+    assert points and all(len(line.get_xdata()) == 1 for line in points)
+    assert ax.get_xlim() == (0.5, 1.5)
+    assert [t for t in ax.get_xticks() if 0.5 <= t <= 1.5] == [1.0]
+  assert 'one epoch' in figures[0]._suptitle.get_text()
+
+
+def test_help_lists_the_flags_by_group():
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  for arg in ('--help', '--helpfull'):
+    proc = subprocess.run([sys.executable, '-m', 'experiments.main', arg], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sections, group = {}, None
+    for line in proc.stdout.splitlines():
+      if line and not line.startswith(' ') and line.endswith(':'):
+        group = line.split(' ')[0].rstrip(':')
+      elif line.startswith('  -') and group:
+        name = line.strip().split(':')[0].split('--')[-1]
+        sections.setdefault(group, []).append(name.replace('[no]', ''))
+    assert list(sections)[:4] == ['study', 'data', 'run', 'cluster'], list(sections)
+    assert {'epochs', 'model', 'conditions'} <= set(sections['study'])
+    assert {'image_folder', 'dataset', 'train_per_class'} <= set(sections['data'])
+    assert {'workdir', 'cpu_devices', 'member_map', 'dry_run'} <= set(sections['run'])
+    assert {'distributed', 'process_id'} <= set(sections['cluster'])
+    ours = [name for group in ('study', 'data', 'run', 'cluster') for name in sections[group]]
+    assert len(ours) == len(set(ours))  # each flag once
+    assert ('absl.logging' in sections) == (arg == '--helpfull')

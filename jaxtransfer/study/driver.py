@@ -7,6 +7,7 @@ live in their own module; this one puts them together.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -84,7 +85,7 @@ def run(config: StudyConfig, workdir: Workdir, *, image_folder: str | None = Non
   with workdir.lock(options.wait_for_lock, log=progress.log):
     prepare(config, workdir, image_folder)
     workdir.remove_leftovers()
-    data = _load(config, image_folder, options)
+    data = _load(config, image_folder, options, progress)
     study = context.build(config, data.train, data.test, model_fn)
     workdir.claim(config, data.train.class_names)
     notes = moot_flags(config, context.model_info(config, model_fn, study.image_shape))
@@ -94,7 +95,7 @@ def run(config: StudyConfig, workdir: Workdir, *, image_folder: str | None = Non
       progress.log(line)
     device_data = trainer.to_device(data.train, data.test, data.mean, data.std)
     rows = train_stacks(study, workdir, device_data, options=options, progress=progress, mesh=mesh)
-    return _write_outputs(study, workdir, rows, data, notes)
+    return _write_outputs(study, workdir, rows, data, notes, progress)
 
 
 def _summary(study: Study, data: Data, member_map: str) -> str:
@@ -118,7 +119,7 @@ def one_cpu_device_hint() -> list[str]:
 
 
 def _write_outputs(study: Study, workdir: Workdir, rows: list[dict], data: Data,
-                   notes: Sequence[str]) -> str:
+                   notes: Sequence[str], progress: Progress | None = None) -> str:
   """results, figures and report.md from every stack's rows; returns the report's path."""
   rows_lib.write(workdir.path, rows)
   paths = plots.write_all(rows, workdir.path)
@@ -129,7 +130,8 @@ def _write_outputs(study: Study, workdir: Workdir, rows: list[dict], data: Data,
   if study.config.cka_images:
     from jaxtransfer.study import similarity  # only when asked
     paths += similarity.write(study, workdir, data.test, data.mean, data.std,
-                              exclude={rows_lib.run_id(r) for r in diverged})
+                              exclude={rows_lib.run_id(r) for r in diverged},
+                              log=(progress or Progress(None)).log)
   figures = [os.path.relpath(p, workdir.path) for p in paths]
   path = workdir.file('report.md')
   files.write_text(
@@ -144,13 +146,41 @@ def _write_outputs(study: Study, workdir: Workdir, rows: list[dict], data: Data,
   return path
 
 
-def _load(config: StudyConfig, image_folder: str | None, options: RunOptions) -> Data:
-  """The study's data (through the decoded-array cache)."""
+def _load(config: StudyConfig, image_folder: str | None, options: RunOptions,
+          progress: Progress | None = None) -> Data:
+  """The study's data (through the decoded-array cache); a long decode says how far it is."""
   load = lambda split: data_lib.load(split, dataset=config.dataset, image_folder=image_folder,
                                      data_dir=options.data_dir, manual_dir=options.manual_dir,
                                      cache_dir=options.cache_dir)
-  train, test = load('train'), load('test')
+  with _data_progress(progress):
+    train, test = load('train'), load('test')
   return Data(train, test, *data_lib.channel_stats(train.images))
+
+
+class _ProgressHandler(logging.Handler):
+  def __init__(self, progress: Progress):
+    super().__init__(logging.INFO)
+    self.progress = progress
+
+  def emit(self, record: logging.LogRecord) -> None:
+    self.progress.log(record.getMessage())
+
+
+@contextlib.contextmanager
+def _data_progress(progress: Progress | None):
+  """The data modules' progress lines (`imagefolder.PROGRESS_LOGGER`) as `progress` lines."""
+  if progress is None:
+    yield
+    return
+  logger = logging.getLogger(imagefolder.PROGRESS_LOGGER)
+  handler, level = _ProgressHandler(progress), logger.level
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  try:
+    yield
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def class_counts(train_ds, test_ds, per_class: int = 0) -> str:
@@ -339,8 +369,9 @@ def _finite_members(variables) -> np.ndarray:
 
 def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder: str | None = None,
             model_fn: modelspec.ModelFn | None = None, options: RunOptions = RunOptions(),
-            mesh=None) -> str:
-  """The plan and what it will cost here (`estimate`), as text: nothing is trained or written.
+            mesh=None, progress: Progress | None = None) -> str:
+  """The plan and what it will cost here (`estimate`), as text: nothing is trained or written;
+  `progress` (default: stderr) says how far a long decode of the data is.
 
   The data is loaded (class names, halves and sizes come from it) and a small stack is trained
   for a few seconds (`estimate.probe`). A `workdir` is only read: a study with other flags is
@@ -349,7 +380,7 @@ def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder
   member_map = trainer.resolve_member_map(options.member_map)
   if workdir is not None:
     workdir.check(config)
-  data = _load(config, image_folder, options)
+  data = _load(config, image_folder, options, progress or Progress())
   subs = config_lib.sweep_studies(config) if config.sweep else [config_lib.SubStudy('', config)]
   planned = {sub.folder: context.build(sub.config, data.train, data.test, model_fn) for sub in subs}
   mesh = mesh or jax.make_mesh((jax.device_count(),), (trainer.MODEL_AXIS,))

@@ -205,6 +205,15 @@ def test_a_long_decode_says_how_far_it_is(tmp_path, monkeypatch):
   ]
   imagefolder._decode_images(paths, 1)  # no driver listening: nothing shown, nothing kept
   assert stream.getvalue().count('\n') == 2
+  # in worker processes, which count what they decoded for the parent to say
+  monkeypatch.setattr(imagefolder, '_MIN_IMAGES_PER_WORKER', 100)
+  stream = io.StringIO()
+  with driver._data_progress(Progress(stream)):
+    parallel = imagefolder._decode_images(paths, 2, 'the train split')
+  assert (parallel == images).all()
+  for line in stream.getvalue().splitlines():
+    done = int(line.split(': ')[1].split(' of ')[0].replace(',', ''))
+    assert done in (0, 256, 512) and line.startswith('decoding the train split: ')
 
 
 def test_curves_after_one_epoch_show_a_point_per_depth(tmp_path, monkeypatch):

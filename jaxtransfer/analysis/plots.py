@@ -148,7 +148,7 @@ def curves_figure(records: Sequence[dict], stem: str) -> list[str]:
   for ax in axes[:, 0]:
     ax.set_ylabel('accuracy')
   kind = 'train (solid) and test (dashed)' if test else 'train'
-  single = ' (one epoch: a point per depth; curves need --epochs of 2 or more)' if last == 1 else ''
+  single = ' (one epoch: a point per depth)' if last == 1 else ''
   fig.suptitle(f'Learning curves: {kind} accuracy, mean over models{single}', fontsize=10)
   return save_figure(fig, stem)
 

@@ -11,6 +11,7 @@ the workdir are and how this process uses its devices.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import socket
 import sys
@@ -82,6 +83,47 @@ LOST_PEER_SIGNS = ('Gloo', 'gloo', 'Connection reset', 'Connection closed', 'Bro
                    'CoordinationService', 'DEADLINE_EXCEEDED', 'UNAVAILABLE')
 flags.mark_flag_as_required('workdir')
 
+# --help and --helpfull list the flags by what they are about (absl would list them
+# alphabetically, under the module that defines them): the name of each group, in order.
+HELP_GROUPS = {
+    'study': 'what is trained and compared; a workdir holds one study',
+    'data': 'where the data is, and which of it a study uses',
+    'run': 'how this run goes; changes no result, so a study may resume under other values',
+    'cluster': 'processes across hosts, with --distributed',
+}
+DATA_FLAGS = ('image_folder', 'dataset', 'data_fingerprint', 'data_dir', 'manual_dir',
+              'train_per_class')
+CLUSTER_FLAGS = ('distributed', 'coordinator_address', 'num_processes', 'process_id')
+
+
+def flag_group(name: str) -> str:
+  """The help group of one of this tool's flags."""
+  if name in DATA_FLAGS:
+    return 'data'
+  if name in CLUSTER_FLAGS:
+    return 'cluster'
+  return 'study' if name in {f.name for f in dataclasses.fields(config_lib.StudyConfig)} else 'run'
+
+
+def grouped_help(full: bool = False) -> str:
+  """This tool's flags by group (`HELP_GROUPS`); with `full`, then every other module's."""
+  ours = [f.name for f in FLAGS.get_flags_for_module(__name__)]
+  for module in ('__main__', sys.argv[0]):
+    ours += [f.name for f in FLAGS.get_flags_for_module(module) if f.name not in ours]
+  labels = {group: f'{group} flags ({about})' for group, about in HELP_GROUPS.items()}
+  for name in ours:
+    FLAGS.register_key_flag_for_module(labels[flag_group(name)], FLAGS[name])
+  parts = [__doc__.strip()] + [FLAGS.module_help(label) for label in labels.values()]
+  if full:
+    skip = {__name__, '__main__', sys.argv[0], *labels.values()}
+    parts += [FLAGS.module_help(m) for m in sorted(FLAGS.flags_by_module_dict()) if m not in skip]
+  else:
+    parts.append('\n(--helpfull: also the flags of the libraries, e.g. logging)')
+  return '\n'.join(p for p in parts if p)
+
+
+HELP_ARGS = ('--help', '-help', '-h', '-?', '--helpshort', '--helpfull', '-helpfull')
+
 
 def from_flags(cls: type):
   """The config dataclass `cls` with the flags' values (checked as the Python API checks it)."""
@@ -118,11 +160,15 @@ def enable_compilation_cache() -> None:
 
 
 def set_cpu_devices() -> None:
-  import jax
+  """--cpu_devices, first thing: loading and checking a model of your own starts JAX, which fixes
+  its device count then. In a process where JAX runs already (the CLI called in-process) an
+  explicit --cpu_devices it cannot apply is said, not dropped."""
+  import jaxtransfer  # pylint: disable=import-outside-toplevel
   try:
-    jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)  # before any device is touched
-  except RuntimeError:  # JAX already running in this process (e.g. called from a test)
-    pass
+    jaxtransfer.use_cpu_devices(FLAGS.cpu_devices)
+  except RuntimeError as e:
+    if FLAGS['cpu_devices'].present:
+      print(f'warning: --cpu_devices ignored: {e}', file=sys.stderr)
 
 
 def check_cluster_flags() -> None:
@@ -216,7 +262,6 @@ def run(progress: Progress) -> str:
   # the workdir holds is checked under its lock.
   config, options = config_from_flags(), from_flags(config_lib.RunOptions)
   enable_compilation_cache()
-  set_cpu_devices()
   if FLAGS.distributed:
     initialize_distributed()
     check_same_study(config)
@@ -228,30 +273,33 @@ def run(progress: Progress) -> str:
                 progress=progress)
 
 
-def dry_run() -> str:
+def dry_run(progress: Progress | None = None) -> str:
   """The plan and its estimate for the parsed flags. The workdir is only read (a study there
   with other flags is refused, its finished stacks left out); the compilation cache stays off,
   so the probe's compile times are those of a first run."""
   config, options = config_from_flags(), from_flags(config_lib.RunOptions)
-  set_cpu_devices()
   return driver.dry_run(config, Workdir(FLAGS.workdir), image_folder=FLAGS.image_folder,
-                        options=options)
+                        options=options, progress=progress)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  set_cpu_devices()  # before anything can start JAX
   progress = Progress(None if FLAGS.quiet else sys.stderr)
   try:
     check_cluster_flags()
     if FLAGS.dry_run:
-      print(dry_run(), flush=True)
+      print(dry_run(progress), flush=True)
       return
     report = run(progress)
   except (ValueError, OSError) as e:  # ConfigError, DataError, StateError, RowsError, ...
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:
+    print(interrupted(FLAGS.workdir, FLAGS.dry_run), file=sys.stderr, flush=True)
+    sys.exit(130)  # 128 + SIGINT, as a shell reports it
   except Exception as e:  # pylint: disable=broad-except
     lost = FLAGS.distributed and lost_peer(e)
     if not lost:
@@ -261,5 +309,17 @@ def main(argv):
   progress.log(f'done: {report}')
 
 
+def interrupted(workdir: str, dry: bool) -> str:
+  """The one line said on Ctrl-C: what is kept, and how to go on."""
+  if dry:
+    return 'interrupted: the dry run wrote nothing'
+  done = glob.glob(os.path.join(glob.escape(workdir), '**', 'stacks', '*.json'), recursive=True)
+  return (f'interrupted: {len(done)} finished stack(s) are kept in {workdir} (a stack in training '
+          'is lost); rerun the same command to resume')
+
+
 if __name__ == '__main__':
+  if set(HELP_ARGS) & set(sys.argv[1:]):
+    print(grouped_help(full=bool({'--helpfull', '-helpfull'} & set(sys.argv[1:]))))
+    sys.exit(0)
   app.run(main)

@@ -121,13 +121,16 @@ def curves_figure(records: Sequence[dict], stem: str) -> list[str]:
                            squeeze=False)
   depths = sorted({d for _, d in train})
   colour = lambda d: plt.get_cmap('viridis')(depths.index(d) / max(len(depths) - 1, 1))
+  last = max(max(epochs) for epochs, _ in train.values())
   for ax, cond in zip(axes.flat, shown):
     for (name, depth), (epochs, means) in sorted(train.items()):
       if name == cond.name:
         label = 'base' if cond is conditions.BASE else f'n = {depth}'
-        ax.plot(epochs, means, color=colour(depth), lw=1.5, label=label)
+        # markers: an epoch is a point, so a 1-epoch run still shows every depth
+        ax.plot(epochs, means, color=colour(depth), lw=1.5, marker='o', ms=3, label=label)
         if (name, depth) in test:
-          ax.plot(*test[(name, depth)], color=colour(depth), lw=1.5, ls='--')
+          ax.plot(*test[(name, depth)], color=colour(depth), lw=1.5, ls='--', marker='s', ms=3,
+                  mfc='none')
     ax.set_title(cond.label, fontsize=9)
     ax.grid(alpha=.3)
     ax.legend(fontsize=7, loc='lower right')
@@ -135,11 +138,18 @@ def curves_figure(records: Sequence[dict], stem: str) -> list[str]:
     ax.axis('off')
   for ax in axes[-1]:
     ax.set_xlabel('epoch')
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    # whole epochs: every one of a short run (MaxNLocator needs two integers in view to keep to
+    # integers, and fills a 1-epoch axis with fractions)
+    ax.xaxis.set_major_locator(
+        matplotlib.ticker.FixedLocator(range(1, last +
+                                             1)) if last <= 10 else matplotlib.ticker.MaxNLocator(
+                                                 integer=True))
+    ax.set_xlim(0.5, last + 0.5)
   for ax in axes[:, 0]:
     ax.set_ylabel('accuracy')
   kind = 'train (solid) and test (dashed)' if test else 'train'
-  fig.suptitle(f'Learning curves: {kind} accuracy, mean over models', fontsize=10)
+  single = ' (one epoch: a point per depth)' if last == 1 else ''
+  fig.suptitle(f'Learning curves: {kind} accuracy, mean over models{single}', fontsize=10)
   return save_figure(fig, stem)
 
 

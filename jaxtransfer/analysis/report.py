@@ -266,6 +266,14 @@ def flagged(rows: Sequence[dict]) -> list[str]:
   return parts
 
 
+def _shown(config: dict) -> dict:
+  """The configuration as the report shows it: data from an image folder is named so (the
+  study's record keeps `dataset`, which then only names the builder it would use otherwise)."""
+  if not config.get('data_fingerprint'):
+    return config
+  return {**config, 'dataset': f'image folder (fingerprint {config["data_fingerprint"]})'}
+
+
 def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = (),
            class_names: Sequence[str] | None = None, note: str = '',
            metrics: Sequence[dict] = ()) -> str:
@@ -303,7 +311,8 @@ def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = (),
   if figures:
     parts += ['## Figures', ''] + [f'![{f}]({f})' for f in figures if f.endswith('.png')] + ['']
   parts += [
-      '## Configuration', '', '```', *(f'{k} = {v}' for k, v in sorted(config.items())), '```', ''
+      '## Configuration', '', '```', *(f'{k} = {v}' for k, v in sorted(_shown(config).items())),
+      '```', ''
   ]
   return '\n'.join(parts)
 

@@ -16,6 +16,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +27,13 @@ SPLITS = ('train', 'test')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 # Below this many images, spawning decode workers costs more than it saves.
 _MIN_IMAGES_PER_WORKER = 4096
+# Decoding a large folder takes a while: a line at most this often on the progress logger, which
+# nothing shows unless a caller attaches a handler (the study driver shows it with its progress).
+PROGRESS_SECONDS = 10.0
+PROGRESS_LOGGER = 'jaxtransfer.progress'
+_progress = logging.getLogger(PROGRESS_LOGGER)
+_progress.propagate = False  # not the warnings' way: only where the caller asks for it
+_COUNT_EVERY = 256  # a worker writes how many images it decoded this often
 
 # ----------------------------------------------------------------------------
 # Image folders.
@@ -128,13 +136,44 @@ def check_image_shape(image: np.ndarray, shape: Sequence[int], path: str) -> Non
                     'the first image of the dataset')
 
 
-def _decode_serial(paths: Sequence[str], shape: Sequence[int]) -> np.ndarray:
+class _Ticker:
+  """Says how far decoding is, at most every PROGRESS_SECONDS (nothing for a quick decode)."""
+  def __init__(self, total: int, what: str):
+    self.total, self.what = total, what
+    self.start = self.said = time.monotonic()
+
+  def __call__(self, done: int) -> None:
+    now = time.monotonic()
+    if now - self.said >= PROGRESS_SECONDS and done < self.total:
+      self.said = now
+      _progress.info('decoding %s: %s of %s images (%d%%), %.0f s', self.what, f'{done:,}',
+                     f'{self.total:,}', 100 * done // max(self.total, 1), now - self.start)
+
+
+def _decode_serial(paths: Sequence[str], shape: Sequence[int], tick=None) -> np.ndarray:
   out = np.empty((len(paths), *shape), np.uint8)
   for i, path in enumerate(paths):
     image = decode_image(path)
     check_image_shape(image, shape, path)
     out[i] = image
+    if tick is not None and i % _COUNT_EVERY == _COUNT_EVERY - 1:
+      tick(i + 1)
   return out
+
+
+def _write_count(path: str, count: int) -> None:
+  """A worker's count of decoded images, for the parent's progress (renamed into place)."""
+  with open(path + '.tmp', 'w') as f:
+    f.write(str(count))
+  os.replace(path + '.tmp', path)
+
+
+def _read_count(path: str) -> int:
+  try:
+    with open(path) as f:
+      return int(f.read() or 0)
+  except (OSError, ValueError):
+    return 0
 
 
 def _decode_worker(job_path: str, out_path: str) -> None:
@@ -145,7 +184,8 @@ def _decode_worker(job_path: str, out_path: str) -> None:
   with open(job_path) as f:
     job = json.load(f)
   try:
-    images = _decode_serial(job['paths'], job['shape'])
+    images = _decode_serial(job['paths'], job['shape'],
+                            lambda n: _write_count(out_path + '.count', n))
   except DataError as e:
     sys.stderr.write(str(e))
     sys.exit(3)
@@ -156,8 +196,8 @@ _WORKER_CODE = ('import sys; from jaxtransfer.data.imagefolder import _decode_wo
                 '_decode_worker(sys.argv[1], sys.argv[2])')
 
 
-def _decode_parallel(paths: Sequence[str], shape: Sequence[int],
-                     num_workers: int) -> np.ndarray | None:
+def _decode_parallel(paths: Sequence[str], shape: Sequence[int], num_workers: int,
+                     tick=None) -> np.ndarray | None:
   """Decodes in fresh `python -c` subprocesses; None if they failed to run.
 
   PIL decoding holds the GIL, so threads do not help. Subprocesses (not a
@@ -175,15 +215,23 @@ def _decode_parallel(paths: Sequence[str], shape: Sequence[int],
         job_path = os.path.join(tmp, f'{w}.json')
         with open(job_path, 'w') as f:
           json.dump({'paths': [paths[i] for i in chunk], 'shape': list(shape)}, f)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, '-c', _WORKER_CODE, job_path,
-                 os.path.join(tmp, f'{w}.npy')],
-                stderr=subprocess.PIPE,
-                env=env,
-                text=True,
-            ))
-      errors = [p.communicate()[1] for p in procs]
+        with open(os.path.join(tmp, f'{w}.err'), 'w') as err:  # a file: no pipe to fill
+          procs.append(
+              subprocess.Popen(
+                  [sys.executable, '-c', _WORKER_CODE, job_path,
+                   os.path.join(tmp, f'{w}.npy')],
+                  stderr=err,
+                  env=env,
+                  text=True,
+              ))
+      while any(p.poll() is None for p in procs):
+        time.sleep(0.2)
+        if tick is not None:
+          tick(sum(_read_count(os.path.join(tmp, f'{w}.npy.count')) for w in range(len(procs))))
+      errors = []
+      for w in range(len(procs)):
+        with open(os.path.join(tmp, f'{w}.err')) as f:
+          errors.append(f.read())
     finally:  # e.g. KeyboardInterrupt: leave no orphan decoding on
       for p in procs:
         if p.poll() is None:
@@ -204,17 +252,19 @@ def _decode_parallel(paths: Sequence[str], shape: Sequence[int],
     return out
 
 
-def _decode_images(paths: Sequence[str], num_workers: int | None) -> np.ndarray:
-  """Decodes all images; every one must have the first image's shape."""
+def _decode_images(paths: Sequence[str], num_workers: int | None, what: str = '') -> np.ndarray:
+  """Decodes all images; every one must have the first image's shape. How far it is goes to the
+  progress logger (`PROGRESS_LOGGER`) every PROGRESS_SECONDS."""
   shape = decode_image(paths[0]).shape
   if num_workers is None:
     num_workers = min(os.cpu_count() or 1, 8)
   num_workers = min(num_workers, len(paths) // _MIN_IMAGES_PER_WORKER)
+  tick = _Ticker(len(paths), what or 'images')
   if num_workers > 1:
-    images = _decode_parallel(paths, shape, num_workers)
+    images = _decode_parallel(paths, shape, num_workers, tick)
     if images is not None:
       return images
-  return _decode_serial(paths, shape)
+  return _decode_serial(paths, shape, tick)
 
 
 def folder_split(
@@ -231,7 +281,7 @@ def folder_split(
   """
   items = splits[split]
   return ArrayDataset(
-      images=_decode_images([p for p, _ in items], num_workers),
+      images=_decode_images([p for p, _ in items], num_workers, f'the {split} split'),
       labels=np.array([label for _, label in items], np.int32),
       class_names=class_names,
   )

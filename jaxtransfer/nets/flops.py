@@ -63,6 +63,25 @@ def layer_macs(model, image_shape: Sequence[int] = (32, 32, 3)) -> list[int]:
   return macs
 
 
+def whole_model_flops(model, image_shape: Sequence[int] = (32, 32, 3)) -> tuple[int, int]:
+  """(training step, forward) FLOPs per image of any model, from one traced forward pass and one
+  traced gradient of its parameters (every layer trained): what a model whose layers cannot be
+  run one at a time (`layer_macs`) is counted by."""
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  state = [c for c in variables if c != 'params']
+
+  def loss(params, rest, x):
+    if state:
+      return model.apply({'params': params, **rest}, x, train=True, mutable=state)[0].sum()
+    return model.apply({'params': params, **rest}, x, train=True).sum()
+
+  params, rest = variables['params'], {c: variables[c] for c in state}
+  forward = lambda v, x: model.apply(v, x, train=False)
+  step = _macs(jax.make_jaxpr(jax.grad(loss))(params, rest, x).jaxpr)
+  return 2 * step, 2 * _macs(jax.make_jaxpr(forward)(variables, x).jaxpr)
+
+
 def training_flops_per_image(macs: Sequence[int], frozen: int = 0) -> int:
   """One training step's FLOPs per image with the first `frozen` layers frozen (see above)."""
   return 2 * sum(macs) + 2 * sum(macs[frozen:]) + 2 * sum(macs[frozen + 1:])

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 from inspect import signature
@@ -158,12 +159,37 @@ def factory(spec: str, widths: Sequence[int] = models.FinalNet.widths,
 
 
 def name_of(model_fn: ModelFn) -> str:
-  """'module:qualname' of a model function, the name it gets in a study's identity."""
+  """The name a model function gets in a study's identity: `canonical('module:qualname')`."""
   module, name = getattr(model_fn, '__module__', None), getattr(model_fn, '__qualname__', None)
   if not module or not name or '<' in name:
     raise ModelError(f'model_fn {model_fn!r} has no importable name: give the config a model '
                      'name for it (the study\'s identity)')
-  return f'{module}:{name}'
+  return canonical(f'{module}:{name}')
+
+
+def canonical(spec: str) -> str:
+  """One name per model, however it was spelled, so that the command line and the Python API
+  name the same study alike: a model in a `.py` file under the working directory and outside any
+  regular package (no `__init__.py` beside it) is named by that file's path from there
+  (`examples/small_vgg.py:SmallVGG`, also when imported as `examples.small_vgg`, or loaded from
+  `./examples/../examples/small_vgg.py`); any other by its spelling (`package.module:ATTR`)."""
+  source, _, attr = spec.rpartition(':')
+  if is_builtin(spec) or not source or not attr:
+    return spec
+  path = source if source.endswith('.py') else getattr(sys.modules.get(source), '__file__', None)
+  if path is None and not source.endswith('.py'):
+    try:
+      found = importlib.util.find_spec(source)
+    except (ImportError, ValueError):
+      found = None
+    path = found.origin if found is not None else None
+  if not path or not path.endswith('.py') or not os.path.isfile(path):
+    return spec
+  real, cwd = os.path.realpath(path), os.path.realpath(os.getcwd())
+  if (os.path.commonpath([real, cwd]) != cwd or
+      os.path.isfile(os.path.join(os.path.dirname(real), '__init__.py'))):
+    return spec
+  return f'{os.path.relpath(real, cwd)}:{attr}'
 
 
 def inspect(model_fn: ModelFn, spec: str, image_shape: Sequence[int]) -> ModelInfo:
@@ -210,4 +236,33 @@ def inspect(model_fn: ModelFn, spec: str, image_shape: Sequence[int]) -> ModelIn
   if len(layers) < 2:
     raise ModelError(f'--model {spec} has {len(layers)} top-level layer(s) {list(layers)}; '
                      'transfer needs at least 2 (the first n are copied, the rest trained)')
+  warn_norm_only_layers(spec, layers, shapes)
   return ModelInfo(layers, any(batchnorm))
+
+
+_warned: set[tuple[str, tuple[str, ...]]] = set()  # said once per process
+
+
+def norm_only_layers(layers: Sequence[str], variables) -> list[str]:
+  """The top-level layers with no weights of their own beside a normalisation's: no parameter of
+  more than one dimension (a BatchNorm's scale and bias, or statistics alone), e.g. `bn1` of a
+  flat `conv1, bn1, conv2, ...` model, which then counts as a layer of its own."""
+  out = []
+  for layer in layers:
+    held = [jax.tree.leaves(variables[c][layer]) for c in variables if layer in variables[c]]
+    if held and all(len(x.shape) <= 1 for leaves in held for x in leaves):
+      out.append(layer)
+  return out
+
+
+def warn_norm_only_layers(spec: str, layers: Sequence[str], variables) -> None:
+  """One log line when 'the first n layers' would count normalisation layers on their own."""
+  lonely = norm_only_layers(layers, variables)
+  if lonely and (spec, tuple(lonely)) not in _warned:
+    _warned.add((spec, tuple(lonely)))
+    logging.warning(
+        '--model %s: top-level layer(s) %s hold only normalisation parameters or statistics (no '
+        'weights of their own), yet each is a layer: depth n counts them (the first 2 layers of '
+        '%s are %s); wrap each such layer with the one before it in one submodule to make them '
+        'one layer (docs/own_model.md)', spec, ', '.join(lonely), ', '.join(layers),
+        ' and '.join(layers[:2]))

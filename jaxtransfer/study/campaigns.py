@@ -27,7 +27,7 @@ def run_sweep(config: StudyConfig, workdir: Workdir, *, image_folder: str | None
   arguments are `driver.run`'s. The sweep's workdir is locked for the whole sweep, each
   sub-study's for its own run."""
   config = driver.resolve(config, image_folder=image_folder, model_fn=model_fn)
-  progress = progress or Progress(None)
+  progress = progress or Progress()
   param, values = config_lib.parse_sweep(config.sweep)
   with workdir.lock(options.wait_for_lock, log=progress.log):
     driver.prepare(config, workdir, image_folder)

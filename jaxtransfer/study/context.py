@@ -34,6 +34,31 @@ def model_info(config: StudyConfig, model_fn: modelspec.ModelFn | None = None,
   return modelspec.inspect(make, config.model, image_shape)
 
 
+def model_name(spec: str, model_fn: modelspec.ModelFn | None = None) -> str:
+  """The study's model as its identity names it (`modelspec.canonical`): `model_fn`'s name when
+  given, and a `spec` other than the default that names a model must name that one; a `spec`
+  that names no model is the name `model_fn` gets (as one without an importable name needs)."""
+  if model_fn is None:
+    return modelspec.canonical(spec)
+  try:
+    named = modelspec.name_of(model_fn)
+  except modelspec.ModelError:
+    if modelspec.is_builtin(spec):
+      raise
+    return modelspec.canonical(spec)
+  if spec == StudyConfig().model or modelspec.canonical(spec) == named:
+    return named
+  if not modelspec.is_builtin(spec):
+    try:
+      other = modelspec.load(spec)
+    except modelspec.ModelError:
+      return spec  # names no model: the name the study gives `model_fn`
+    if other is model_fn:
+      return named
+  raise ConfigError(f'config.model {spec!r} and model_fn {named} name different models: give '
+                    'model_fn alone, or a config.model that names it')
+
+
 def validate(config: StudyConfig, *, model_fn: modelspec.ModelFn | None = None,
              image_shape: Sequence[int] = cifar.IMAGE_SHAPE) -> StudyConfig:
   """The config with every rule of `config.validate` applied for its model's layers. A model of
@@ -42,8 +67,7 @@ def validate(config: StudyConfig, *, model_fn: modelspec.ModelFn | None = None,
   cannot run."""
   config = config_lib.check_model_flags(config)
   try:
-    if model_fn is not None and modelspec.is_builtin(config.model):
-      config = dataclasses.replace(config, model=modelspec.name_of(model_fn))
+    config = dataclasses.replace(config, model=model_name(config.model, model_fn))
     if not modelspec.is_builtin(config.model):
       defaults = StudyConfig()
       for name in ('widths', 'layer_defaults'):
@@ -106,10 +130,23 @@ class Study:
     return plan_lib.half_classes(self.halves, run.split, run.target)
 
 
+def check_halves(halves: Sequence[splits_lib.Split], class_names: Sequence[str]) -> None:
+  """Refuse halves of fewer than 2 classes: a net trained on one class learns nothing (loss 0,
+  accuracy 1), and every comparison of the study would be meaningless."""
+  for s, pair in enumerate(halves):
+    for half, classes in zip('AB', pair):
+      if len(classes) < 2:
+        raise ConfigError(
+            f'the data has {len(class_names)} classes, so class half {half} of split {s} holds '
+            f'{len(classes)} ({", ".join(class_names[c] for c in classes) or "none"}): a study '
+            'needs at least 2 classes per half, 4 in all; use data with more classes')
+
+
 def build(config: StudyConfig, train_ds, test_ds,
           model_fn: modelspec.ModelFn | None = None) -> Study:
   """The study `config` (validated) on this data (`imagefolder.ArrayDataset`s)."""
   halves = tuple(plan_lib.make_halves(config, train_ds.class_names))
+  check_halves(halves, train_ds.class_names)
   make = modelspec.factory(config.model, config.widths, config.layer_defaults, model_fn)
   image_shape = tuple(train_ds.images.shape[1:])
   example = np.zeros((1,) + image_shape, np.float32)

@@ -7,6 +7,7 @@ live in their own module; this one puts them together.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -86,23 +87,25 @@ def run(config: StudyConfig, workdir: Workdir, *, image_folder: str | None = Non
   `image_folder`: where the data is, when not a TFDS dataset (the study records its content,
   not its path). `model_fn(num_classes)`: a flax module of your own (`config.model` names it;
   contract in `modelspec`). `options`: how to run it (`config.RunOptions`: not part of the
-  study). The workdir is locked for the whole run, and every finished stack's rows and
-  checkpoint are verified before anything is written."""
+  study). `progress`: where its progress lines go (default: stderr; `Progress(None)`: nowhere).
+  The workdir is locked for the whole run, and every finished stack's rows and checkpoint are
+  verified before anything is written."""
   config = resolve(config, image_folder=image_folder, model_fn=model_fn)
-  progress = progress or Progress(None)
+  progress = progress or Progress()
   with workdir.lock(options.wait_for_lock, log=progress.log):
     prepare(config, workdir, image_folder)
     workdir.remove_leftovers()
-    data = _load(config, image_folder, options)
+    data = _load(config, image_folder, options, progress)
     study = context.build(config, data.train, data.test, model_fn)
     workdir.claim(config, data.train.class_names)
     notes = moot_flags(config, context.model_info(config, model_fn, study.image_shape))
     for line in (_summary(study, data, options.member_map),
-                 class_counts(data.train, data.test, config.train_per_class), *notes):
+                 class_counts(data.train, data.test,
+                              config.train_per_class), *notes, *one_cpu_device_hint()):
       progress.log(line)
     device_data = trainer.to_device(data.train, data.test, data.mean, data.std)
     rows = train_stacks(study, workdir, device_data, options=options, progress=progress, mesh=mesh)
-    return _write_outputs(study, workdir, rows, data, notes)
+    return _write_outputs(study, workdir, rows, data, notes, progress)
 
 
 def _summary(study: Study, data: Data, member_map: str) -> str:
@@ -113,8 +116,20 @@ def _summary(study: Study, data: Data, member_map: str) -> str:
           f'{trainer.resolve_member_map(member_map)}')
 
 
+def one_cpu_device_hint() -> list[str]:
+  """On a multi-core CPU seen as one JAX device, how to get more: members then train in turn."""
+  cores = os.cpu_count() or 1
+  if jax.default_backend() != 'cpu' or jax.device_count() > 1 or cores < 2:
+    return []
+  return [
+      f'note: 1 cpu device on {cores} cores: a stack\'s members train one after another; '
+      f'jaxtransfer.use_cpu_devices({min(cores, 8)}) before anything runs JAX (the command '
+      'line\'s --cpu_devices) trains them in parallel'
+  ]
+
+
 def _write_outputs(study: Study, workdir: Workdir, rows: list[dict], data: Data,
-                   notes: Sequence[str]) -> str:
+                   notes: Sequence[str], progress: Progress | None = None) -> str:
   """results, figures and report.md from every stack's rows; returns the report's path. Only
   the workdir's writer derives them: they hold nothing the training of another process needs."""
   if not workdir.writer:
@@ -128,7 +143,8 @@ def _write_outputs(study: Study, workdir: Workdir, rows: list[dict], data: Data,
   if study.config.cka_images:
     from jaxtransfer.study import similarity  # only when asked
     paths += similarity.write(study, workdir, data.test, data.mean, data.std,
-                              exclude={rows_lib.run_id(r) for r in diverged})
+                              exclude={rows_lib.run_id(r) for r in diverged},
+                              log=(progress or Progress(None)).log)
   figures = [os.path.relpath(p, workdir.path) for p in paths]
   path = workdir.file('report.md')
   files.write_text(
@@ -143,16 +159,44 @@ def _write_outputs(study: Study, workdir: Workdir, rows: list[dict], data: Data,
   return path
 
 
-def _load(config: StudyConfig, image_folder: str | None, options: RunOptions) -> Data:
+def _load(config: StudyConfig, image_folder: str | None, options: RunOptions,
+          progress: Progress | None = None) -> Data:
   """The study's data (through the decoded-array cache), restricted to --classes when given
-  (the channel statistics are then those classes' images')."""
+  (the channel statistics are then those classes' images'); a long decode says how far it is."""
   load = lambda split: data_lib.load(split, dataset=config.dataset, image_folder=image_folder,
                                      data_dir=options.data_dir, manual_dir=options.manual_dir,
                                      cache_dir=options.cache_dir)
-  train, test = load('train'), load('test')
+  with _data_progress(progress):
+    train, test = load('train'), load('test')
   if config.classes:
     train, test = (splits_lib.restrict(ds, config.classes) for ds in (train, test))
   return Data(train, test, *data_lib.channel_stats(train.images))
+
+
+class _ProgressHandler(logging.Handler):
+  def __init__(self, progress: Progress):
+    super().__init__(logging.INFO)
+    self.progress = progress
+
+  def emit(self, record: logging.LogRecord) -> None:
+    self.progress.log(record.getMessage())
+
+
+@contextlib.contextmanager
+def _data_progress(progress: Progress | None):
+  """The data modules' progress lines (`imagefolder.PROGRESS_LOGGER`) as `progress` lines."""
+  if progress is None:
+    yield
+    return
+  logger = logging.getLogger(imagefolder.PROGRESS_LOGGER)
+  handler, level = _ProgressHandler(progress), logger.level
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  try:
+    yield
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def class_counts(train_ds, test_ds, per_class: int = 0) -> str:
@@ -279,35 +323,37 @@ def epoch_work(study: Study, devices: int, budget_mb: int) -> dict[str, float]:
   """One epoch of each stack as the progress ETA weighs it: the training FLOPs of the busiest
   device (`estimate`'s time model: members spread over `devices`, frozen layers pruned, a prefix
   computed once within `budget_mb` skipped), so cheap frozen stacks do not inflate the ETA.
-  Models whose layers cannot be counted (`flops.layer_macs`) weigh one unit per member."""
-  try:
-    shapes = stack_shapes(study, budget_mb)
-  except ValueError:
-    return {s.name: float(len(s.runs)) for s in study.stacks}
+  A model whose layers cannot be counted one by one weighs its whole FLOPs in every stack."""
   work = {}
-  for shape in shapes:
-    per_image, _, _ = estimate.member_flops_per_image(shape.macs, shape.frozen, shape.prefix_once)
+  for shape in stack_shapes(study, budget_mb):
+    per_image, _, _ = estimate.shape_flops(shape)
     work[shape.name] = float(math.ceil(shape.k / devices) * shape.train_images * per_image)
   return work
 
 
 def stack_shapes(study: Study, budget_mb: int) -> list[estimate.StackShape]:
   """Per stack (in order), what its cost follows from, for the dry run's estimate and the
-  progress ETA. Raises ValueError for a model whose layers cannot be counted
-  (`flops.layer_macs`)."""
-  macs, shapes = {}, []
+  progress ETA: per-layer FLOPs where the model's layers can be counted one by one
+  (`flops.layer_macs`), else the whole model's (`flops.whole_model_flops`)."""
+  counts, shapes = {}, []
   for stack in study.stacks:
     run = stack.runs[0]
     classes = len(study.classes(run))
     n_train, n_test = study.sizes[(run.split, run.target)]
-    if classes not in macs:
-      macs[classes] = flops.layer_macs(study.make(classes), study.image_shape)
+    if classes not in counts:
+      model = study.make(classes)
+      try:
+        counts[classes] = dict(macs=flops.layer_macs(model, study.image_shape))
+      except ValueError:
+        counts[classes] = dict(macs=(), layers=len(study.layer_names),
+                               whole=flops.whole_model_flops(model, study.image_shape))
     once = features_lib.planned_nbytes(study.make(classes), stack.structure, len(stack.runs),
                                        n_train, n_test, study.image_shape, budget_mb,
                                        augment=study.config.augment != 'none') is not None
     shapes.append(
         estimate.StackShape(stack.name, len(stack.runs), len(stack.structure.frozen_layers),
-                            macs[classes], n_train, n_test, once))
+                            train_images=n_train, test_images=n_test, prefix_once=once,
+                            **counts[classes]))
   return shapes
 
 
@@ -340,8 +386,9 @@ def _finite_members(variables) -> np.ndarray:
 
 def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder: str | None = None,
             model_fn: modelspec.ModelFn | None = None, options: RunOptions = RunOptions(),
-            mesh=None) -> str:
-  """The plan and what it will cost here (`estimate`), as text: nothing is trained or written.
+            mesh=None, progress: Progress | None = None) -> str:
+  """The plan and what it will cost here (`estimate`), as text: nothing is trained or written;
+  `progress` (default: stderr) says how far a long decode of the data is.
 
   The data is loaded (class names, halves and sizes come from it) and a small stack is trained
   for a few seconds (`estimate.probe`). A `workdir` is only read: a study with other flags is
@@ -350,7 +397,7 @@ def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder
   member_map = trainer.resolve_member_map(options.member_map)
   if workdir is not None:
     workdir.check(config)
-  data = _load(config, image_folder, options)
+  data = _load(config, image_folder, options, progress or Progress())
   subs = config_lib.sweep_studies(config) if config.sweep else [config_lib.SubStudy('', config)]
   planned = {sub.folder: context.build(sub.config, data.train, data.test, model_fn) for sub in subs}
   mesh = mesh or jax.make_mesh((jax.device_count(),), (trainer.MODEL_AXIS,))
@@ -371,19 +418,22 @@ def dry_run(config: StudyConfig, workdir: Workdir | None = None, *, image_folder
       f'{len(data.train.class_names)} classes; {mesh.size} {jax.default_backend()} device(s), '
       f'members under {member_map}'
   ]
-  total, n_models = 0.0, 0
+  total, n_models, whole = 0.0, 0, False
   for folder, study in planned.items():
     sub_workdir = Workdir(workdir.file(folder)) if workdir is not None and folder else workdir
     done = lambda stack: sub_workdir is not None and os.path.exists(sub_workdir.rows_file(stack))
+    shapes = stack_shapes(study, options.feature_budget_mb)
+    whole = whole or any(shape.whole is not None for shape in shapes)
     costs = [
         estimate.stack_cost(shape, epochs=study.config.epochs, probe_=probe, done=done(stack))
-        for stack, shape in zip(study.stacks, stack_shapes(study, options.feature_budget_mb))
+        for stack, shape in zip(study.stacks, shapes)
     ]
     if folder:
       lines.append(f'sweep study {folder}:')
     lines += estimate.render_stacks(costs, study.config.epochs)
     total += estimate.total_seconds(costs)
     n_models += sum(c.k for c in costs)
+  lines += [estimate.whole_model_note(config.model)] if whole else []
   lines += estimate.render_probe(probe, model_epoch)
   lines.append(f'estimate: {estimate.duration(total)} for {n_models} models on this backend '
                f'({mesh.size} {jax.default_backend()} device(s), members under {member_map})')

@@ -92,8 +92,11 @@ def probe(model, config: trainer.TrainConfig, data: trainer.DeviceData, *, k: in
                       on_epoch=lambda epoch, metrics: stamps.append(time.perf_counter()))
   total = time.perf_counter() - start
   epoch_seconds = min(b - a for a, b in zip(stamps, stamps[1:]))
-  macs = flops.layer_macs(model, data.train_images.shape[1:])
-  return Probe(member_map, devices, k, images, flops.training_flops_per_image(macs), epoch_seconds,
+  try:
+    per_image = flops.training_flops_per_image(flops.layer_macs(model, data.train_images.shape[1:]))
+  except ValueError:  # its layers cannot be counted one by one: the whole model's step
+    per_image = flops.whole_model_flops(model, data.train_images.shape[1:])[0]
+  return Probe(member_map, devices, k, images, per_image, epoch_seconds,
                total - PROBE_EPOCHS * epoch_seconds, load)
 
 
@@ -135,18 +138,38 @@ class StackShape(NamedTuple):
   train_images: int  # per member and epoch
   test_images: int  # per member
   prefix_once: bool = False  # the frozen prefix's output computed once (`features`)
+  # A model whose layers cannot be counted one by one (`flops.layer_macs`): its layer count and
+  # the whole model's (training step, forward) FLOPs per image (`flops.whole_model_flops`), by
+  # which every stack is charged as a base stack (frozen layers not pruned: an upper bound).
+  layers: int = 0
+  whole: tuple[int, int] | None = None
+
+
+def shape_flops(shape: StackShape) -> tuple[int, int, int]:
+  """`member_flops_per_image` of a stack's shape, for either kind of count."""
+  if shape.whole is not None:
+    return shape.whole[0], shape.whole[1], 0
+  return member_flops_per_image(shape.macs, shape.frozen, shape.prefix_once)
+
+
+def whole_model_note(model: str) -> str:
+  """What the estimate of a model counted as a whole leaves out."""
+  return (f'note: the model `{model}` does not run slices of its layers (modelspec.runs_slices), '
+          'so its FLOPs are the whole model\'s, from one traced forward and backward pass: '
+          'frozen layers are not pruned, and frozen stacks are charged as base stacks (an upper '
+          'bound)')
 
 
 def stack_cost(shape: StackShape, *, epochs: int, probe_: Probe, done: bool) -> StackCost:
   """A stack's FLOPs and estimated seconds (the time model above). With `shape.prefix_once` the
   steps skip the frozen prefix's forward pass, computed once per image instead."""
-  per_image, forward, prefix = member_flops_per_image(shape.macs, shape.frozen, shape.prefix_once)
+  per_image, forward, prefix = shape_flops(shape)
   once = (shape.train_images + shape.test_images) * prefix
   slots = math.ceil(shape.k / probe_.devices)
   seconds = probe_.overhead + probe_.seconds_per_flop * slots * (
       epochs * shape.train_images * per_image + shape.test_images * forward + once)
-  return StackCost(shape.name, shape.k,
-                   len(shape.macs) - shape.frozen, len(shape.macs), shape.train_images,
+  layers = shape.layers or len(shape.macs)
+  return StackCost(shape.name, shape.k, layers - shape.frozen, layers, shape.train_images,
                    shape.test_images, per_image,
                    float(shape.k) * epochs * shape.train_images * per_image,
                    float(shape.k) * shape.test_images * forward, seconds, done)

@@ -8,7 +8,8 @@ independently trained base nets: where it falls, the features stop being general
 
 from __future__ import annotations
 
-from typing import AbstractSet, Sequence
+import time
+from typing import AbstractSet, Callable, Sequence
 
 import numpy as np
 
@@ -25,15 +26,17 @@ from jaxtransfer.study.workdir import Workdir
 
 OTHER_BASE = 'other base'
 DATA_FILE = 'cka.json'
+PROGRESS_SECONDS = 10.0
 
 
 def write(study: Study, workdir: Workdir, test_ds, mean, std,
-          exclude: AbstractSet[tuple] = frozenset()) -> list[str]:
+          exclude: AbstractSet[tuple] = frozenset(),
+          log: Callable[[str], None] = lambda line: None) -> list[str]:
   """figures/cka.json (every model's per-layer CKA, the data) and figures/cka.{png,pdf} (their
   means) for `study` in `workdir`, on its test images `test_ds` normalised by `mean` and `std`;
   returns the figure paths. Runs in `exclude` (run ids: diverged models) are left out, and so
-  are the models paired with such a base."""
-  records = measure(study, workdir, test_ds, mean, std, exclude)
+  are the models paired with such a base. `log` gets its progress lines."""
+  records = measure(study, workdir, test_ds, mean, std, exclude, log)
   layers = list(study.layer_names)
   files.write_json(workdir.file('figures', DATA_FILE), {'layers': layers, 'records': records})
   return draw(records, layers, study.config.conditions, study.config.depths,
@@ -41,9 +44,11 @@ def write(study: Study, workdir: Workdir, test_ds, mean, std,
 
 
 def measure(study: Study, workdir: Workdir, test_ds, mean, std,
-            exclude: AbstractSet[tuple] = frozenset()) -> list[dict]:
+            exclude: AbstractSet[tuple] = frozenset(),
+            log: Callable[[str], None] = lambda line: None) -> list[dict]:
   """One record per model and row of the figure: its run's identity, the row label and the
-  per-layer CKA with its target half's base net."""
+  per-layer CKA with its target half's base net. `log` hears of it once at the start and then
+  at most every PROGRESS_SECONDS (it takes a while: every model's features are computed)."""
   halves, make = study.halves, study.make
   per_class = max(1, study.config.cka_images // len(halves[0][1]))
   features = {}  # (split, target) -> normalised test images
@@ -61,7 +66,14 @@ def measure(study: Study, workdir: Workdir, test_ds, mean, std,
   records, compared = [], set()
   record = lambda run, label, values: records.append(
       {**plan_lib.run_fields(run), 'row': label, 'cka': [float(v) for v in values]})
-  for run, variables in sorted(nets.items(), key=lambda item: _sort_key(item[0])):
+  todo = sorted(nets.items(), key=lambda item: _sort_key(item[0]))
+  log(f'layer similarity (linear CKA): {len(todo)} models, on up to {per_class} test images per '
+      'class')
+  start = said = time.monotonic()
+  for i, (run, variables) in enumerate(todo):
+    if time.monotonic() - said >= PROGRESS_SECONDS:
+      said = time.monotonic()
+      log(f'layer similarity: {i} of {len(todo)} models, {said - start:.0f} s')
     base_of = lambda half: nets.get(Run(run.split, half, base, 0, run.seed))
     if run.condition == base or base_of(run.target) is None:
       continue

@@ -99,18 +99,20 @@ def decode_image(path: str) -> np.ndarray:
     raise DataError(f'cannot decode image {path}: {e}') from e
 
 
-def check_image_shape(image: np.ndarray, shape: Sequence[int], path: str) -> None:
-  """Refuses an image whose H x W x C differs from the dataset's (the first's)."""
+def check_image_shape(image: np.ndarray, shape: Sequence[int], path: str, first: str) -> None:
+  """Refuses an image whose H x W x C differs from the dataset's first image (`first`, of
+  `shape`). Both are named: either may be the odd one."""
   if image.shape != tuple(shape):
-    raise DataError(f'image {path} has shape {image.shape}, expected {tuple(shape)} like '
-                    'the first image of the dataset')
+    raise DataError(f'image {path} has shape {image.shape}, but the first image {first} has '
+                    f'{tuple(shape)}: every image of a dataset needs one shape; resize the odd '
+                    'one(s)')
 
 
-def _decode_serial(paths: Sequence[str], shape: Sequence[int]) -> np.ndarray:
+def _decode_serial(paths: Sequence[str], shape: Sequence[int], first: str) -> np.ndarray:
   out = np.empty((len(paths), *shape), np.uint8)
   for i, path in enumerate(paths):
     image = decode_image(path)
-    check_image_shape(image, shape, path)
+    check_image_shape(image, shape, path, first)
     out[i] = image
   return out
 
@@ -123,7 +125,7 @@ def _decode_worker(job_path: str, out_path: str) -> None:
   with open(job_path) as f:
     job = json.load(f)
   try:
-    images = _decode_serial(job['paths'], job['shape'])
+    images = _decode_serial(job['paths'], job['shape'], job['first'])
   except DataError as e:
     sys.stderr.write(str(e))
     sys.exit(3)
@@ -152,7 +154,8 @@ def _decode_parallel(paths: Sequence[str], shape: Sequence[int],
       for w, chunk in enumerate(chunks):
         job_path = os.path.join(tmp, f'{w}.json')
         with open(job_path, 'w') as f:
-          json.dump({'paths': [paths[i] for i in chunk], 'shape': list(shape)}, f)
+          json.dump({'paths': [paths[i] for i in chunk], 'shape': list(shape), 'first': paths[0]},
+                    f)
         procs.append(
             subprocess.Popen(
                 [sys.executable, '-c', _WORKER_CODE, job_path,
@@ -192,7 +195,7 @@ def _decode_images(paths: Sequence[str], num_workers: int | None) -> np.ndarray:
     images = _decode_parallel(paths, shape, num_workers)
     if images is not None:
       return images
-  return _decode_serial(paths, shape)
+  return _decode_serial(paths, shape, paths[0])
 
 
 def folder_split(

@@ -23,6 +23,7 @@ from jaxtransfer.study.progress import Progress
 from jaxtransfer.study.workdir import Workdir
 
 FLAGS = flags.FLAGS
+INTERRUPTED = 130  # the exit status of a run stopped by Ctrl-C (128 + SIGINT)
 
 
 def define_flags(cls: type) -> None:
@@ -152,8 +153,24 @@ def main(argv):
   except (ValueError, OSError) as e:  # ConfigError, DataError, StateError, RowsError, ...
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:
+    # The rows file is written last, after its checkpoint was read back: a stack cut short is
+    # not finished, and everything finished before it is kept.
+    print(
+        f'interrupted: the stack in progress was not saved, finished stacks are kept in '
+        f'{FLAGS.workdir}; rerun the same command to resume', file=sys.stderr)
+    sys.exit(INTERRUPTED)
   progress.log(f'done: {report}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  try:
+    app.run(main)
+  except SystemExit as e:
+    if e.code != INTERRUPTED:
+      raise
+    # End here: at interpreter shutdown orbax's threads, cut short, would report "cannot schedule
+    # new futures after interpreter shutdown", which says nothing the line above does not.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(INTERRUPTED)

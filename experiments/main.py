@@ -26,6 +26,7 @@ from jaxtransfer.study.progress import Progress
 from jaxtransfer.study.workdir import Workdir
 
 FLAGS = flags.FLAGS
+INTERRUPTED = 130  # the exit status of a run stopped by Ctrl-C (128 + SIGINT)
 
 
 def define_flags(cls: type) -> None:
@@ -299,7 +300,7 @@ def main(argv):
     sys.exit(2)
   except KeyboardInterrupt:
     print(interrupted(FLAGS.workdir, FLAGS.dry_run), file=sys.stderr, flush=True)
-    sys.exit(130)  # 128 + SIGINT, as a shell reports it
+    sys.exit(INTERRUPTED)
   except Exception as e:  # pylint: disable=broad-except
     lost = FLAGS.distributed and lost_peer(e)
     if not lost:
@@ -322,4 +323,13 @@ if __name__ == '__main__':
   if set(HELP_ARGS) & set(sys.argv[1:]):
     print(grouped_help(full=bool({'--helpfull', '-helpfull'} & set(sys.argv[1:]))))
     sys.exit(0)
-  app.run(main)
+  try:
+    app.run(main)
+  except SystemExit as e:
+    if e.code != INTERRUPTED:
+      raise
+    # End here: at interpreter shutdown orbax's threads, cut short, would report "cannot schedule
+    # new futures after interpreter shutdown", which says nothing the line above does not.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(INTERRUPTED)

@@ -14,6 +14,7 @@ import pytest
 from jaxtransfer.study import campaigns, plan
 from jaxtransfer.data import cifar
 from jaxtransfer.nets import models
+from jaxtransfer import config as config_lib
 from jaxtransfer import files
 from jaxtransfer.analysis import rows as rows_lib
 from jaxtransfer.study.workdir import Workdir
@@ -25,9 +26,11 @@ def _shard(finished, path, split, similarity=True):
   os.makedirs(path)
   meta = json.load(open(os.path.join(finished, 'study.json')))
   meta['config']['splits'] = [split]
+  meta['config_hash'] = config_lib.config_hash(config_lib.with_defaults(meta['config']))
   files.write_json(os.path.join(path, 'study.json'), meta)
   rows = rows_lib.read_csv(os.path.join(finished, 'results.csv'))
-  rows_lib.write(path, rows_lib.select(rows, split=split))
+  rows_lib.write(
+      path, [{**r, 'config_hash': meta['config_hash']} for r in rows_lib.select(rows, split=split)])
   Workdir(path).append_metrics([r for r in Workdir(finished).read_metrics() if r['split'] == split])
   if similarity:
     cka = json.load(open(os.path.join(finished, 'figures', 'cka.json')))
@@ -51,7 +54,9 @@ def test_pooled_shards_equal_the_whole_study(finished, tmp_path):
                                       capture_output=True, text=True)
   assert pool(f'--out={out}', one, two).returncode == 0
   key = lambda r: (r['split'], r['target'], r['condition'], r['depth'], r['seed'])
-  rows = lambda d: sorted(rows_lib.read_csv(os.path.join(d, 'results.csv')), key=key)
+  rows = lambda d: sorted(  # each row names the study it was trained in: its shard
+      ({**r, 'config_hash': ''}
+       for r in rows_lib.read_csv(os.path.join(d, 'results.csv'))), key=key)
   assert rows(out) == rows(finished)
   text = open(os.path.join(out, 'report.md')).read()
   whole = open(os.path.join(finished, 'report.md')).read()
@@ -73,16 +78,19 @@ def test_pooled_shards_equal_the_whole_study(finished, tmp_path):
   assert not os.path.exists(os.path.join(old_out, 'figures', 'cka.png'))
   proc = pool(f'--out={finished}', one, two)
   assert proc.returncode == 2
-  assert proc.stderr == f'error: {finished} holds a study; pool into a new directory\n'
+  assert proc.stderr == f'error: {finished} holds a study (study.json); pool into a new directory\n'
   for shards, message in (([one, one], 'given twice'), ([one, finished], 'split 1 is in'),
                           ([one, str(tmp_path / 'none')], 'not a finished study')):
     with pytest.raises(ValueError, match=message):
       campaigns.pool(shards, out)
   meta = json.load(open(os.path.join(two, 'study.json')))
   meta['config']['epochs'] = 3  # a shard of another study: its flags and its rows say so
+  meta['config_hash'] = config_lib.config_hash(config_lib.with_defaults(meta['config']))
   files.write_json(os.path.join(two, 'study.json'), meta)
-  rows_lib.write(two,
-                 [dict(r, epochs=3) for r in rows_lib.read_csv(os.path.join(two, 'results.csv'))])
+  rows_lib.write(two, [
+      dict(r, epochs=3, config_hash=meta['config_hash'])
+      for r in rows_lib.read_csv(os.path.join(two, 'results.csv'))
+  ])
   with pytest.raises(ValueError, match=r'not a shard of the same study .*\(epochs: 1 vs 3\)'):
     campaigns.pool([one, two], out)
 

@@ -190,8 +190,16 @@ def claims(rows: Sequence[dict], config: dict) -> list[str]:
   return lines
 
 
+def escape(text: str) -> str:
+  """`text` (a class name: a folder's name, anything) as literal Markdown text, also inside a
+  table cell: HTML, pipes and backslashes escaped, line breaks as spaces."""
+  text = text.replace('\\', '\\\\').replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;')
+  return ' '.join(text.replace('|', '\\|').splitlines())
+
+
 def _halves(rows: Sequence[dict], class_names: Sequence[str] | None) -> list[str]:
-  name = lambda ids: ', '.join(class_names[int(i)] if class_names else i for i in ids.split())
+  name = lambda ids: ', '.join(
+      escape(class_names[int(i)]) if class_names else i for i in ids.split())
   seen = {}
   for r in rows:
     seen.setdefault(r['split'], (r['classes_A'], r['classes_B']))

@@ -129,11 +129,13 @@ def decode_image(path: str) -> np.ndarray:
     raise DataError(f'cannot decode image {path}: {e}') from e
 
 
-def check_image_shape(image: np.ndarray, shape: Sequence[int], path: str) -> None:
-  """Refuses an image whose H x W x C differs from the dataset's (the first's)."""
+def check_image_shape(image: np.ndarray, shape: Sequence[int], path: str, first: str) -> None:
+  """Refuses an image whose H x W x C differs from the dataset's first image (`first`, of
+  `shape`). Both are named: either may be the odd one."""
   if image.shape != tuple(shape):
-    raise DataError(f'image {path} has shape {image.shape}, expected {tuple(shape)} like '
-                    'the first image of the dataset')
+    raise DataError(f'image {path} has shape {image.shape}, but the first image {first} has '
+                    f'{tuple(shape)}: every image of a dataset needs one shape; resize the odd '
+                    'one(s)')
 
 
 class _Ticker:
@@ -150,11 +152,11 @@ class _Ticker:
                      f'{self.total:,}', 100 * done // max(self.total, 1), now - self.start)
 
 
-def _decode_serial(paths: Sequence[str], shape: Sequence[int], tick=None) -> np.ndarray:
+def _decode_serial(paths: Sequence[str], shape: Sequence[int], first: str, tick=None) -> np.ndarray:
   out = np.empty((len(paths), *shape), np.uint8)
   for i, path in enumerate(paths):
     image = decode_image(path)
-    check_image_shape(image, shape, path)
+    check_image_shape(image, shape, path, first)
     out[i] = image
     if tick is not None and i % _COUNT_EVERY == _COUNT_EVERY - 1:
       tick(i + 1)
@@ -184,7 +186,7 @@ def _decode_worker(job_path: str, out_path: str) -> None:
   with open(job_path) as f:
     job = json.load(f)
   try:
-    images = _decode_serial(job['paths'], job['shape'],
+    images = _decode_serial(job['paths'], job['shape'], job['first'],
                             lambda n: _write_count(out_path + '.count', n))
   except DataError as e:
     sys.stderr.write(str(e))
@@ -214,7 +216,8 @@ def _decode_parallel(paths: Sequence[str], shape: Sequence[int], num_workers: in
       for w, chunk in enumerate(chunks):
         job_path = os.path.join(tmp, f'{w}.json')
         with open(job_path, 'w') as f:
-          json.dump({'paths': [paths[i] for i in chunk], 'shape': list(shape)}, f)
+          json.dump({'paths': [paths[i] for i in chunk], 'shape': list(shape), 'first': paths[0]},
+                    f)
         with open(os.path.join(tmp, f'{w}.err'), 'w') as err:  # a file: no pipe to fill
           procs.append(
               subprocess.Popen(
@@ -264,7 +267,7 @@ def _decode_images(paths: Sequence[str], num_workers: int | None, what: str = ''
     images = _decode_parallel(paths, shape, num_workers, tick)
     if images is not None:
       return images
-  return _decode_serial(paths, shape, tick)
+  return _decode_serial(paths, shape, paths[0], tick)
 
 
 def folder_split(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
@@ -68,8 +67,10 @@ def pool(shards: Sequence[str], out: str) -> str:
   disjoint splits. Splits are a prefix-stable sequence of `split_seed` and every model's keys
   come from its run's identity, so a shard trains the same models the whole study would. Every
   input is checked before anything is written: each shard's results.csv must hold exactly the
-  runs its own study.json plans (typed, with the planned values), no shard may be given twice,
-  and `out` may not lie inside one."""
+  runs its own study.json plans (typed, with the planned values, and the config hash the record
+  has), their metrics and CKA files must read, no shard may be given twice, and `out` may not lie
+  inside one nor hold anything but this very pool (`workdir.check_owner`): pooling the same
+  shards again into their pool rewrites the same files."""
   if len(shards) < 2:
     raise ValueError('pooling needs at least two shard workdirs')
   real = [os.path.realpath(p) for p in shards]
@@ -80,10 +81,8 @@ def pool(shards: Sequence[str], out: str) -> str:
   for path, r in zip(shards, real):
     if os.path.commonpath([target, r]) == r:
       raise ValueError(f'--out {out} is inside the shard {path}; pool into a new directory')
-  if os.path.exists(os.path.join(out, 'study.json')):
-    raise ValueError(f'{out} holds a study; pool into a new directory')
   migrate.refuse_legacy(shards)
-  records, shard_rows = [], []
+  records, shard_rows, metrics, cka_data = [], [], [], []
   for path in shards:
     meta, csv = os.path.join(path, 'study.json'), os.path.join(path, 'results.csv')
     if not (os.path.isfile(meta) and os.path.isfile(csv)):
@@ -92,8 +91,16 @@ def pool(shards: Sequence[str], out: str) -> str:
     halves = (plan_lib.make_halves(record.config, record.class_names)
               if record.class_names else None)
     expected = plan_lib.expected_rows(record.config, plan_lib.runs(record.config), halves)
+    rows = rows_lib.read_csv(csv, expected)
+    foreign = next((r['config_hash'] for r in rows if r['config_hash'] not in record.hashes), None)
+    if foreign is not None:
+      raise ValueError(f'{csv} holds rows of study {foreign}, not of the study {meta} records '
+                       f'({record.hashes[0]}); pool the shards as they were run')
     records.append(record)
-    shard_rows.append(rows_lib.read_csv(csv, expected))
+    shard_rows.append(rows)
+    metrics += workdir_lib.read_metrics(os.path.join(path, workdir_lib.METRICS))
+    data = os.path.join(path, 'figures', similarity.DATA_FILE)
+    cka_data.append(similarity.read_data(data) if os.path.isfile(data) else None)
   configs = [r.recorded for r in records]
   first = config_lib.complete(configs[0])
   for path, config in zip(shards[1:], map(config_lib.complete, configs[1:])):
@@ -114,13 +121,13 @@ def pool(shards: Sequence[str], out: str) -> str:
       **configs[0], 'num_splits': num_splits,
       'splits': [] if chosen == list(range(num_splits)) else chosen
   }
-  rows_lib.write(out, rows)
   # Shards as seen from `out`: no path of the machine that pooled them.
   where = {p: os.path.relpath(p, out) for p in shards}
-  files.write_json(os.path.join(out, 'pool.json'),
-                   {'config': config, 'shards': [where[p] for p in shards]})
+  pool_record = {'config': config, 'shards': [where[p] for p in shards]}
+  workdir_lib.check_owner(out, study=False, pool=pool_record)  # the last check: then writes
+  rows_lib.write(out, rows)
+  files.write_json(os.path.join(out, workdir_lib.POOL), pool_record)
   figures = [os.path.relpath(p, out) for p in plots.write_all(rows, out)]
-  metrics = [r for p in shards for r in Workdir(p).read_metrics()]
   if metrics:
     figures += [
         os.path.relpath(p, out)
@@ -129,9 +136,8 @@ def pool(shards: Sequence[str], out: str) -> str:
   parts = [
       f'`{where[p]}` (split {", ".join(str(s) for s in chosen if owner[s] == p)})' for p in shards
   ]
-  similarity_data = [os.path.join(p, 'figures', similarity.DATA_FILE) for p in shards]
-  if all(os.path.isfile(p) for p in similarity_data):
-    figures += [os.path.relpath(p, out) for p in _pool_similarity(similarity_data, config, out)]
+  if all(d is not None for d in cka_data):
+    figures += [os.path.relpath(p, out) for p in _pool_similarity(cka_data, config, out)]
     cka_note = 'the layer-similarity (CKA) figure averages every shard\'s models.'
   else:
     cka_note = 'their layer-similarity (CKA) figures stay in each shard.'
@@ -144,12 +150,9 @@ def pool(shards: Sequence[str], out: str) -> str:
   return path
 
 
-def _pool_similarity(paths: Sequence[str], config: dict, out: str) -> list[str]:
-  """figures/cka.json and the CKA heat-map of all shards' models together."""
-  shards = []
-  for path in paths:
-    with open(path) as f:
-      shards.append(json.load(f))
+def _pool_similarity(shards: Sequence[dict], config: dict, out: str) -> list[str]:
+  """figures/cka.json and the CKA heat-map of all shards' models together (`shards`: each one's
+  cka.json, read by `similarity.read_data`)."""
   layers = shards[0]['layers']
   records = [r for shard in shards for r in shard['records']]
   files.write_json(os.path.join(out, 'figures', similarity.DATA_FILE),

@@ -94,6 +94,7 @@ def run(config: StudyConfig, workdir: Workdir, *, image_folder: str | None = Non
   progress = progress or Progress()
   with workdir.lock(options.wait_for_lock, log=progress.log):
     prepare(config, workdir, image_folder)
+    workdir.read_metrics()  # checked (a bad line named) before anything is trained or written
     workdir.remove_leftovers()
     data = _load(config, image_folder, options, progress)
     study = context.build(config, data.train, data.test, model_fn)

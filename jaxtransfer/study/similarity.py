@@ -91,6 +91,27 @@ def measure(study: Study, workdir: Workdir, test_ds, mean, std,
   return records
 
 
+def read_data(path: str) -> dict:
+  """The one reader of a cka.json (what pooling averages): the layers and every record checked,
+  any problem named with the file and the record."""
+  data = rows_lib.read_json(path)
+  fix = 'rerun that study to rewrite it, or delete it (the pool then leaves CKA in each shard)'
+  layers = data.get('layers') if isinstance(data, dict) else None
+  records = data.get('records') if isinstance(data, dict) else None
+  if not (isinstance(layers, list) and all(isinstance(n, str) for n in layers) and
+          isinstance(records, list)):
+    raise ValueError(f'{path} is not a CKA file (expected {{"layers": [...], "records": [...]}}); '
+                     f'{fix}')
+  for i, r in enumerate(records):
+    values = r.get('cka') if isinstance(r, dict) else None
+    if not (isinstance(r, dict) and isinstance(r.get('row'), str) and isinstance(values, list) and
+            len(values) == len(layers) and
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+      raise ValueError(f'{path} record {i}: not a CKA record (a "row" and {len(layers)} '
+                       f'"cka" values); {fix}')
+  return data
+
+
 def draw(records: Sequence[dict], layer_names: Sequence[str], condition_names: Sequence[str],
          depths: Sequence[int], stem: str) -> list[str]:
   """The heat-map of the records' mean per row (rows in the order of conditions and depths);

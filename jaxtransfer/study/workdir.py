@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -47,6 +48,12 @@ DIGEST = 'checkpoint_sha256'
 _PARTIAL = ('.tmp-', '.old-')
 _ORBAX_TMP = '.orbax-checkpoint-tmp'
 RETRAIN_FLAG = '--retrain_corrupt'
+STUDY = 'study.json'
+POOL = 'pool.json'
+# What a study (or a pool, which is a study too) leaves in its folder: any of them without the
+# folder's record belongs to a study whose record is lost, and a run would mix the two.
+OUTPUTS = ('results.csv', 'results.json', 'report.md', 'sweep.md', METRICS, 'stacks', 'checkpoints',
+           'figures')
 
 
 class StateError(ValueError):
@@ -67,14 +74,18 @@ class Corrupt(StateError):
 @dataclasses.dataclass(frozen=True)
 class StudyRecord:
   """A study.json, checked: the config as today's code records it (`config.with_defaults`), the
-  same config validated, and the dataset's class names."""
+  same config validated, the dataset's class names, and the hashes its rows may carry (its own
+  and, for a migrated record, the one before)."""
   recorded: dict
   config: config_lib.StudyConfig
   class_names: tuple[str, ...]
+  hashes: tuple[str, ...] = ()
 
 
 def read_study(path: str) -> StudyRecord:
-  """The one reader of study.json files (workdirs, shards): any problem names `path`."""
+  """The one reader of study.json files (workdirs, shards): any problem names `path`. A record
+  whose `config_hash` is not the hash of its config was edited by hand: its rows were trained
+  under another config, so it is refused rather than trusted."""
   record = rows_lib.read_json(path)
   if not isinstance(record, dict) or not isinstance(record.get('config'), dict):
     raise StateError(f'{path} is not a study record (expected an object with a "config")')
@@ -82,7 +93,50 @@ def read_study(path: str) -> StudyRecord:
   names = record.get('class_names', [])
   if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
     raise StateError(f'{path}: "class_names" must be a list of strings')
-  return StudyRecord(config_lib.with_defaults(record['config']), config, tuple(names))
+  recorded = config_lib.with_defaults(record['config'])
+  actual = config_lib.config_hash(recorded)
+  if record.get('config_hash', actual) != actual:
+    raise StateError(f'{path}: its config does not match its "config_hash" '
+                     f'({record["config_hash"]!r}, the config hashes to {actual!r}): edited after '
+                     'its models were trained? Restore the record, or run the changed study in a '
+                     'new --workdir')
+  before = record.get('config_hash_before_migration')
+  hashes = (actual,) + ((before,) if isinstance(before, str) else ())
+  return StudyRecord(recorded, config, tuple(names), hashes)
+
+
+def outputs(path: str) -> list[str]:
+  """The study outputs in folder `path`: files, and folders that are not empty."""
+  found = []
+  for name in OUTPUTS:
+    full = os.path.join(path, name)
+    if os.path.islink(full) or os.path.isfile(full) or (os.path.isdir(full) and os.listdir(full)):
+      found.append(name + ('/' if os.path.isdir(full) and not os.path.islink(full) else ''))
+  return found
+
+
+def check_owner(path: str, *, study: bool, pool: dict | None = None) -> None:
+  """Refuse folder `path` unless it is new or belongs to the study about to write there: the one
+  notion of ownership for a run (`study`: its study.json is compared by the caller) and a pool
+  (`pool`: the pool.json it would write; the same pool of the same shards may be pooled again,
+  giving the same files). A pool.json, a study.json of the other kind, or study outputs without
+  a record are another study's: refused in one line naming the folder and what it holds."""
+  use = 'use a new --workdir' if study else 'pool into a new directory'
+  if os.path.lexists(os.path.join(path, POOL)):
+    if study:
+      raise StateError(f'{path} holds a pooled study ({POOL}); a run cannot write into it: {use}')
+    held = rows_lib.read_json(os.path.join(path, POOL))
+    if held != pool:
+      raise StateError(f'{path} holds another pool ({POOL} with other shards or flags); {use}')
+    return
+  if os.path.lexists(os.path.join(path, STUDY)):
+    if not study:
+      raise StateError(f'{path} holds a study ({STUDY}); {use}')
+    return
+  found = outputs(path)
+  if found:
+    raise StateError(f'{path} holds study outputs without a {STUDY} or {POOL} '
+                     f'({", ".join(found)}); {use}, or delete them')
 
 
 def digest(variables) -> dict[str, str]:
@@ -170,7 +224,9 @@ class Workdir:
     return read_study(meta) if os.path.exists(meta) else None
 
   def check(self, config: config_lib.StudyConfig) -> None:
-    """Refuse a workdir that holds a study with other flags (no mixing of studies)."""
+    """Refuse a workdir that holds a study with other flags, a pool, or outputs of a study
+    without its record (`check_owner`: no mixing of studies)."""
+    check_owner(self.path, study=True)
     record = self.study()
     if record is not None:
       old, new = config_lib.complete(record.recorded), config_lib.complete(config.to_json())
@@ -186,14 +242,13 @@ class Workdir:
     self.check(config)
     if not self.writer:
       return
-    os.makedirs(self.file('stacks'), exist_ok=True)
-    meta = self.file('study.json')
+    meta = self.file(STUDY)
     record = {'config': config.to_json(), 'config_hash': config.hash()}
     if os.path.exists(meta):
       record = rows_lib.read_json(meta)
-      if record.get('class_names') or not class_names:
-        return
-    files.write_json(meta, {**record, 'class_names': list(class_names)})
+    if not os.path.exists(meta) or (class_names and not record.get('class_names')):
+      files.write_json(meta, {**record, 'class_names': list(class_names)})
+    os.makedirs(self.file('stacks'), exist_ok=True)  # after the record: never outputs without it
 
   @contextlib.contextmanager
   def lock(self, wait: bool = False, log: Callable[[str], None] | None = None) -> Iterator[None]:
@@ -209,7 +264,7 @@ class Workdir:
     os.makedirs(self.path, exist_ok=True)
     path = self.file(LOCK)
     while True:
-      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+      fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
@@ -240,12 +295,23 @@ class Workdir:
       os.close(fd)
 
   def remove_leftovers(self) -> None:
-    """Delete partial checkpoints of killed runs (call under the lock: then nobody writes)."""
+    """Delete what killed runs left half-written (call under the lock: then nobody writes):
+    partial checkpoints, and the temporary files of atomic writes (`files.TEMP_PREFIX`) in the
+    workdir, stacks/ and figures/."""
+    if not self.writer:
+      return
     folder = self.file('checkpoints')
-    if self.writer and os.path.isdir(folder):
+    if os.path.isdir(folder):
       for name in os.listdir(folder):
         if name.startswith(_PARTIAL) or _ORBAX_TMP in name:
           _remove(os.path.join(folder, name))
+    # Only the folders a run writes files into: a folder nested here may be another study's.
+    for where in (self.path, self.file('stacks'), self.file('figures')):
+      if os.path.isdir(where) and not os.path.islink(where):
+        for name in os.listdir(where):
+          path = os.path.join(where, name)
+          if name.startswith(files.TEMP_PREFIX) and not os.path.isdir(path):
+            os.remove(path)
 
   def _recovery(self, stack: plan_lib.Stack) -> str:
     return (f'rerun with {RETRAIN_FLAG} to retrain stack {stack.name}, or delete '
@@ -285,6 +351,12 @@ class Workdir:
           [rows_lib.typed_row(r, f'{path} row {i}') for i, r in enumerate(raw)], path, planned)
     except rows_lib.RowsError as e:
       raise Corrupt(str(e), self._recovery(stack)) from None
+    study = self.study()
+    foreign = next(
+        (r['config_hash'] for r in rows if study and r['config_hash'] not in study.hashes), None)
+    if foreign is not None:
+      raise StateError(f'{path} holds rows of study {foreign}, not of the study its {STUDY} '
+                       f'records ({study.hashes[0]}): the two were mixed; use a new --workdir')
     if sha is None:
       if self.writer:
         files.write_json(path, {'rows': rows, DIGEST: digest(self._load(stack))})
@@ -301,23 +373,29 @@ class Workdir:
     _barrier(f'discard-{stack.name}')
 
   def save(self, stack: plan_lib.Stack, variables, rows: list[dict]) -> None:
-    """Checkpoint into a temporary folder, swap it in, then write the rows with the digest of
-    every array: the rows file marks the stack finished. A failure ends in one line, leaving
-    what was there. A synchronous orbax checkpointer: the asynchronous one's background thread
-    held a failed save's process for minutes before it could exit. Only the writer saves; the
-    others wait until it has."""
+    """Checkpoint into a temporary folder, read it back and check it against the digest of
+    every array (a save is never trusted unread), swap it in, then write the rows with that
+    digest: the rows file marks the stack finished. A failure ends in one line, leaving what was
+    there. A synchronous orbax checkpointer: the asynchronous one's background thread held a
+    failed save's process for minutes before it could exit. Only the writer saves; the others
+    wait until it has."""
     final = self.checkpoint(stack)
     tmp = self.file('checkpoints', _PARTIAL[0] + stack.name)
     old = self.file('checkpoints', _PARTIAL[1] + stack.name)
     if self.writer:
       _remove(tmp)
+      expected = digest(variables)
       try:
-        _checkpointer().save(os.path.abspath(tmp), variables)
+        with _orbax_path(tmp) as where:
+          _checkpointer().save(where, variables)
+        bad = _mismatch(digest(_read_checkpoint(tmp)), expected)
+        if bad:
+          raise StateError(f'read back, it does not match what was saved ({", ".join(bad[:3])})')
         if os.path.exists(final):  # left by a run killed before its rows were written
           files.replace(final, old)
         files.replace(tmp, final)
         _remove(old)
-        files.write_json(self.rows_file(stack), {'rows': rows, DIGEST: digest(variables)})
+        files.write_json(self.rows_file(stack), {'rows': rows, DIGEST: expected})
       except Exception as e:  # pylint: disable=broad-except
         raise StateError(f'cannot save checkpoint {final}: {errors.one_line(e)}') from None
     _barrier(f'saved-{stack.name}')
@@ -326,9 +404,8 @@ class Workdir:
     path = os.path.abspath(self.checkpoint(stack))
     if not os.path.isdir(path):
       raise Corrupt(f'checkpoint {path} is missing', self._recovery(stack))
-    _quiet_closed_loop()
     try:
-      return _checkpointer().restore(path)
+      return _read_checkpoint(path)
     except Exception as e:  # pylint: disable=broad-except
       raise Corrupt(f'checkpoint {path} cannot be read ({errors.one_line(e)})',
                     self._recovery(stack)) from None
@@ -342,8 +419,7 @@ class Workdir:
     variables = self._load(stack)
     expected = record[1]
     if expected is not None:
-      actual = digest(variables)
-      bad = sorted(k for k in set(actual) | set(expected) if actual.get(k) != expected.get(k))
+      bad = _mismatch(digest(variables), expected)
       if bad:
         raise Corrupt(
             f'checkpoint {self.checkpoint(stack)} is damaged: it does not match the digest in '
@@ -364,31 +440,128 @@ class Workdir:
   def append_metrics(self, records: Sequence[dict]) -> None:
     """Append one JSON line per record. One write per call, and a call that finds the file
     ending mid-line (a killed writer) starts on a new line: a kill costs at most its own last
-    line, which `read_metrics` skips."""
+    line, which `read_metrics` skips. A symlink there is refused, not written through."""
     if not self.writer:
       return
     text = ''.join(json.dumps(r, sort_keys=True) + '\n' for r in records)
-    path = self.file(METRICS)
-    with open(path, 'ab') as f:
-      if f.tell() and not _ends_with_newline(path):
+    fd = open_nofollow(self.file(METRICS), os.O_RDWR | os.O_APPEND | os.O_CREAT)
+    try:
+      end = os.lseek(fd, 0, os.SEEK_END)
+      if end and os.pread(fd, 1, end - 1) != b'\n':
         text = '\n' + text
-      f.write(text.encode())
+      os.write(fd, text.encode())
+    finally:
+      os.close(fd)
 
   def read_metrics(self) -> list[dict]:
     """Every complete metrics line; of records repeated for the same run and epoch (a stack
-    retrained after a kill), the last."""
-    path = self.file(METRICS)
-    if not os.path.exists(path):
-      return []
-    latest = {}
-    with open(path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:
-          continue  # a line cut by a kill
-        latest[(record['run'], record['epoch'])] = record
-    return list(latest.values())
+    retrained after a kill), the last. The one reader of metrics.jsonl: a line that is neither
+    a metrics record nor one cut by a kill is named, with the way out."""
+    return read_metrics(self.file(METRICS))
+
+
+_METRIC_FIELDS = {
+    'run': str, 'condition': str, 'epoch': int, 'depth': int, 'loss': (int, float),
+    'train_accuracy': (int, float)
+}
+
+
+def _metrics_problem(record) -> str | None:
+  """Why `record` is not a metrics record (None if it is)."""
+  if not isinstance(record, dict):
+    return f'a JSON {type(record).__name__}, not an object'
+  for key, kind in _METRIC_FIELDS.items():
+    if key not in record:
+      return f'no "{key}"'
+    if not isinstance(record[key], kind) or isinstance(record[key], bool):
+      return f'"{key}" is {record[key]!r:.40}'
+  if record['epoch'] < 1:
+    return f'"epoch" is {record["epoch"]}'
+  test = record.get('test_accuracy', 0.0)
+  if not isinstance(test, (int, float)) or isinstance(test, bool):
+    return f'"test_accuracy" is {test!r:.40}'
+  return None
+
+
+def read_metrics(path: str) -> list[dict]:
+  """`Workdir.read_metrics` of the metrics file `path` (a workdir's, or a shard's)."""
+  if not os.path.lexists(path):
+    return []
+  if os.path.islink(path):
+    raise StateError(f'{path} is a symlink; a workdir\'s files are its own: remove the link')
+  with open(path, 'rb') as f:
+    lines = f.read().split(b'\n')
+  latest = {}
+  for number, raw in enumerate(lines, 1):
+    if not raw.strip():
+      continue
+    where = f'{path} line {number}: not a metrics record'
+    fix = 'delete the line or the file: it only feeds the learning curves'
+    try:
+      line = raw.decode('ascii')  # json.dumps writes ASCII only
+    except UnicodeDecodeError as e:
+      raise StateError(f'{where} (byte {raw[e.start]:#x} at column {e.start + 1}); {fix}') from None
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      if line.startswith('{"') and line.isprintable():
+        continue  # a line cut by a kill
+      raise StateError(f'{where} ({e}); {fix}') from None
+    problem = _metrics_problem(record)
+    if problem:
+      raise StateError(f'{where} ({problem}); {fix}')
+    latest[(record['run'], record['epoch'])] = record
+  return list(latest.values())
+
+
+def open_nofollow(path: str, flags: int, mode: int = 0o644) -> int:
+  """`os.open` of a workdir file that is not a symlink: a link there (to anything) is refused in
+  one line naming it, so that no run writes through it into its target."""
+  try:
+    return os.open(path, flags | os.O_NOFOLLOW, mode)
+  except OSError as e:
+    if e.errno == errno.ELOOP or os.path.islink(path):
+      raise StateError(f'{path} is a symlink; a workdir\'s files are its own: remove the link '
+                       '(nothing was written through it)') from None
+    raise
+
+
+def _mismatch(actual: Mapping[str, str], expected: Mapping[str, str]) -> list[str]:
+  """The arrays whose digests differ (or that only one side has), sorted."""
+  return sorted(k for k in set(actual) | set(expected) if actual.get(k) != expected.get(k))
+
+
+_GLOB = frozenset('*?[]{}')
+
+
+@contextlib.contextmanager
+def _orbax_path(path: str) -> Iterator[str]:
+  """`path` as orbax can be given it: orbax reads a path with glob characters (`exp[lr=0.1]`) as
+  a pattern and never merges or finds its checkpoint, so such a path is reached through a
+  symlink to its folder from a temporary folder whose name has none."""
+  path = os.path.abspath(path)
+  if not _GLOB & set(path):
+    yield path
+    return
+  import tempfile
+  link_dir = tempfile.mkdtemp(prefix='jaxtransfer-')
+  if _GLOB & set(link_dir):
+    raise StateError(f'the temporary folder {link_dir} has glob characters; set TMPDIR to a '
+                     'folder without any of *?[]{}')
+  try:
+    link = os.path.join(link_dir, 'folder')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.symlink(os.path.dirname(path), link)
+    yield os.path.join(link, os.path.basename(path))
+  finally:
+    shutil.rmtree(link_dir)
+
+
+def _read_checkpoint(path: str):
+  """The variables of the orbax checkpoint at `path` (host arrays)."""
+  _quiet_closed_loop()
+  with _orbax_path(path) as where:
+    return _checkpointer().restore(where)
 
 
 def _run_id(run: plan_lib.Run) -> tuple:
@@ -397,14 +570,8 @@ def _run_id(run: plan_lib.Run) -> tuple:
 
 def _same_file(fd: int, path: str) -> bool:
   try:
-    st = os.stat(path)
+    st = os.lstat(path)
   except FileNotFoundError:
     return False
   mine = os.fstat(fd)
   return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
-
-
-def _ends_with_newline(path: str) -> bool:
-  with open(path, 'rb') as f:
-    f.seek(-1, os.SEEK_END)
-    return f.read(1) == b'\n'

@@ -13,6 +13,7 @@ from PIL import Image
 
 from experiments import main as cli
 from jaxtransfer.data import splits
+from jaxtransfer.data.datasets import normalize
 from jaxtransfer.train import trainer
 from jaxtransfer.nets.models import FinalNet
 
@@ -185,3 +186,66 @@ def stacked(stacked_run):
 @pytest.fixture(scope='session')
 def stacked_epochs(stacked_run):
   return stacked_run[1]
+
+
+# Two trainings of the same members compared up to float noise: the trainer's tests, the features
+# test and the sharded run (a subprocess) share these.
+
+
+def no_signal(path, frozen=()) -> bool:
+  """A conv bias right before a BatchNorm, or the running mean that tracks it (every conv of
+  FinalNet has one). BN subtracts the bias, so its gradient is float noise, which Adam turns
+  into steps of up to +-lr: two float orderings of the same step (map vs vmap, or any two
+  compilers) move these leaves differently. Frozen ones stay the source's."""
+  keys = tuple(k.key for k in path)
+  return keys[1] not in frozen and keys[-2:] in (('conv', 'bias'), ('bn', 'mean'))
+
+
+@jax.jit
+def eval_logits(variables):
+  """[K, test images, classes]: every member on all of DATA's test images, eval mode."""
+  images = normalize(DATA.test_images, DATA.mean, DATA.std)
+  return jax.vmap(lambda v: MODEL.apply(v, images, train=False))(variables)
+
+
+def assert_same_training(a: trainer.StackResult, b: trainer.StackResult, frozen=()):
+  """Two trainings of the same members, up to float noise: every leaf with a gradient signal,
+  the train-mode metrics, and the eval-mode function once the `no_signal` leaves are shared
+  (those change eval outputs only through the running mean's lag behind the bias)."""
+  shared = jax.tree_util.tree_map_with_path(lambda p, x, y: x if no_signal(p, frozen) else y,
+                                            a.variables, b.variables)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a.variables),
+                          jax.tree.leaves(b.variables)):
+    if not no_signal(path, frozen):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-4)
+  np.testing.assert_allclose(a.train_accuracy, b.train_accuracy, atol=1e-6)
+  np.testing.assert_allclose(eval_logits(shared), eval_logits(a.variables), atol=1e-4)
+
+
+# Stacks grafted from `stacked` with conv1..2 frozen: the trainer's tests (both BatchNorm policies,
+# both member maps) and the features test (`fixed`, the loop) read the same trainings.
+PREFIX = tuple(NAMES[:2])
+GRAFT_CONFIG = trainer.TrainConfig(epochs=2, batch_size=16, optimizer='adam', weight_decay=0.1)
+
+
+def grafted_members(stacked):
+  sources = {c: {n: v[n] for n in PREFIX} for c, v in stacked.variables.items()}
+  return members(HALVES, 7, sources)
+
+
+@pytest.fixture(scope='session')
+def grafted(stacked):
+  """grafted(batchnorm, member_map): the StackResult of `grafted_members(stacked)` trained for
+  GRAFT_CONFIG with PREFIX grafted and frozen, trained once a session."""
+  runs = {}
+
+  def train(batchnorm, member_map):
+    if (batchnorm, member_map) not in runs:
+      runs[batchnorm,
+           member_map] = trainer.train_stack(MODEL, trainer.Structure(PREFIX, PREFIX,
+                                                                      batchnorm), GRAFT_CONFIG,
+                                             DATA, grafted_members(stacked), member_map=member_map)
+    return runs[batchnorm, member_map]
+
+  return train

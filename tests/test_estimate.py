@@ -94,7 +94,7 @@ def test_member_map_reaches_the_trainer_and_not_the_study(finished, image_folder
     seen.append(member_map)
     raise Stop
 
-  monkeypatch.setattr(train, 'train_stack', first_stack)
+  monkeypatch.setattr(trainer, 'train_stack', first_stack)
   workdir = tmp_path / 'wd'
   with pytest.raises(Stop):
     run_cli(*tiny_args(image_folder, workdir, '--member_map=vmap'))

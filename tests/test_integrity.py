@@ -17,8 +17,7 @@ import pytest
 from jaxtransfer.analysis import report, results
 from jaxtransfer.study import driver
 from jaxtransfer.train import trainer
-from tests.conftest import ROOT, copy_study, run_cli, snapshot, tiny_args
-from tests.test_train import DATA, HALVES, MODEL, members
+from tests.conftest import DATA, HALVES, MODEL, ROOT, copy_study, members, run_cli, snapshot, tiny_args
 
 
 def without_timings(path):
@@ -33,7 +32,8 @@ def one_line_error(capsys) -> str:
 
 def counting_trainer(monkeypatch) -> list:
   trained, original = [], trainer.train_stack
-  monkeypatch.setattr(train, 'train_stack', lambda *a, **k: trained.append(1) or original(*a, **k))
+  monkeypatch.setattr(trainer, 'train_stack',
+                      lambda *a, **k: trained.append(1) or original(*a, **k))
   return trained
 
 
@@ -193,7 +193,7 @@ def test_diverged_models_are_flagged_and_left_out(finished, image_folder, tmp_pa
     loss[1] = np.nan
     return result._replace(variables=variables, train_loss=loss)
 
-  monkeypatch.setattr(train, 'train_stack', diverging)
+  monkeypatch.setattr(trainer, 'train_stack', diverging)
   with caplog.at_level(logging.WARNING):
     assert run_cli(*tiny_args(image_folder, workdir)) == 0
   assert any('2 of 36 models diverged' in r.getMessage() for r in caplog.records)

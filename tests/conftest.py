@@ -1,6 +1,10 @@
 """Shared fixtures: a persistent XLA compilation cache (tests compile the same small steps many
-times), the one generator of fake image folders, and the driver's command line in-process."""
+times), the one generator of fake image folders, and the driver's command line in-process.
 
+Under pytest-xdist the workers share the compilation cache and the `finished` study (run by the
+first worker that needs it, copied by every worker)."""
+
+import fcntl
 import os
 import shutil
 
@@ -21,15 +25,32 @@ FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_root(tmp_path_factory):
+  """The temporary folder of this whole run: every xdist worker's base folder is inside it."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+
+
 @pytest.fixture(scope='session', autouse=True)
 def compilation_cache(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp('xla-cache'))
+  path = os.path.join(run_root(tmp_path_factory), 'xla-cache')
+  os.makedirs(path, exist_ok=True)
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   os.environ['JAX_COMPILATION_CACHE_DIR'] = path  # for subprocesses
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   return path
+
+
+def pytest_terminal_summary(terminalreporter):
+  """What tests ask to show even under -q, `record_property('shown', text)`, after the run (from
+  xdist workers too, whose own output does not reach the terminal)."""
+  for reports in terminalreporter.stats.values():
+    for report in reports:
+      for name, text in getattr(report, 'user_properties', ()):
+        if name == 'shown' and getattr(report, 'when', None) == 'call':
+          terminalreporter.write_line(text)
 
 
 def make_image_folder(root, classes=4, train_per_class=8, test_per_class=4, size=8, seed=0,
@@ -98,8 +119,17 @@ def tiny_args(image_folder, workdir, *extra):
 def finished(image_folder, tmp_path_factory):
   """A finished tiny study (every condition at depths 1, 2 over 2 splits): 36 models."""
   workdir = str(tmp_path_factory.mktemp('study') / 'wd')
-  assert run_cli(*tiny_args(image_folder, workdir)) == 0
-  return workdir
+  if not os.environ.get('PYTEST_XDIST_WORKER'):
+    assert run_cli(*tiny_args(image_folder, workdir)) == 0
+    return workdir
+  # One run for all workers (their image folders are the same data), a copy for each.
+  shared = os.path.join(run_root(tmp_path_factory), 'finished')
+  with open(shared + '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(shared + '.done'):
+      assert run_cli(*tiny_args(image_folder, os.path.join(shared, 'wd'))) == 0
+      open(shared + '.done', 'w').close()
+  return copy_study(os.path.join(shared, 'wd'), workdir)
 
 
 def copy_study(finished: str, workdir) -> str:

@@ -43,6 +43,19 @@ def compilation_cache(tmp_path_factory):
   return path
 
 
+# The longest modules first, so that xdist's workers (pyproject.toml: a module at a time, in this
+# order) end together rather than one of them starting the longest module last.
+SLOWEST_FIRST = ('test_train', 'test_study', 'test_campaigns', 'test_integrity')
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.module.__name__.rsplit('.', 1)[-1]
+    return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+  items.sort(key=rank)  # stable: the file order otherwise
+
+
 def pytest_terminal_summary(terminalreporter):
   """What tests ask to show even under -q, `record_property('shown', text)`, after the run (from
   xdist workers too, whose own output does not reach the terminal)."""

@@ -66,7 +66,8 @@ def test_interrupted_run_resumes_to_the_same_results(finished, image_folder, tmp
   os.remove(os.path.join(workdir, 'results.csv'))
   trained = []
   original = trainer.train_stack
-  monkeypatch.setattr(trainer, 'train_stack', lambda *a, **k: trained.append(1) or original(*a, **k))
+  monkeypatch.setattr(trainer, 'train_stack',
+                      lambda *a, **k: trained.append(1) or original(*a, **k))
   assert run_cli(*tiny_args(image_folder, workdir)) == 0
   assert len(trained) == 2  # only the lost stacks were retrained
   assert without_timings(os.path.join(workdir, 'results.csv')) == without_timings(
@@ -171,7 +172,8 @@ def test_a_moved_image_folder_resumes_without_training(finished, image_folder, t
   shutil.copytree(image_folder, moved, copy_function=shutil.copy)  # new paths, new mtimes
   trained = []
   original = trainer.train_stack
-  monkeypatch.setattr(trainer, 'train_stack', lambda *a, **k: trained.append(1) or original(*a, **k))
+  monkeypatch.setattr(trainer, 'train_stack',
+                      lambda *a, **k: trained.append(1) or original(*a, **k))
   assert run_cli(*tiny_args(moved, workdir, '--eval_every_epoch')) == 0
   assert trained == []
   assert without_timings(os.path.join(workdir, 'results.csv')) == without_timings(

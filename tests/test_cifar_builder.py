@@ -234,7 +234,7 @@ def test_download_config_registers_the_archive_checksum(tmp_path):
 @pytest.mark.parametrize('dataset, num_classes', [('cifar10', 10), ('cifar100', 100)])
 def test_load_tfds_path_under_mock_data(tmp_path, monkeypatch, dataset, num_classes):
   # The mock's __getitems__ is broken: read one index at a time under it.
-  monkeypatch.setattr(data, '_read_chunk', lambda source, idx: [source[i] for i in idx])
+  monkeypatch.setattr(datasets, '_read_chunk', lambda source, idx: [source[i] for i in idx])
   with tfds.testing.mock_data(num_examples=5):
     ds = datasets.load('train', dataset=dataset, data_dir=str(tmp_path / 'tfds'),
                        cache_dir=str(tmp_path / 'cache'))

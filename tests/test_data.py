@@ -50,7 +50,7 @@ def test_second_load_comes_from_cache(tree, tmp_path, monkeypatch):
 def test_cache_defaults_to_the_users_cache_not_the_data_dir(tree, tmp_path, monkeypatch):
   """As --cache_dir's help says: a data_dir may be a shared or read-only dataset folder."""
   root, _ = tree
-  monkeypatch.setattr(data, 'DEFAULT_CACHE_DIR', str(tmp_path / 'home-cache'))
+  monkeypatch.setattr(datasets, 'DEFAULT_CACHE_DIR', str(tmp_path / 'home-cache'))
   datasets.load('train', image_folder=str(root), data_dir=str(tmp_path / 'tfds'))
   assert len(_cache_files(tmp_path / 'home-cache')) == 1
   assert not (tmp_path / 'tfds').exists()

@@ -231,8 +231,7 @@ def stacked_epochs(stacked_run):
   return stacked_run[1]
 
 
-# Two trainings of the same members compared up to float noise: the trainer's tests, the features
-# test and the sharded run (a subprocess) share these.
+# Two trainings of the same members compared up to float noise (the trainer's tests).
 
 
 def no_signal(path, frozen=()) -> bool:

@@ -1,6 +1,10 @@
 """Shared fixtures: a persistent XLA compilation cache (tests compile the same small steps many
-times), the one generator of fake image folders, and the driver's command line in-process."""
+times), the one generator of fake image folders, and the driver's command line in-process.
 
+Under pytest-xdist the workers share the compilation cache and the `finished` study (run by the
+first worker that needs it, copied by every worker)."""
+
+import fcntl
 import os
 import shutil
 
@@ -13,6 +17,7 @@ from PIL import Image
 
 from experiments import main as cli
 from jaxtransfer.data import splits
+from jaxtransfer.data.datasets import normalize
 from jaxtransfer.train import trainer
 from jaxtransfer.nets.models import FinalNet
 
@@ -20,15 +25,45 @@ FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_root(tmp_path_factory):
+  """The temporary folder of this whole run: every xdist worker's base folder is inside it."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+
+
 @pytest.fixture(scope='session', autouse=True)
 def compilation_cache(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp('xla-cache'))
+  path = os.path.join(run_root(tmp_path_factory), 'xla-cache')
+  os.makedirs(path, exist_ok=True)
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   os.environ['JAX_COMPILATION_CACHE_DIR'] = path  # for subprocesses
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   return path
+
+
+# The longest modules first, so that xdist's workers (pyproject.toml: a module at a time, in this
+# order) end together rather than one of them starting the longest module last.
+SLOWEST_FIRST = ('test_train', 'test_study', 'test_campaigns', 'test_integrity')
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.module.__name__.rsplit('.', 1)[-1]
+    return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+  items.sort(key=rank)  # stable: the file order otherwise
+
+
+def pytest_terminal_summary(terminalreporter):
+  """What tests ask to show even under -q, `record_property('shown', text)`, after the run (from
+  xdist workers too, whose own output does not reach the terminal)."""
+  for reports in terminalreporter.stats.values():
+    for report in reports:
+      for name, text in getattr(report, 'user_properties', ()):
+        if name == 'shown' and getattr(report, 'when', None) == 'call':
+          terminalreporter.write_line(text)
 
 
 def make_image_folder(root, classes=4, train_per_class=8, test_per_class=4, size=8, seed=0,
@@ -97,8 +132,17 @@ def tiny_args(image_folder, workdir, *extra):
 def finished(image_folder, tmp_path_factory):
   """A finished tiny study (every condition at depths 1, 2 over 2 splits): 36 models."""
   workdir = str(tmp_path_factory.mktemp('study') / 'wd')
-  assert run_cli(*tiny_args(image_folder, workdir)) == 0
-  return workdir
+  if not os.environ.get('PYTEST_XDIST_WORKER'):
+    assert run_cli(*tiny_args(image_folder, workdir)) == 0
+    return workdir
+  # One run for all workers (their image folders are the same data), a copy for each.
+  shared = os.path.join(run_root(tmp_path_factory), 'finished')
+  with open(shared + '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(shared + '.done'):
+      assert run_cli(*tiny_args(image_folder, os.path.join(shared, 'wd'))) == 0
+      open(shared + '.done', 'w').close()
+  return copy_study(os.path.join(shared, 'wd'), workdir)
 
 
 def copy_study(finished: str, workdir) -> str:
@@ -185,3 +229,65 @@ def stacked(stacked_run):
 @pytest.fixture(scope='session')
 def stacked_epochs(stacked_run):
   return stacked_run[1]
+
+
+# Two trainings of the same members compared up to float noise (the trainer's tests).
+
+
+def no_signal(path, frozen=()) -> bool:
+  """A conv bias right before a BatchNorm, or the running mean that tracks it (every conv of
+  FinalNet has one). BN subtracts the bias, so its gradient is float noise, which Adam turns
+  into steps of up to +-lr: two float orderings of the same step (map vs vmap, or any two
+  compilers) move these leaves differently. Frozen ones stay the source's."""
+  keys = tuple(k.key for k in path)
+  return keys[1] not in frozen and keys[-2:] in (('conv', 'bias'), ('bn', 'mean'))
+
+
+@jax.jit
+def eval_logits(variables):
+  """[K, test images, classes]: every member on all of DATA's test images, eval mode."""
+  images = normalize(DATA.test_images, DATA.mean, DATA.std)
+  return jax.vmap(lambda v: MODEL.apply(v, images, train=False))(variables)
+
+
+def assert_same_training(a: trainer.StackResult, b: trainer.StackResult, frozen=()):
+  """Two trainings of the same members, up to float noise: every leaf with a gradient signal,
+  the train-mode metrics, and the eval-mode function once the `no_signal` leaves are shared
+  (those change eval outputs only through the running mean's lag behind the bias)."""
+  shared = jax.tree_util.tree_map_with_path(lambda p, x, y: x if no_signal(p, frozen) else y,
+                                            a.variables, b.variables)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a.variables),
+                          jax.tree.leaves(b.variables)):
+    if not no_signal(path, frozen):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-4)
+  np.testing.assert_allclose(a.train_accuracy, b.train_accuracy, atol=1e-6)
+  np.testing.assert_allclose(eval_logits(shared), eval_logits(a.variables), atol=1e-4)
+
+
+# Stacks grafted from `stacked` with conv1..2 frozen: the trainer's tests (both BatchNorm policies,
+# both member maps) and the features test (`fixed`, the loop) read the same trainings.
+PREFIX = tuple(NAMES[:2])
+GRAFT_CONFIG = trainer.TrainConfig(epochs=2, batch_size=16, optimizer='adam', weight_decay=0.1)
+
+
+def grafted_members(stacked):
+  sources = {c: {n: v[n] for n in PREFIX} for c, v in stacked.variables.items()}
+  return members(HALVES, 7, sources)
+
+
+@pytest.fixture(scope='session')
+def grafted(stacked):
+  """grafted(batchnorm, member_map): the StackResult of `grafted_members(stacked)` trained for
+  GRAFT_CONFIG with PREFIX grafted and frozen, trained once a session."""
+  runs = {}
+
+  def train(batchnorm, member_map):
+    if (batchnorm, member_map) not in runs:
+      runs[batchnorm,
+           member_map] = trainer.train_stack(MODEL, trainer.Structure(PREFIX, PREFIX,
+                                                                      batchnorm), GRAFT_CONFIG,
+                                             DATA, grafted_members(stacked), member_map=member_map)
+    return runs[batchnorm, member_map]
+
+  return train

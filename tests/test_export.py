@@ -7,14 +7,14 @@ import sys
 from tests.conftest import ROOT
 
 
-def test_seed_stack_exports_for_gpu_and_tpu(capsys):
+def test_seed_stack_exports_for_gpu_and_tpu(record_property):
   """The seed stack's init, epoch and evaluate export for cuda and tpu (4-way sharded model
   axis, members batched into the same kernels, no CPU-only VJP); its lines are shown even
-  under -q, so CI logs name both platforms."""
+  under -q (at the end of the run, from any xdist worker: see conftest), so CI logs name both
+  platforms."""
   proc = subprocess.run([sys.executable, '-m', 'experiments.export_check'], cwd=ROOT,
                         capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  with capsys.disabled():
-    print('\n' + proc.stdout.strip())
+  record_property('shown', proc.stdout.strip())
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
   for platform in ('cuda', 'tpu'):

@@ -9,31 +9,29 @@ import jax
 import numpy as np
 
 from jaxtransfer.train import features, trainer
-from tests.conftest import DATA, HALVES, MODEL, NAMES, members
-
-CONFIG = trainer.TrainConfig(epochs=2, batch_size=16, learning_rate=0.03)
+from tests.conftest import DATA, GRAFT_CONFIG, MODEL, PREFIX, grafted_members
 
 
-def test_cached_prefix_trains_like_the_plain_path(stacked):
-  prefix = tuple(NAMES[:3])
-  sources = {c: {n: v[n] for n in prefix if n in v} for c, v in stacked.variables.items()}
+def test_cached_prefix_trains_like_the_plain_path(stacked, grafted):
+  prefix = PREFIX
   structure = trainer.Structure(prefix, prefix, 'fixed')
   assert features.applicable(MODEL, structure)
   assert not features.applicable(MODEL, trainer.Structure(prefix, prefix, 'update'))
   assert not features.applicable(MODEL, trainer.Structure((), prefix, 'fixed'))  # random frozen
-  ms = members(HALVES, 7, sources)
-  plain = trainer.train_stack(MODEL, structure, CONFIG, DATA, ms)
-  cached, indexed = features.compute(MODEL, ms, DATA, start=3)
+  ms = grafted_members(stacked)
+  sources = ms.sources
+  plain = grafted('fixed', 'map')  # trainer.train_stack(MODEL, structure, GRAFT_CONFIG, DATA, ms)
+  cached, indexed = features.compute(MODEL, ms, DATA, start=2)
   k, n = ms.train_idx.shape
-  assert cached.data.train_images.shape == (k, n, 4, 4, 2)  # conv3's output (after 1 pool)
+  assert cached.data.train_images.shape == (k, n, 4, 4, 2)  # conv2's output (after its pool)
   m, shape = ms.test_idx.shape[1], DATA.train_images.shape[1:]
   size = k * (n + m) * 4 * 4 * 2 * 4
-  assert features.stack_nbytes(MODEL, k, n, m, shape, 3) == size
+  assert features.stack_nbytes(MODEL, k, n, m, shape, 2) == size
   assert features.planned_nbytes(MODEL, structure, k, n, m, shape, budget_mb=1) == size
   assert features.planned_nbytes(MODEL, structure, k, n, m, shape, budget_mb=0) is None
   assert features.planned_nbytes(MODEL, trainer.Structure(prefix, prefix, 'update'), k, n, m, shape,
                                  budget_mb=1) is None
-  fast = trainer.train_stack(MODEL, structure, CONFIG, DATA, indexed, features=cached)
+  fast = trainer.train_stack(MODEL, structure, GRAFT_CONFIG, DATA, indexed, features=cached)
   np.testing.assert_allclose(fast.train_loss, plain.train_loss, rtol=1e-5)
   np.testing.assert_allclose(fast.train_accuracy, plain.train_accuracy)
   signal = lambda v: {

@@ -18,8 +18,7 @@ from jaxtransfer.analysis import report
 from jaxtransfer.analysis import rows as rows_lib
 from jaxtransfer.study import driver
 from jaxtransfer.train import trainer
-from tests.conftest import ROOT, copy_study, run_cli, snapshot, tiny_args
-from tests.test_train import DATA, HALVES, MODEL, members
+from tests.conftest import DATA, HALVES, MODEL, ROOT, copy_study, members, run_cli, snapshot, tiny_args
 
 
 def without_timings(path):

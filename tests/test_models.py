@@ -26,7 +26,7 @@ def param_count(params) -> int:
 
 
 def test_final_net_matches_seed_parameter_count():
-  variables = models.FinalNet(num_classes=5).init(jax.random.key(0), X)
+  variables = jax.eval_shape(models.FinalNet(num_classes=5).init, jax.random.key(0), X)
   assert param_count(variables['params']) == 20_973
   assert variables['params']['head']['dense']['kernel'].shape == (512, 5)
 
@@ -42,29 +42,29 @@ def test_layers_are_named_and_ordered(model, names):
 
 def test_initial_net_shapes():
   model = models.InitialNet(num_classes=4)
-  variables = model.init(jax.random.key(0), X)
+  variables = jax.eval_shape(model.init, jax.random.key(0), X)
   assert set(variables) == {'params'}  # no BatchNorm
   assert variables['params']['head']['dense']['kernel'].shape == (32 * 32 * 3, 4)
   assert variables['params']['conv8']['conv']['kernel'].shape == (3, 3, 3, 3)
-  assert model.apply(variables, X, train=True).shape == (2, 4)
+  assert jax.eval_shape(lambda v: model.apply(v, X, train=True), variables).shape == (2, 4)
 
 
 def test_widths_flag_changes_head_input():
-  variables = models.FinalNet(5, widths=(4, 8, 8)).init(jax.random.key(0), X)
+  variables = jax.eval_shape(models.FinalNet(5, widths=(4, 8, 8)).init, jax.random.key(0), X)
   assert variables['params']['head']['dense']['kernel'].shape == (4 * 4 * 8, 5)
 
 
 def test_slices_compose_to_the_full_forward():
   model = models.FinalNet(3)
-  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-  variables = model.init(jax.random.key(0), x)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 32, 32, 3)), jnp.float32)
+  variables = _jit(lambda k: model.init(k, x), jax.random.key(0))
   prefix = model.apply(variables, x, stop=3)
   assert prefix.shape == (4, 16, 16, 16)
   np.testing.assert_array_equal(model.apply(variables, prefix, start=3), model.apply(variables, x))
 
 
 def test_max_pool_equals_flax():
-  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
   np.testing.assert_array_equal(
       models.max_pool_2x2(x),
       jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID'))
@@ -72,12 +72,12 @@ def test_max_pool_equals_flax():
 
 def test_train_mode_uses_batch_statistics():
   model = models.FinalNet(5)
-  x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3)) * 3 + 1
-  variables = model.init(jax.random.key(0), x)
-  _, state = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  x = jnp.asarray(np.random.default_rng(1).normal(1.0, 3.0, (8, 32, 32, 3)), jnp.float32)
+  variables = _jit(lambda k: model.init(k, x), jax.random.key(0))
+  _, state = _jit(lambda v: model.apply(v, x, train=True, mutable=['batch_stats']), variables)
   mean = state['batch_stats']['conv1']['bn']['mean']
   assert not np.allclose(mean, 0)  # running mean moved towards the batch mean
-  assert model.apply(variables, x, train=False).shape == (8, 5)
+  assert jax.eval_shape(lambda v: model.apply(v, x, train=False), variables).shape == (8, 5)
 
 
 def test_unknown_model_name():
@@ -88,9 +88,9 @@ def test_unknown_model_name():
 def test_pytorch_initialisation_is_torchs():
   """PyTorch's Conv2d/Linear reset_parameters: weights and biases U(+-1/sqrt(fan_in)), i.e. weight
   variance 1/(3 fan_in); flax's: lecun_normal (variance 1/fan_in) and zero biases."""
-  torch_like = models.FinalNet(5).init(jax.random.key(0), X)['params']
-  flax_like = models.make_model('final', 5, layer_defaults='flax').init(jax.random.key(0),
-                                                                        X)['params']
+  init = lambda model: _jit(lambda k: model.init(k, X), jax.random.key(0))['params']
+  torch_like = init(models.FinalNet(5))
+  flax_like = init(models.make_model('final', 5, layer_defaults='flax'))
   fan_in = {'conv1': 27, 'conv2': 72, 'conv3': 72, 'conv4': 144, 'conv5': 144, 'conv6': 288}
   for name, fan in [*fan_in.items(), ('head', 512)]:
     layer = 'dense' if name == 'head' else 'conv'
@@ -103,7 +103,7 @@ def test_pytorch_initialisation_is_torchs():
     np.testing.assert_allclose(flax_kernel.std(), 1 / np.sqrt(fan), rtol=0.25, err_msg=name)
     assert not np.any(flax_like[name][layer]['bias'])
   assert param_count(torch_like) == param_count(flax_like) == 20_973
-  initial = models.make_model('initial', 4).init(jax.random.key(0), X)['params']
+  initial = init(models.make_model('initial', 4))
   assert np.abs(initial['head']['dense']['kernel']).max() <= 1 / np.sqrt(3072)
 
 

@@ -240,7 +240,7 @@ def test_an_unbalanced_image_folder_trains_on_every_image(tmp_path, capfd):
       os.remove(root / split / name / f)
   workdir = tmp_path / 'wd'
   args = [
-      a for a in tiny_args(root, workdir, '--num_splits=1', '--depths=1', '--conditions=BnB',
+      a for a in tiny_args(root, workdir, '--num_splits=1', '--depths=1', '--conditions=BnB+',
                            '--train_per_class=7', '--cka_images=0') if a != '--quiet'
   ]
   assert run_cli(*args) == 0
@@ -248,7 +248,7 @@ def test_an_unbalanced_image_folder_trains_on_every_image(tmp_path, capfd):
   assert ('images per class, train/test (unbalanced) (training on at most 7 per class): '
           'class0 8/4, class1 3/4, class2 6/4, class3 8/2') in err
   rows = rows_lib.read_csv(str(workdir / 'results.csv'))
-  assert sorted(r['condition'] for r in rows) == ['BnB', 'BnB', 'base', 'base']
+  assert sorted(r['condition'] for r in rows) == ['BnB+', 'BnB+', 'base', 'base']
   capped = {0: 7, 1: 3, 2: 6, 3: 7}
   for row in rows_lib.select(rows, condition='base'):
     classes = [int(c) for c in row[f'classes_{row["target"]}'].split()]

@@ -10,10 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 from jaxtransfer.train import trainer
-from jaxtransfer.data.datasets import normalize
 from jaxtransfer.nets.models import FinalNet
-from tests.conftest import CONFIG, DATA, HALVES, MODEL, NAMES, members, take, tiny_data
+from tests.conftest import (CONFIG, DATA, HALVES, MODEL, NAMES, PREFIX, assert_same_training,
+                            eval_logits, grafted_members, members, take, tiny_data)
 
 
 def take_result(result: trainer.StackResult, i: int) -> trainer.StackResult:
@@ -23,22 +25,6 @@ def take_result(result: trainer.StackResult, i: int) -> trainer.StackResult:
       **{f: getattr(result, f)[i:i + 1] for f in ('train_accuracy', 'train_loss', 'test_accuracy')})
 
 
-def no_signal(path, frozen=()) -> bool:
-  """A conv bias right before a BatchNorm, or the running mean that tracks it (every conv of
-  FinalNet has one). BN subtracts the bias, so its gradient is float noise, which Adam turns
-  into steps of up to +-lr: two float orderings of the same step (map vs vmap, or any two
-  compilers) move these leaves differently. Frozen ones stay the source's."""
-  keys = tuple(k.key for k in path)
-  return keys[1] not in frozen and keys[-2:] in (('conv', 'bias'), ('bn', 'mean'))
-
-
-@jax.jit
-def eval_logits(variables):
-  """[K, test images, classes]: every member on all of DATA's test images, eval mode."""
-  images = normalize(DATA.test_images, DATA.mean, DATA.std)
-  return jax.vmap(lambda v: MODEL.apply(v, images, train=False))(variables)
-
-
 def recomputed_accuracy(variables, ms: trainer.Members) -> np.ndarray:
   """Each member's test accuracy from its variables, outside the trainer."""
   logits, labels = np.asarray(eval_logits(variables)), np.asarray(DATA.test_labels)
@@ -46,21 +32,6 @@ def recomputed_accuracy(variables, ms: trainer.Members) -> np.ndarray:
       (logits[i][idx].argmax(-1) == lm[labels[idx]]).mean()
       for i, (idx, lm) in enumerate(zip(np.asarray(ms.test_idx), np.asarray(ms.label_map)))
   ])
-
-
-def assert_same_training(a: trainer.StackResult, b: trainer.StackResult, frozen=()):
-  """Two trainings of the same members, up to float noise: every leaf with a gradient signal,
-  the train-mode metrics, and the eval-mode function once the `no_signal` leaves are shared
-  (those change eval outputs only through the running mean's lag behind the bias)."""
-  shared = jax.tree_util.tree_map_with_path(lambda p, x, y: x if no_signal(p, frozen) else y,
-                                            a.variables, b.variables)
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a.variables),
-                          jax.tree.leaves(b.variables)):
-    if not no_signal(path, frozen):
-      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
-  np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-4)
-  np.testing.assert_allclose(a.train_accuracy, b.train_accuracy, atol=1e-6)
-  np.testing.assert_allclose(eval_logits(shared), eval_logits(a.variables), atol=1e-4)
 
 
 @pytest.fixture(scope='module')
@@ -139,44 +110,35 @@ def test_evaluating_every_epoch_changes_nothing_but_records_test_accuracy(stacke
 
 
 def test_partial_last_batch_is_trained_on():
-  """40 examples at batch 16: 2 full batches + 1 of 8, every epoch."""
+  """40 examples at batch 16: 2 full batches + 1 of 8, every epoch. Run as `train_stack` runs a
+  stack of one (the programs of `separate`), with a spy on the step."""
   seen = []
-  cfg = trainer.TrainConfig(epochs=1, batch_size=16)
-  trainer = trainer.Trainer(MODEL, trainer.Structure(), cfg, jnp.zeros((1, 8, 8, 3)))
-  original = trainer.step
+  example = jnp.zeros((1,) + DATA.train_images.shape[1:], jnp.float32)
+  tr = trainer.Trainer(MODEL, trainer.Structure(), CONFIG, example)
+  original = tr.step
 
   def spy(state, batch_idx, **kw):
     seen.append(batch_idx.shape[0])
     return original(state, batch_idx, **kw)
 
-  trainer.step = spy
-  m = members(HALVES[:1])
-  state = trainer.init(m.init_keys[0], None)
-  state, metrics = jax.jit(trainer.epoch)(state, m.shuffle_keys[0], m.train_idx[0], m.label_map[0],
-                                          DATA)
+  tr.step = spy
+  mesh = jax.make_mesh((jax.device_count(),), (trainer.MODEL_AXIS,))
+  fns = trainer.stack_functions(tr, mesh, 'map')
+  m = jax.device_put(take(members(HALVES), 0), NamedSharding(mesh, P(trainer.MODEL_AXIS)))
+  data = jax.device_put(DATA, NamedSharding(mesh, P()))
+  init = fns.init.lower(m.init_keys, None, data).compile(trainer.INIT_COMPILER_OPTIONS)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(m.shuffle_keys, 0)
+  state, metrics = fns.epoch(init(m.init_keys, None, data), keys, m.train_idx, m.label_map, data)
   assert seen == [16, 8]  # traced once in the scan body, once for the remainder
   count = [x for x in jax.tree.leaves(state.opt_state) if x.dtype == jnp.int32]
-  assert int(count[0]) == 3  # Adam took 3 steps: ceil(40 / 16)
-
-
-PREFIX = tuple(NAMES[:2])
-GRAFT_CONFIG = trainer.TrainConfig(epochs=1, batch_size=16, optimizer='adam', weight_decay=0.1)
-
-
-def grafted_members(stacked):
-  sources = {c: {n: v[n] for n in PREFIX} for c, v in stacked.variables.items()}
-  return members(HALVES, 7, sources)
+  assert count[0].shape == (1,) and int(count[0][0]) == 3  # Adam took 3 steps: ceil(40 / 16)
 
 
 @pytest.fixture(scope='module', params=['update', 'fixed'])
-def frozen(request, stacked):
+def frozen(request, grafted):
   """(batchnorm policy, {member map: result}) of a stack grafted from `stacked` with conv1..2
   frozen."""
-  structure = trainer.Structure(PREFIX, PREFIX, request.param)
-  return request.param, {
-      m: trainer.train_stack(MODEL, structure, GRAFT_CONFIG, DATA, grafted_members(stacked),
-                             member_map=m) for m in ('map', 'vmap')
-  }
+  return request.param, {m: grafted(request.param, m) for m in ('map', 'vmap')}
 
 
 def test_frozen_prefix_stays_the_source(stacked, frozen):
@@ -212,13 +174,15 @@ def test_vmapped_finetuned_graft_equals_the_loop(stacked):
 
 
 def step_flops(depth: int) -> float:
+  """XLA's FLOP count of one training step as traced (before XLA's own dead-code elimination:
+  the backward pass must be missing from the program itself, not pruned by the compiler)."""
   model = FinalNet(5)
   frozen = tuple(NAMES[:depth])
-  trainer = trainer.Trainer(model, trainer.Structure((), frozen, 'update'),
-                            trainer.TrainConfig(batch_size=32), jnp.zeros((1, 32, 32, 3)))
-  state = trainer.init(jax.random.key(0), None)
-  data = tiny_data(num_classes=5, train_per_class=8, size=32)
-  step = jax.jit(trainer.step).lower(state, jnp.arange(32), jnp.arange(5), data).compile()
+  tr = trainer.Trainer(model, trainer.Structure((), frozen, 'update'),
+                       trainer.TrainConfig(batch_size=32), jnp.zeros((1, 32, 32, 3)))
+  state = jax.eval_shape(tr.init, jax.random.key(0), None)
+  data = jax.eval_shape(lambda: tiny_data(num_classes=5, train_per_class=8, size=32))
+  step = jax.jit(tr.step).lower(state, jnp.arange(32), jnp.arange(5), data)
   cost = step.cost_analysis()
   return float((cost[0] if isinstance(cost, list) else cost)['flops'])
 
@@ -231,33 +195,42 @@ def test_frozen_prefix_skips_its_backward_pass():
 
 
 SHARDED = r'''
-import jax, numpy as np
-assert jax.device_count() == 4, jax.devices()
-from tests.conftest import MODEL, CONFIG, DATA, members
-from tests.test_train import assert_same_training
+import sys, jax, numpy as np
+assert jax.device_count() == 2, jax.devices()
+from tests.conftest import MODEL, CONFIG, DATA, HALVES, members
 from jaxtransfer.train import trainer
-ms = members([(0, 1), (2, 3), (1, 3), (0, 2), (1, 2)])  # K=5: padded to 8, 2 per device
-one = jax.make_mesh((1,), (trainer.MODEL_AXIS,), devices=jax.devices()[:1])
-a = trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA, ms)
-b = trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA, ms, mesh=one)
-jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
-             a.variables, b.variables)
-np.testing.assert_allclose(a.test_accuracy, b.test_accuracy)
-c = trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA, ms, member_map='vmap')
-assert c.test_accuracy.shape == (5,)
-assert_same_training(c, b)
-print('sharded ok', a.test_accuracy, c.test_accuracy)
+out = {}
+for member_map in ('map', 'vmap'):  # K=3: padded to 4, 2 per device
+  r = trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA, members(HALVES),
+                          member_map=member_map)
+  out.update({f'{member_map}/{i}': x for i, x in enumerate(jax.tree.leaves(r.variables))})
+  out.update({f'{member_map}/{f}': getattr(r, f) for f in ('train_accuracy', 'train_loss',
+                                                           'test_accuracy')})
+np.savez(sys.argv[1], **out)
 '''
 
 
-def test_sharded_over_four_devices_equals_one_device():
-  """K = 5 over 4 devices (padded): the loop and vmap, against the loop on one device."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+def test_sharded_over_two_devices_equals_one_device(stacked, tmp_path):
+  """K = 3 over 2 devices (padded to 4, 2 members a device), the loop and vmap, against the loop
+  on one device: `stacked`, the same members trained in this process."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, '-c', SHARDED], env=env, cwd=root, capture_output=True,
-                        text=True)
+  out = str(tmp_path / 'sharded.npz')
+  proc = subprocess.run([sys.executable, '-c', SHARDED, out], env=env, cwd=root,
+                        capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'sharded ok' in proc.stdout
+  saved = np.load(out)
+  structure = jax.tree.structure(stacked.variables)
+  result = lambda member_map: stacked._replace(
+      variables=jax.tree.unflatten(
+          structure, [saved[f'{member_map}/{i}'] for i in range(structure.num_leaves)]), **
+      {f: saved[f'{member_map}/{f}'] for f in ('train_accuracy', 'train_loss', 'test_accuracy')})
+  a, c = result('map'), result('vmap')
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a.variables,
+               stacked.variables)
+  np.testing.assert_allclose(a.test_accuracy, stacked.test_accuracy)
+  assert c.test_accuracy.shape == (3,)
+  assert_same_training(c, stacked)
 
 
 TWO_PROCESSES = r'''
@@ -297,10 +270,10 @@ def test_init_compiled_at_a_low_optimisation_level_gives_the_same_state():
   """train_stack compiles initialisation with INIT_COMPILER_OPTIONS (it compiles several times
   faster): the initial state must be the default level's, bit for bit."""
   example = jnp.zeros((1,) + DATA.train_images.shape[1:], jnp.float32)
-  trainer = trainer.Trainer(MODEL, trainer.Structure(), CONFIG, example)
+  tr = trainer.Trainer(MODEL, trainer.Structure(), CONFIG, example)
   key = jax.random.key(7)
-  low = jax.jit(trainer.init).lower(key, None).compile(trainer.INIT_COMPILER_OPTIONS)(key, None)
-  default = jax.jit(trainer.init)(key, None)
+  low = jax.jit(tr.init).lower(key, None).compile(trainer.INIT_COMPILER_OPTIONS)(key, None)
+  default = jax.jit(tr.init)(key, None)
   assert jax.tree.structure(low) == jax.tree.structure(default)
   for a, b in zip(jax.tree.leaves(low), jax.tree.leaves(default)):
     np.testing.assert_array_equal(a, b)

@@ -2,11 +2,13 @@
 a failed save loses nothing."""
 
 import dataclasses
+import fcntl
 import json
 import os
 import socket
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -38,19 +40,20 @@ def test_metrics_lines_survive_a_killed_writer(tmp_path):
   assert lines[2] == '{"run": "a", "epoch": 2, "lo' and len(lines) == 6 and lines[-1] == ''
 
 
-# A second process holding a workdir's lock for argv[2] seconds.
+# A second process holding a workdir's lock for argv[2] seconds, or until a line on its stdin.
 HOLDER = r'''
-import sys, time
+import select, sys
 from jaxtransfer.study.workdir import Workdir
 with Workdir(sys.argv[1]).lock():
   print('locked', flush=True)
-  time.sleep(float(sys.argv[2]))
+  select.select([sys.stdin], [], [], float(sys.argv[2]))
 '''
 
 
 def hold(workdir, seconds: float) -> subprocess.Popen:
   proc = subprocess.Popen([sys.executable, '-c', HOLDER,
-                           str(workdir), str(seconds)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                           str(workdir), str(seconds)], cwd=ROOT, stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True)
   assert proc.stdout.readline() == 'locked\n'
   return proc
 
@@ -84,8 +87,8 @@ def test_a_second_run_is_refused_at_once_and_a_killed_holder_frees_the_workdir(
   assert len(said) == 1
 
 
-def test_waiting_for_the_lock_then_resuming_and_cleaning_leftovers(finished, image_folder,
-                                                                   tmp_path):
+def test_waiting_for_the_lock_then_resuming_and_cleaning_leftovers(finished, image_folder, tmp_path,
+                                                                   monkeypatch):
   workdir = copy_study(finished, tmp_path / 'wd')
   # Partial checkpoints of killed runs: orbax's temporary folder and ours.
   leftovers = [
@@ -94,9 +97,22 @@ def test_waiting_for_the_lock_then_resuming_and_cleaning_leftovers(finished, ima
   ]
   for path in leftovers:
     os.makedirs(path)
-  holder = hold(workdir, 3)
+  holder = hold(workdir, 60)
+  waited = []
+
+  def flock(fd, operation):
+    if not operation & fcntl.LOCK_NB:  # the run blocks on the holder's lock: let the holder end
+      waited.append(operation)
+      holder.stdin.write('go\n')
+      holder.stdin.flush()
+    return fcntl.flock(fd, operation)
+
+  monkeypatch.setattr(
+      workdir_lib, 'fcntl',
+      types.SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB))
   assert run_cli(*tiny_args(image_folder, workdir, '--wait_for_lock')) == 0
   assert holder.wait() == 0
+  assert waited == [fcntl.LOCK_EX]  # it did wait for the holder
   assert not any(os.path.exists(p) for p in leftovers)
   rows = lambda d: [{k: v
                      for k, v in r.items()

@@ -63,7 +63,8 @@ def measure(study: Study, workdir: Workdir, test_ds, mean, std,
       if rows_lib.run_id(plan_lib.run_fields(run)) not in exclude
   }
   base = conditions.BASE.name
-  records, compared = [], set()
+  records, compared, references = [], set(), {}
+  layers = tuple(study.layer_names)  # traced once for the study, not once per model
   record = lambda run, label, values: records.append(
       {**plan_lib.run_fields(run), 'row': label, 'cka': [float(v) for v in values]})
   todo = sorted(nets.items(), key=lambda item: _sort_key(item[0]))
@@ -79,15 +80,20 @@ def measure(study: Study, workdir: Workdir, test_ds, mean, std,
       continue
     model = make(len(study.classes(run)))
     images = features[(run.split, run.target)]
-    reference = cka.layer_features(model, base_of(run.target), images)
+    key = (run.split, run.target, run.seed)
+    if key not in references:  # each base net's features once, not once per model
+      references[key] = cka.layer_features(model, base_of(run.target), images, layers)
+    reference = references[key]
     other = 'A' if run.target == 'B' else 'B'
     if (run.split, run.target, run.seed) not in compared and base_of(other) is not None:
       compared.add((run.split, run.target, run.seed))  # once per (split, target, seed)
       other_model = make(len(plan_lib.half_classes(halves, run.split, other)))
-      record(Run(run.split, run.target, base, 0, run.seed), OTHER_BASE,
-             cka.per_layer_cka(cka.layer_features(other_model, base_of(other), images), reference))
+      record(
+          Run(run.split, run.target, base, 0, run.seed), OTHER_BASE,
+          cka.per_layer_cka(cka.layer_features(other_model, base_of(other), images, layers),
+                            reference))
     record(run, f'{run.condition} n={run.depth}',
-           cka.per_layer_cka(cka.layer_features(model, variables, images), reference))
+           cka.per_layer_cka(cka.layer_features(model, variables, images, layers), reference))
   return records
 
 

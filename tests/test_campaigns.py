@@ -253,10 +253,14 @@ def test_a_study_of_names_and_sizes_migrates_resumes_and_pools(finished, image_f
   study = lambda path: json.load(open(os.path.join(path, 'study.json')))
   one, two, three = (str(tmp_path / n) for n in ('one', 'two', 'three'))
   _shard(finished, one, 1)
-  for path, split in ((two, 0), (three, 1)):
+  for path, split in ((two, 0), (three, 1)):  # shards recorded by names and sizes, hashed so
     _shard(finished, path, split)
+    config = {**legacy['config'], 'splits': [split]}
+    shard_hash = config_lib.config_hash(config_lib.with_defaults(config))
     files.write_json(os.path.join(path, 'study.json'),
-                     {**legacy, 'config': {**legacy['config'], 'splits': [split]}})
+                     {**legacy, 'config': config, 'config_hash': shard_hash})
+    rows = rows_lib.read_csv(os.path.join(path, 'results.csv'))
+    rows_lib.write(path, [{**r, 'config_hash': shard_hash} for r in rows])
   campaigns.pool([two, three], str(tmp_path / 'old-kind'))  # of one kind: pool as they are
   with pytest.raises(
       ValueError, match=f'{two} names its data by names and sizes .* '
@@ -274,7 +278,6 @@ def test_a_study_of_names_and_sizes_migrates_resumes_and_pools(finished, image_f
   assert proc.returncode == 2 and 'is not the data' in proc.stderr and study(two) == before
   proc = migrate(two, f'--image_folder={image_folder}')
   assert proc.returncode == 0, proc.stderr
-  from jaxtransfer import config as config_lib
   shard_config = {**record['config'], 'splits': [0]}
   assert study(two) == {
       **migrated, 'config': shard_config,

@@ -36,8 +36,8 @@ import time
 from unittest import mock
 
 TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gpu_targets')
-K, BATCH, TRAIN_PER_MEMBER, TEST_PER_MEMBER = 20, 64, 25_000, 5_000
-WIDTHS, CLASSES, GLOBAL_CLASSES = (8, 16, 32), 5, 10
+K, BATCH = 20, 64  # the member count and batch of the programs compiled here
+WIDTHS, CLASSES = (8, 16, 32), 5
 # Instructions that launch nothing: bookkeeping of the loop's carried tuple and of layouts.
 NO_LAUNCH = {'parameter', 'get-tuple-element', 'tuple', 'constant', 'bitcast', 'opt-barrier'}
 
@@ -79,20 +79,11 @@ def summarize(text: str) -> dict:
 
 
 def abstract(mesh, k: int):
-  import jax
-  import jax.numpy as jnp
+  """The seed stack's arguments as `export_check` builds them, plus the members' sharding."""
   from jax.sharding import NamedSharding, PartitionSpec as P
+  from experiments import export_check
   from jaxtransfer.train import trainer
-  sharded, replicated = NamedSharding(mesh, P(trainer.MODEL_AXIS)), NamedSharding(mesh, P())
-  s = lambda shape, dtype, sh=sharded: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
-  data = trainer.DeviceData(s((50_000, 32, 32, 3), jnp.uint8, replicated),
-                            s((50_000,), jnp.int32, replicated),
-                            s((10_000, 32, 32, 3), jnp.uint8, replicated),
-                            s((10_000,), jnp.int32, replicated), s((3,), jnp.float32, replicated),
-                            s((3,), jnp.float32, replicated))
-  return data, s((k,),
-                 jax.random.key(0).dtype), s((k, TRAIN_PER_MEMBER), jnp.int32), s(
-                     (k, TEST_PER_MEMBER), jnp.int32), s((k, GLOBAL_CLASSES), jnp.int32), sharded
+  return (*export_check.abstract_inputs(mesh, k), NamedSharding(mesh, P(trainer.MODEL_AXIS)))
 
 
 def compile_programs(target: str, frozen: int, programs: tuple[str, ...], k: int):

@@ -119,8 +119,9 @@ def check(ok: bool, message: str) -> None:
     raise CheckError(message)
 
 
-def abstract_inputs(mesh):
-  """ShapeDtypeStructs of a seed stack's arguments: member args split over the mesh."""
+def abstract_inputs(mesh, k: int = K):
+  """ShapeDtypeStructs of a seed stack's arguments (`k` members): member args split over the
+  mesh."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
@@ -132,9 +133,9 @@ def abstract_inputs(mesh):
                             s((10_000, 32, 32, 3), jnp.uint8, replicated),
                             s((10_000,), jnp.int32, replicated), s((3,), jnp.float32, replicated),
                             s((3,), jnp.float32, replicated))
-  keys = s((K,), jax.random.key(0).dtype)
-  return data, keys, s((K, TRAIN_PER_MEMBER), jnp.int32), s((K, TEST_PER_MEMBER), jnp.int32), s(
-      (K, GLOBAL_CLASSES), jnp.int32)
+  keys = s((k,), jax.random.key(0).dtype)
+  return data, keys, s((k, TRAIN_PER_MEMBER), jnp.int32), s((k, TEST_PER_MEMBER), jnp.int32), s(
+      (k, GLOBAL_CLASSES), jnp.int32)
 
 
 def export_stack(

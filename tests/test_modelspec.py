@@ -2,6 +2,7 @@
 breaks the contract is refused in one line, by the CLI and the Python API alike."""
 
 import dataclasses
+import inspect
 import json
 import os
 import shutil
@@ -182,18 +183,8 @@ def test_one_check_says_whether_a_model_runs_a_slice_of_its_layers():
       flops.layer_macs(model, (2, 2, 3))
 
 
-TWO_DENSE_FILE = '''
-import flax.linen as nn
-
-
-class TwoDense(nn.Module):
-  num_classes: int
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    del train
-    return nn.Dense(self.num_classes, name='out')(nn.Dense(4, name='hidden')(x.reshape(len(x), -1)))
-'''
+# `TwoDense` above, as a model file of its own.
+TWO_DENSE_FILE = 'import flax.linen as nn\n\n\n' + inspect.getsource(TwoDense)
 
 
 def test_an_edited_model_file_is_refused_on_resume(image_folder, tmp_path, capsys):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from jaxtransfer.analysis import report, stats
+from jaxtransfer.analysis import report, stats, verdicts
 from jaxtransfer.analysis import rows as rows_lib
 from tests.conftest import ROWS
 
@@ -16,18 +16,20 @@ def test_mean_ci_is_student_t():
   assert np.isnan(stats.mean_ci([0.5])[1])
 
 
-def test_welch_ci_is_welchs_interval_and_the_pooled_one_for_equal_groups():
+def test_welch_is_welchs_interval_and_the_pooled_one_for_equal_groups():
   a, b = [1.0, 2.0, 3.0, 4.0], [0.0, 2.0, 4.0, 6.0]
-  mean, half = stats.welch_ci(a, b)
+  got = verdicts.welch(b, a).interval()  # mean(a) − mean(b)
+  mean, half = got.estimate, (got.hi - got.lo) / 2
   assert mean == pytest.approx(-0.5)
   # Welch: se^2 = 1.6667/4 + 6.6667/4, df = 2.0833^2 / (0.4167^2/3 + 1.6667^2/3) = 4.41.
   se = np.sqrt(5 / 12 + 20 / 12)
   df = (25 / 12)**2 / ((5 / 12)**2 / 3 + (20 / 12)**2 / 3)
   assert half == pytest.approx(scipy_stats.t.ppf(0.975, df) * se, rel=1e-9)
   # With equal sizes and variances Welch's df is 2n - 2: the pooled two-sample interval.
-  mean, half = stats.welch_ci(a, [x + 1 for x in a])
-  assert (mean, half) == pytest.approx((-1.0, scipy_stats.t.ppf(0.975, 6) * np.sqrt(2 * 5 / 3 / 4)))
-  assert np.isnan(stats.welch_ci([0.5], a)[1])
+  got = verdicts.welch([x + 1 for x in a], a).interval()
+  assert (got.estimate, (got.hi - got.lo) / 2) == pytest.approx(
+      (-1.0, scipy_stats.t.ppf(0.975, 6) * np.sqrt(2 * 5 / 3 / 4)))
+  assert np.isnan(verdicts.welch(a, [0.5]).interval().lo)
 
 
 def test_paired_differences_remove_the_split_spread():

@@ -25,22 +25,6 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
   return float(x.mean()), float(half)
 
 
-def welch_ci(a: Sequence[float], b: Sequence[float],
-             confidence: float = 0.95) -> tuple[float, float]:
-  """mean(a) − mean(b) and the half-width of Welch's t interval. For two studies' values:
-  their units are different nets, so nothing pairs them and their variances need not agree."""
-  from scipy import stats  # scipy ships with jax
-  x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  diff = float(x.mean() - y.mean())
-  if x.size < 2 or y.size < 2:
-    return diff, float('nan')
-  vx, vy = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
-  if vx + vy == 0:
-    return diff, 0.0
-  df = (vx + vy)**2 / (vx**2 / (x.size - 1) + vy**2 / (y.size - 1))
-  return diff, float(stats.t.ppf(0.5 + confidence / 2, df) * np.sqrt(vx + vy))
-
-
 def paired_to_base(rows: Sequence[dict], condition: str, depth: int) -> list[float]:
   """Test accuracy of `condition` at `depth` minus its target's base net (same split, half and
   seed): paired differences remove the split-to-split spread from the comparison."""

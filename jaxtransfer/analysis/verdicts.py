@@ -130,9 +130,7 @@ class Verdict:
 
 # ---- units and clusters
 
-
-def unit(row: Mapping) -> Unit:
-  return (row['split'], row['target'], row['seed'])
+unit = rows_lib.unit_key  # (split, target, seed)
 
 
 def differences(rows: Sequence[dict], a: str, b: str, depths: Sequence[int]) -> dict[Unit, float]:

@@ -85,8 +85,8 @@ def measure(study: Study, workdir: Workdir, test_ds, mean, std,
       references[key] = cka.layer_features(model, base_of(run.target), images, layers)
     reference = references[key]
     other = 'A' if run.target == 'B' else 'B'
-    if (run.split, run.target, run.seed) not in compared and base_of(other) is not None:
-      compared.add((run.split, run.target, run.seed))  # once per (split, target, seed)
+    if key not in compared and base_of(other) is not None:
+      compared.add(key)  # once per (split, target, seed)
       other_model = make(len(plan_lib.half_classes(halves, run.split, other)))
       record(
           Run(run.split, run.target, base, 0, run.seed), OTHER_BASE,

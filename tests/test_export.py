@@ -22,12 +22,12 @@ def test_seed_stack_exports_for_gpu_and_tpu(record_property):
       assert any(line.split()[:2] == [platform, program] for line in lines), (platform, program)
   epoch = next(line for line in lines if line.split()[:2] == ['cuda', 'epoch'])
   # No weight gradient is a convolution (XLA:GPU gives grouped ones whole-image windows): 6
-  # forward and 5 input-gradient 3x3 convolutions and 6 kernel-gradient GEMMs per step body, two
-  # bodies (the scan's and the last partial batch's); the stock build's 12 are refused.
-  assert '22 convolutions (12 forward, 10 input-grad), all forward 3x3' in epoch
-  assert '12 kernel-gradient GEMMs' in epoch
+  # forward and 5 input-gradient 3x3 convolutions and 6 kernel-gradient GEMMs in the one step
+  # body (the last partial batch is masked, not a second body); the stock build's 6 are refused.
+  assert '11 convolutions (6 forward, 5 input-grad), all forward 3x3' in epoch
+  assert '6 kernel-gradient GEMMs' in epoch
   assert 'grouped by the 5 members' in epoch
   assert any(
-      line.startswith('control cuda  epoch on stock lax.conv: 12 weight-gradient '
+      line.startswith('control cuda  epoch on stock lax.conv: 6 weight-gradient '
                       'convolutions (windows 16x16, 32x32, 8x8)') for line in lines)
   assert lines[-1].startswith('ok: cuda and tpu export')

@@ -110,16 +110,17 @@ def test_evaluating_every_epoch_changes_nothing_but_records_test_accuracy(stacke
 
 
 def test_partial_last_batch_is_trained_on():
-  """40 examples at batch 16: 2 full batches + 1 of 8, every epoch. Run as `train_stack` runs a
-  stack of one (the programs of `separate`), with a spy on the step."""
+  """40 examples at batch 16: 2 full batches + 1 of 8, every epoch, all three by one step body
+  (the last padded to 16, its padding masked). Run as `train_stack` runs a stack of one (the
+  programs of `separate`), with a spy on the step."""
   seen = []
   example = jnp.zeros((1,) + DATA.train_images.shape[1:], jnp.float32)
   tr = trainer.Trainer(MODEL, trainer.Structure(), CONFIG, example)
   original = tr.step
 
-  def spy(state, batch_idx, **kw):
-    seen.append(batch_idx.shape[0])
-    return original(state, batch_idx, **kw)
+  def spy(state, batch_idx, mask=None, **kw):
+    seen.append((batch_idx.shape[0], mask is not None))
+    return original(state, batch_idx, mask=mask, **kw)
 
   tr.step = spy
   mesh = jax.make_mesh((jax.device_count(),), (trainer.MODEL_AXIS,))
@@ -129,7 +130,7 @@ def test_partial_last_batch_is_trained_on():
   init = fns.init.lower(m.init_keys, None, data).compile(trainer.INIT_COMPILER_OPTIONS)
   keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(m.shuffle_keys, 0)
   state, metrics = fns.epoch(init(m.init_keys, None, data), keys, m.train_idx, m.label_map, data)
-  assert seen == [16, 8]  # traced once in the scan body, once for the remainder
+  assert seen == [(16, True)]  # traced once: the scan's body, masked
   count = [x for x in jax.tree.leaves(state.opt_state) if x.dtype == jnp.int32]
   assert count[0].shape == (1,) and int(count[0][0]) == 3  # Adam took 3 steps: ceil(40 / 16)
 

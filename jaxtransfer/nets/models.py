@@ -177,9 +177,11 @@ class BatchNorm(nn.BatchNorm):
     if updating:
       # flax tracked var = m old + (1 - m) biased; PyTorch tracks m old + (1 - m) biased n/(n-1),
       # which is var + (var - m old) / (n - 1).
-      n = x.size // x.shape[-1]
+      n = x.size // x.shape[-1] if mask is None else jnp.broadcast_to(mask, x.shape).sum(
+          dtype=jnp.float32) / x.shape[-1]  # the examples counted (the batch's real ones)
       var = self.get_variable('batch_stats', 'var')
-      self.put_variable('batch_stats', 'var', var + (var - self.momentum * old_var) / max(n - 1, 1))
+      self.put_variable('batch_stats', 'var',
+                        var + (var - self.momentum * old_var) / jnp.maximum(n - 1, 1))
     return y
 
 

@@ -6,7 +6,7 @@ indices into the shared image arrays, its own label map (its half's classes -> 0
 PRNG keys and its own grafting source.
 
 The dataset's uint8 arrays go to the device once; shuffling, batching, normalisation and the
-whole epoch (a `lax.scan` over full batches, then one step on the last partial batch) run on
+whole epoch (a `lax.scan` of one step body; the last batch padded and masked) run on
 device with no host round-trip per step. The model axis is sharded over all local devices
 with `shard_map`; inside a shard, members run under `jax.vmap` (accelerators: one big batched
 kernel) or `lax.map` (CPU: XLA turns vmapped convolutions into grouped ones, several times
@@ -15,6 +15,7 @@ slower there, while a loop over members keeps the fast native convolutions).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -31,11 +32,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtransfer import config as config_lib, transfer
 from jaxtransfer.config import MEMBER_MAPS, OPTIMIZERS  # MEMBER_MAPS: see _over_members
 from jaxtransfer.data.datasets import normalize
+from jaxtransfer.train import programs as programs_lib
 
 PyTree = Any
 MODEL_AXIS = 'models'
 INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
 _STUDY, _RUN = config_lib.StudyConfig(), config_lib.RunOptions()
+PROGRAMS = programs_lib.Cache()  # this process's compiled stack programs (see train_stack)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,18 +188,23 @@ class Trainer:
     params = variables.pop('params')
     return TrainState(params, variables, self.tx.init(params))
 
-  def loss(self, trainable, frozen, model_state, images, labels):
+  def loss(self, trainable, frozen, model_state, images, labels, mask=None):
     params = transfer.combine(trainable, frozen)
-    with transfer.batchnorm_policy(self.structure.frozen_layers, self.structure.batchnorm):
+    with transfer.batchnorm_policy(self.structure.frozen_layers, self.structure.batchnorm), \
+        _masked_batchnorm(mask):
       logits, model_state = self.model.apply({'params': params, **model_state}, images, train=True,
                                              mutable=list(model_state), **self.layers)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
-    correct = (logits.argmax(-1) == labels).sum()
-    return loss, (model_state, correct)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    hits = logits.argmax(-1) == labels
+    if mask is not None:
+      losses, hits = jnp.where(mask, losses, 0.0), hits & mask
+    return losses.sum(), (model_state, hits.sum())
 
-  def step(self, state: TrainState, batch_idx, label_map, data: DeviceData, key=None):
-    """One optimiser step on the examples `batch_idx` (augmented with `key` under --augment);
-    gradients only w.r.t. trainable leaves, so no backward pass runs through a frozen prefix."""
+  def step(self, state: TrainState, batch_idx, label_map, data: DeviceData, key=None, mask=None):
+    """One optimiser step on the examples `batch_idx` (augmented with `key` under --augment), of
+    which only those where `mask` is true count (in the loss, the gradient and BatchNorm's
+    statistics); gradients only w.r.t. trainable leaves, so no backward pass runs through a
+    frozen prefix."""
     images = data.train_images[batch_idx]
     if key is not None:
       images = augment(key, images, self.config.augment)
@@ -206,8 +214,8 @@ class Trainer:
     (loss, (model_state, correct)), grads = jax.value_and_grad(self.loss,
                                                                has_aux=True)(trainable, frozen,
                                                                              state.model_state,
-                                                                             images, labels)
-    n = batch_idx.shape[0]
+                                                                             images, labels, mask)
+    n = batch_idx.shape[0] if mask is None else mask.sum().astype(jnp.float32)
     grads = transfer.combine(jax.tree.map(lambda g: g / n, grads),
                              jax.tree.map(jnp.zeros_like, frozen))
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -218,29 +226,24 @@ class Trainer:
                       opt_state), jnp.stack([loss, correct.astype(jnp.float32)])
 
   def epoch(self, state: TrainState, key, train_idx, label_map, data: DeviceData):
-    """A shuffled pass over `train_idx`: full batches in a scan, then the partial remainder."""
-    b = self.config.batch_size
+    """A shuffled pass over `train_idx` in batches, all in one `lax.scan` over one step body.
+    Where the batch size does not divide the examples, the last batch is padded to the full
+    size and the padding masked out (`step`), rather than compiling a second, smaller step."""
     n = train_idx.shape[0]
+    b = min(self.config.batch_size, n)
+    steps = steps_per_epoch(n, b)
     order = train_idx[jax.random.permutation(key, n)]
-    full, rem = divmod(n, b)
-    step = functools.partial(self.step, label_map=label_map, data=data)
-    batches = order[:full * b].reshape(full, b)
+    xs = {'batch_idx': order[jnp.arange(steps * b) % n].reshape(steps, b)}
+    if steps * b != n:
+      xs['mask'] = (jnp.arange(steps * b) < n).reshape(steps, b)
     if self.config.augment != 'none':
       # Each step's own key, from the member's epoch key alone (not the stack's other members);
       # the permutation above keeps `key` itself.
-      keys = jax.random.split(jax.random.fold_in(key, _AUGMENT_STREAM), full + 1)
-      scan_step = lambda state, xs: step(state, xs[0], key=xs[1])
-      batches, last = (batches, keys[:full]), {'key': keys[full]}
-    else:
-      scan_step, last = step, {}
-    totals = jnp.zeros(2)
-    if full:
-      state, sums = lax.scan(scan_step, state, batches)
-      totals += sums.sum(0)
-    if rem:
-      state, sums = step(state, order[full * b:], **last)
-      totals += sums
-    return state, totals / n  # (mean loss, accuracy)
+      keys = n // self.config.batch_size + 1
+      xs['key'] = jax.random.split(jax.random.fold_in(key, _AUGMENT_STREAM), keys)[:steps]
+    step = lambda state, x: self.step(state, label_map=label_map, data=data, **x)
+    state, sums = lax.scan(step, state, xs)
+    return state, sums.sum(0) / n  # (mean loss, accuracy)
 
   def evaluate(self, state: TrainState, test_idx, label_map, data: DeviceData):
     """Accuracy on `test_idx`, in padded batches (eval mode: padding cannot leak into stats)."""
@@ -262,6 +265,25 @@ class Trainer:
 
 
 _AUGMENT_STREAM = 0x617567  # folded into a member's epoch key: its augmentation stream
+
+
+@contextlib.contextmanager
+def _masked_batchnorm(mask: jax.Array | None):
+  """BatchNorm's batch statistics over the examples where `mask` [batch] is true: every
+  `nn.BatchNorm` of the model (the researcher's too) gets it, unless its caller passes one."""
+  if mask is None:
+    yield
+    return
+
+  def add_mask(next_fun, args, kwargs, context):
+    if (isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__' and
+        kwargs.get('mask') is None):
+      x = args[0]
+      kwargs = {**kwargs, 'mask': mask.reshape(mask.shape + (1,) * (x.ndim - 1))}
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(add_mask):
+    yield
 
 
 def augment(key: jax.Array, images: jax.Array, kind: str = 'crop_flip') -> jax.Array:
@@ -384,7 +406,8 @@ def _to_host(x: jax.Array) -> np.ndarray:
 def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, data: DeviceData,
                 members: Members, *, mesh: Mesh | None = None, member_map: str | None = None,
                 on_epoch: Callable[[int, np.ndarray], None] | None = None,
-                features: Features | None = None, eval_every_epoch: bool = False) -> StackResult:
+                features: Features | None = None, eval_every_epoch: bool = False,
+                programs: programs_lib.Cache | None = PROGRAMS) -> StackResult:
   """Initialise, graft, train for `config.epochs` and evaluate a stack of K members.
 
   `mesh`: a 1-D mesh with axis `MODEL_AXIS` (default: all local devices; with several
@@ -396,6 +419,9 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   the last only (read-only: the same training, and the last epoch's value is the result's test
   accuracy). With `features`, steps and evaluation read each member's precomputed prefix output
   instead of `data` (then used only for the image shape), and `members` index into it.
+  `programs`: where compiled programs are found and kept (default: this process's `PROGRAMS`;
+  None compiles every program afresh), so a stack that computes what an earlier one did, with
+  arguments of the same shapes and placements, compiles nothing.
   """
   start = time.perf_counter()
   timings = dict.fromkeys(('compile', 'init', 'train', 'evaluate'), 0.0)
@@ -404,19 +430,28 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   k = members.init_keys.shape[0]
   k_padded = -(-k // mesh.size) * mesh.size
   members = _pad_members(members, k_padded)
-  example = jnp.zeros((1,) + data.train_images.shape[1:], jnp.float32)
-  trainer = Trainer(model, structure, config, example, features.start if features else 0,
-                    train_images=members.train_idx.shape[1])
-
+  image_shape = data.train_images.shape[1:]
+  start_layer, train_images = (features.start if features else 0), members.train_idx.shape[1]
   shared = features is None  # data replicated to every member, or each member's own features
-  fns = stack_functions(trainer, mesh, member_map, shared_data=shared)
+  # Everything the programs are built from; with the arguments' signature, a program's key.
+  built_from = (model, structure, config, image_shape, start_layer, train_images, mesh, member_map,
+                shared)
+
+  @functools.cache
+  def fns() -> StackFunctions:
+    example = jnp.zeros((1,) + image_shape, jnp.float32)
+    trainer = Trainer(model, structure, config, example, start_layer, train_images)
+    return stack_functions(trainer, mesh, member_map, shared_data=shared)
+
   sharded, replicated = NamedSharding(mesh, P(MODEL_AXIS)), NamedSharding(mesh, P())
   data = data if shared else _pad_members(features.data, k_padded)
 
-  def compile_(jitted, *args, options=None):
+  def compile_(phase, *args, options=None):
     """Compiled ahead of time for `args`, so that compilation is timed apart from running."""
     t = time.perf_counter()
-    compiled = jitted.lower(*args).compile(options)
+    build = lambda: getattr(fns(), phase).lower(*args).compile(options)
+    key = (built_from, phase, programs_lib.signature(args))
+    compiled = build() if programs is None else programs.get(key, build)
     timings['compile'] += time.perf_counter() - t
     return compiled
 
@@ -431,12 +466,12 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   init_args = (members.init_keys, members.sources, data)
   # Initialisation is random-number code that XLA optimises slowly and runs once: compiled at
   # LLVM -O1 it takes a fifth of the time, with the same values.
-  state = timed('init', compile_(fns.init, *init_args, options=INIT_COMPILER_OPTIONS), *init_args)
+  state = timed('init', compile_('init', *init_args, options=INIT_COMPILER_OPTIONS), *init_args)
   epoch_keys = lambda epoch: jax.vmap(jax.random.fold_in, in_axes=(0, None))(members.shuffle_keys,
                                                                              epoch)
-  epoch_fn = compile_(fns.epoch, state, epoch_keys(0), members.train_idx, members.label_map, data)
+  epoch_fn = compile_('epoch', state, epoch_keys(0), members.train_idx, members.label_map, data)
   eval_args = lambda state: (state, members.test_idx, members.label_map, data)
-  eval_fn = compile_(fns.evaluate, *eval_args(state)) if eval_every_epoch else None
+  eval_fn = compile_('evaluate', *eval_args(state)) if eval_every_epoch else None
   metrics = np.zeros((k, 2), np.float32)
   test_acc = None
   for epoch in range(config.epochs):
@@ -449,7 +484,7 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
     if on_epoch is not None:
       on_epoch(epoch, metrics)
   if test_acc is None:
-    test_acc = timed('evaluate', compile_(fns.evaluate, *eval_args(state)), *eval_args(state))
+    test_acc = timed('evaluate', compile_('evaluate', *eval_args(state)), *eval_args(state))
   variables = jax.tree.map(lambda x: _to_host(x)[:k], state.variables())
   return StackResult(variables, metrics[:, 1], metrics[:, 0],
                      _to_host(test_acc)[:k],

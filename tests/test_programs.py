@@ -1,0 +1,79 @@
+"""Compiled programs reused across stacks: a reused program trains exactly as a fresh one, and
+anything the program depends on keys a program of its own."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from jaxtransfer.train import programs, trainer
+from tests.conftest import CONFIG, DATA, HALVES, MODEL, PREFIX, grafted_members, members
+
+FROZEN = trainer.Structure(PREFIX, PREFIX, 'fixed')
+
+
+def test_a_reused_program_trains_bit_for_bit_as_a_fresh_one(stacked):
+  run = lambda ms, cache: trainer.train_stack(MODEL, FROZEN, CONFIG, DATA, ms, programs=cache)
+  bnb = grafted_members(stacked)
+  anb = bnb._replace(sources=jax.tree.map(lambda x: x[::-1], bnb.sources))
+  cache = programs.Cache()
+  first = run(bnb, cache)
+  assert (cache.hits, cache.misses) == (0, 3)  # init, epoch, evaluate
+  # Other sources (AnB beside BnB) are values, not structure: the same three programs.
+  reused = run(anb, cache)
+  assert (cache.hits, cache.misses) == (3, 3) and reused.timings['compile'] < 0.5
+  fresh = run(anb, programs.Cache())
+  jax.tree.map(np.testing.assert_array_equal, reused.variables, fresh.variables)
+  np.testing.assert_array_equal(reused.test_accuracy, fresh.test_accuracy)
+  assert not np.array_equal(first.variables['params']['conv1']['conv']['kernel'],
+                            reused.variables['params']['conv1']['conv']['kernel'])
+
+
+class Asked(Exception):
+  pass
+
+
+class KeysOnly(programs.Cache):
+  """Records the first key a stack asks for, then stops it: keys without compiling."""
+  def get(self, key, compile_):
+    self.key = key
+    raise Asked
+
+
+def test_what_a_program_depends_on_keys_its_own():
+  ms = members(HALVES[:2])
+
+  def key(model=MODEL, structure=trainer.Structure(), config=CONFIG, ms=ms, **kwargs):
+    cache = KeysOnly()
+    with pytest.raises(Asked):
+      trainer.train_stack(model, structure, config, DATA, ms, programs=cache, **kwargs)
+    return cache.key
+
+  keys = [
+      key(**change)
+      for change in ({}, dict(structure=trainer.Structure((), PREFIX, 'fixed')),
+                     dict(structure=trainer.Structure((), PREFIX, 'update')),
+                     dict(config=dataclasses.replace(CONFIG, epochs=1)),
+                     dict(config=dataclasses.replace(CONFIG, learning_rate=0.1)),
+                     dict(model=MODEL.clone(widths=(2, 2, 4))), dict(ms=members(HALVES)),
+                     dict(ms=ms._replace(train_idx=ms.train_idx[:, :-1])), dict(member_map='vmap'))
+  ]
+  assert len(set(keys)) == len(keys)
+  assert key() == keys[0] and hash(key()) == hash(keys[0])  # the same stack, the same key
+
+
+def test_an_unhashable_key_compiles_every_time_and_the_cache_is_bounded():
+  class Listed(nn.Module):
+    widths: list
+
+  cache = programs.Cache(size=2)
+  calls = []
+  compile_ = lambda: calls.append(1) or len(calls)
+  assert cache.get((Listed([1]), 'epoch'), compile_) == 1
+  assert cache.get((Listed([1]), 'epoch'), compile_) == 2 and len(cache) == 0
+  for key in 'abc':
+    cache.get(key, compile_)
+  assert len(cache) == 2 and cache.get('a', compile_) == 6  # 'a', least recent, was dropped
+  assert cache.get('c', compile_) == 5  # still there

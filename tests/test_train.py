@@ -1,6 +1,7 @@
 """The stacked trainer: equivalence with separate runs, frozen layers, pruned backward, sharding,
 and the accelerator path (members under `vmap`) against the CPU one (`lax.map`)."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -133,6 +134,29 @@ def test_partial_last_batch_is_trained_on():
   assert seen == [(16, True)]  # traced once: the scan's body, masked
   count = [x for x in jax.tree.leaves(state.opt_state) if x.dtype == jnp.int32]
   assert count[0].shape == (1,) and int(count[0][0]) == 3  # Adam took 3 steps: ceil(40 / 16)
+
+
+def test_a_padded_masked_batch_steps_as_its_real_examples_alone():
+  """The last partial batch runs the full-size step body, padded; masked, the padding changes
+  nothing: loss, gradient, BatchNorm statistics (the running variance's n too) and the update
+  are those of the real examples alone, whatever fills the padding. (SGD: Adam's first step
+  would blow the float noise of the conv biases' gradients up to +-lr; see `no_signal`.)"""
+  example = jnp.zeros((1,) + DATA.train_images.shape[1:], jnp.float32)
+  tr = trainer.Trainer(MODEL, trainer.Structure(), dataclasses.replace(CONFIG, optimizer='sgd'),
+                       example)
+  state = tr.init(jax.random.key(0), None)
+  label_map = jnp.array([0, 1, 0, 1], jnp.int32)
+  real = jnp.arange(8) * 9
+  mask = jnp.arange(16) < 8
+  step = jax.jit(lambda idx, mask: tr.step(state, idx, label_map, DATA, mask=mask))
+  alone = step(real, None)
+  for filler in (jnp.arange(8), jnp.arange(8) * 7 + 3):
+    padded = step(jnp.concatenate([real, filler]), mask)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(alone), jax.tree.leaves(padded)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  unmasked = step(jnp.concatenate([real, jnp.arange(8)]), None)
+  assert not np.allclose(unmasked[0].model_state['batch_stats']['conv1']['bn']['var'],
+                         alone[0].model_state['batch_stats']['conv1']['bn']['var'])
 
 
 @pytest.fixture(scope='module', params=['update', 'fixed'])

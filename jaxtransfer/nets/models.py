@@ -10,6 +10,7 @@ which lets the trainer compute a frozen prefix once and train only the rest on i
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -177,12 +178,20 @@ class BatchNorm(nn.BatchNorm):
     if updating:
       # flax tracked var = m old + (1 - m) biased; PyTorch tracks m old + (1 - m) biased n/(n-1),
       # which is var + (var - m old) / (n - 1).
-      n = x.size // x.shape[-1] if mask is None else jnp.broadcast_to(mask, x.shape).sum(
-          dtype=jnp.float32) / x.shape[-1]  # the examples counted (the batch's real ones)
+      n = x.size // x.shape[-1] if mask is None else _counted(mask, x.shape)
       var = self.get_variable('batch_stats', 'var')
       self.put_variable('batch_stats', 'var',
                         var + (var - self.momentum * old_var) / jnp.maximum(n - 1, 1))
     return y
+
+
+def _counted(mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """How many of an input's positions per feature a BatchNorm `mask` counts; a mask that is 1
+  along the feature axis (the trainer's: [batch, 1, ..., 1]) is counted without broadcasting."""
+  if mask.ndim == len(shape) and mask.shape[-1] == 1:
+    per_element = (math.prod(shape) // shape[-1]) // mask.size
+    return mask.sum(dtype=jnp.float32) * per_element
+  return jnp.broadcast_to(mask, shape).sum(dtype=jnp.float32) / shape[-1]
 
 
 class ConvBlock(nn.Module):

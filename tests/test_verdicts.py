@@ -215,6 +215,10 @@ def test_report_renders_the_rule_table_and_variance_components():
   assert '| claim | contrast | estimate | 95% interval | verdict |' in text
   assert "| Base accuracy: the seminar's one base net |" in text
   assert 'Its verdicts: Representation specificity: supported (✓); Fragile co-adaptation: not supported (✗).' in text
+  # A study of the random control alone judges none of the seminar's claims, and says so.
+  control = [r for r in study({1: effect}, a='random') if r['condition'] != 'BnB']
+  alone = report.render(control, PROTOCOL)
+  assert 'None of the claims it judged is judged here.' in alone and 'Its verdicts' not in alone
   assert '### Where the spread comes from' in text
   # Balanced 5 splits x 2 directions x 2 seeds: mean squares by hand.
   base = np.array([[[0.7 + 0.02 * s + 0.05 * (t == 'B') + 0.003 * seed

@@ -156,11 +156,12 @@ def _seminar(found: Sequence[verdicts.Verdict], config: dict) -> list[str]:
   said = [(c.name.split(':')[0], c.seminar)
           for c in (verdicts.SPECIFICITY, verdicts.CO_ADAPTATION, verdicts.FINE_TUNING)
           if c.seminar and c.name in judged]
+  theirs = (' Its verdicts: ' + '; '.join(f'{name}: {verdict}' for name, verdict in said) +
+            '.') if said else ' None of the claims it judged is judged here.'
   return [
       f'The seminar (PyTorch, the same net and protocol) trained one base net, at '
       f'{SEMINAR_BASELINE}: the first row sets it against the prediction interval for one of '
-      'our base nets, not the interval of their mean. Its verdicts: ' +
-      '; '.join(f'{name}: {verdict}' for name, verdict in said) + '.', ''
+      'our base nets, not the interval of their mean.' + theirs, ''
   ]
 
 

@@ -134,16 +134,17 @@ def test_a_stack_counts_its_schedule_in_its_members_steps():
 
 
 def test_the_recipe_changes_training_and_its_default_does_not():
+  """The options at the seed's values are the config of before (so the same programs); away
+  from them, augmentation changes what a stack learns. (The schedules' effect on every update
+  is checked step by step above, through the trainer's own optimizer.)"""
   ms = members(HALVES[:2])
   base = trainer.TrainConfig(epochs=1, batch_size=16, learning_rate=0.03)
+  explicit = dataclasses.replace(base, lr_schedule='constant', warmup_epochs=0, augment='none')
+  assert explicit == base and trainer.learning_rate(explicit, 3) == 0.03  # the plain float
   run = lambda config: trainer.train_stack(MODEL, trainer.Structure(), config, DATA, ms)
-  plain = run(base)
-  explicit = run(dataclasses.replace(base, lr_schedule='constant', warmup_epochs=0, augment='none'))
-  jax.tree.map(np.testing.assert_array_equal, plain.variables, explicit.variables)
-  for change in ({'lr_schedule': 'cosine'}, {'warmup_epochs': 1}, {'augment': 'crop_flip'}):
-    other = run(dataclasses.replace(base, **change))
-    kernel = lambda r: r.variables['params']['head']['dense']['kernel']
-    assert not np.allclose(kernel(other), kernel(plain)), change
+  plain, other = run(base), run(dataclasses.replace(base, augment='crop_flip'))
+  kernel = lambda r: r.variables['params']['head']['dense']['kernel']
+  assert not np.allclose(kernel(other), kernel(plain))
 
 
 # --- augmentation -----------------------------------------------------------------------------

@@ -8,13 +8,6 @@ import fcntl
 import os
 import shutil
 
-# Tests compile hundreds of small programs and run each for milliseconds: XLA:CPU's LLVM at -O0
-# compiles them about a third faster (the same operations, so the same behaviour; a test that
-# means the production level names it, see test_train's init test). Set before JAX starts its
-# CPU backend; subprocesses inherit it.
-os.environ['XLA_FLAGS'] = ' '.join(
-    filter(None, (os.environ.get('XLA_FLAGS'), '--xla_backend_optimization_level=0')))
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -23,7 +23,7 @@ def test_a_reused_program_trains_bit_for_bit_as_a_fresh_one(stacked):
   assert (cache.hits, cache.misses) == (0, 3)  # init, epoch, evaluate
   # Other sources (AnB beside BnB) are values, not structure: the same three programs.
   reused = run(anb, cache)
-  assert (cache.hits, cache.misses) == (3, 3) and reused.timings['compile'] < 0.5
+  assert (cache.hits, cache.misses) == (3, 3)
   fresh = run(anb, programs.Cache())
   jax.tree.map(np.testing.assert_array_equal, reused.variables, fresh.variables)
   np.testing.assert_array_equal(reused.test_accuracy, fresh.test_accuracy)

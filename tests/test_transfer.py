@@ -85,9 +85,13 @@ def test_graft_errors():
     transfer.graft(source, target, ['stem', 'nope'])
   with pytest.raises(ValueError, match='sequence of names'):
     transfer.graft(source, target, 'stem')
-  # Shapes alone (graft refuses before it reads a value): no initialisation to run.
-  shapes = lambda model: (lambda v: {'params': v['params'], 'batch_stats': v['batch_stats']})(
-      jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3))))  # init's order
+
+  def shapes(model):
+    """Shapes alone (graft refuses before it reads a value), in init's collection order
+    (eval_shape returns the dict with sorted keys)."""
+    v = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    return {'params': v['params'], 'batch_stats': v['batch_stats']}
+
   wide, narrow = shapes(FinalNet(5, widths=(8, 16, 64))), shapes(FinalNet(5))
   with pytest.raises(
       ValueError, match=r"params/conv5\['bn'\]\['bias'\]: source has \(32,\) "
@@ -151,7 +155,7 @@ def test_partition_combine_roundtrip():
     ])
 def test_batchnorm_policies(model, x, frozen, trained_bn):
   # Jitted (the policy is active while tracing, as in the trainer): FinalNet op by op is slow.
-  def train_step(policy=None):
+  def train_mode(policy=None):
     def apply(variables, x):
       with transfer.batchnorm_policy(frozen, policy) if policy else contextlib.nullcontext():
         return model.apply(variables, x, train=True, mutable=['batch_stats'])
@@ -159,13 +163,13 @@ def test_batchnorm_policies(model, x, frozen, trained_bn):
     return jax.jit(apply)
 
   variables = jax.jit(model.init)(jax.random.key(0), x)
-  _, stats = train_step()(variables, x * 2 + 1)
+  _, stats = train_mode()(variables, x * 2 + 1)
   variables = {**variables, **stats}  # non-trivial running statistics
   first = frozen[0]
 
-  out_update, new_update = train_step('update')(variables, x)
-  out_fixed, new_fixed = train_step('fixed')(variables, x)
-  out_plain, new_plain = train_step()(variables, x)
+  out_update, new_update = train_mode('update')(variables, x)
+  out_fixed, new_fixed = train_mode('fixed')(variables, x)
+  out_plain, new_plain = train_mode()(variables, x)
 
   # 'update' is plain training mode: frozen layers' running statistics keep moving.
   np.testing.assert_array_equal(out_update, out_plain)

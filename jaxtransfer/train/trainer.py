@@ -239,8 +239,9 @@ class Trainer:
     if self.config.augment != 'none':
       # Each step's own key, from the member's epoch key alone (not the stack's other members);
       # the permutation above keeps `key` itself.
-      keys = n // self.config.batch_size + 1
-      xs['key'] = jax.random.split(jax.random.fold_in(key, _AUGMENT_STREAM), keys)[:steps]
+      # The stream is split into (full batches + 1) keys, its definition; a step takes its own.
+      draws = n // self.config.batch_size + 1
+      xs['key'] = jax.random.split(jax.random.fold_in(key, _AUGMENT_STREAM), draws)[:steps]
     step = lambda state, x: self.step(state, label_map=label_map, data=data, **x)
     state, sums = lax.scan(step, state, xs)
     return state, sums.sum(0) / n  # (mean loss, accuracy)

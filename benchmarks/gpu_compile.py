@@ -113,7 +113,7 @@ def compile_programs(target: str, frozen: int, programs: tuple[str, ...], k: int
                        jax.eval_shape(fns.init, keys, sources, data))
   args = {
       'epoch': (fns.epoch, (state, keys, train_idx, label_map, data)),
-      'evaluate': (fns.evaluate, (state, test_idx, label_map, data)),
+      'evaluate': (fns.evaluate, (state.variables(), test_idx, label_map, data)),
   }
   out = {}
   for name in programs:

@@ -165,7 +165,7 @@ def export_stack(
     args = {
         'init': (fns.init, (keys, None, data)),
         'epoch': (fns.epoch, (state, keys, train_idx, label_map, data)),
-        'evaluate': (fns.evaluate, (state, test_idx, label_map, data)),
+        'evaluate': (fns.evaluate, (state.variables(), test_idx, label_map, data)),
     }
     for name in programs:
       fn, fn_args = args[name]
@@ -278,7 +278,8 @@ def study_programs(flagfile: str = STUDY_FLAGS, platform: str = 'cuda') -> dict[
                          jax.eval_shape(fns.init, init_keys, sources, data))
     for name, fn, args in (('init', fns.init, (init_keys, sources, data)),
                            ('epoch', fns.epoch, (state, init_keys, train_idx, label_map, data)),
-                           ('evaluate', fns.evaluate, (state, test_idx, label_map, data))):
+                           ('evaluate', fns.evaluate, (state.variables(), test_idx, label_map,
+                                                       data))):
       keys[name].append(
           program_key(jax.export.export(fn, platforms=(platform,))(*args).mlir_module()))
   return keys

@@ -12,6 +12,7 @@ from jaxtransfer.train import programs, trainer
 from tests.conftest import CONFIG, DATA, HALVES, MODEL, PREFIX, grafted_members, members
 
 FROZEN = trainer.Structure(PREFIX, PREFIX, 'fixed')
+COSINE = dataclasses.replace(CONFIG, lr_schedule='cosine')
 
 
 def test_a_reused_program_trains_bit_for_bit_as_a_fresh_one(stacked):
@@ -55,13 +56,28 @@ def test_what_a_program_depends_on_keys_its_own():
       key(**change)
       for change in ({}, dict(structure=trainer.Structure((), PREFIX, 'fixed')),
                      dict(structure=trainer.Structure((), PREFIX, 'update')),
-                     dict(config=dataclasses.replace(CONFIG, epochs=1)),
+                     dict(config=dataclasses.replace(COSINE, epochs=1)), dict(config=COSINE),
                      dict(config=dataclasses.replace(CONFIG, learning_rate=0.1)),
                      dict(model=MODEL.clone(widths=(2, 2, 4))), dict(ms=members(HALVES)),
                      dict(ms=ms._replace(train_idx=ms.train_idx[:, :-1])), dict(member_map='vmap'))
   ]
   assert len(set(keys)) == len(keys)
   assert key() == keys[0] and hash(key()) == hash(keys[0])  # the same stack, the same key
+  # The epoch count is the host's loop: only a schedule over the epochs makes it the programs'.
+  assert key(config=dataclasses.replace(CONFIG, epochs=CONFIG.epochs + 3)) == keys[0]
+
+
+def test_stacks_of_any_structure_share_one_evaluation_program(stacked):
+  """Evaluation reads the variables alone: a frozen stack after a plain one compiles two
+  programs of its own (init, epoch) and evaluates with the plain one's."""
+  cache = programs.Cache()
+  trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA, members(HALVES), programs=cache)
+  assert (cache.hits, cache.misses) == (0, 3)
+  frozen = trainer.train_stack(MODEL, FROZEN, CONFIG, DATA, grafted_members(stacked),
+                               programs=cache)
+  assert (cache.hits, cache.misses) == (1, 5)
+  fresh = trainer.train_stack(MODEL, FROZEN, CONFIG, DATA, grafted_members(stacked), programs=None)
+  np.testing.assert_array_equal(frozen.test_accuracy, fresh.test_accuracy)
 
 
 def test_an_unhashable_key_compiles_every_time_and_the_cache_is_bounded():

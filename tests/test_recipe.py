@@ -105,7 +105,7 @@ def test_the_optimizer_applies_the_scheduled_rate_at_each_step(schedule, warmup)
                                learning_rate=0.1, lr_schedule=schedule, warmup_epochs=warmup)
   example = jnp.zeros((1,) + DATA.train_images.shape[1:], jnp.float32)
   t = trainer.Trainer(MODEL, trainer.Structure(), config, example, train_images=50)
-  params = t.init(jax.random.key(0), None).params
+  params = jax.jit(t.init)(jax.random.key(0), None).params
   state = t.tx.init(params)
   ones = jax.tree.map(jnp.ones_like, params)
   steps, total = 4, 12
@@ -125,7 +125,7 @@ def test_a_stack_counts_its_schedule_in_its_members_steps():
   example = jnp.zeros((1,) + DATA.train_images.shape[1:], jnp.float32)
   t = trainer.Trainer(MODEL, trainer.Structure(), config, example, train_images=40)
   ms = take(members(HALVES), 0)
-  state = t.init(ms.init_keys[0], None)
+  state = jax.jit(t.init)(ms.init_keys[0], None)
   state, _ = t.epoch(state, ms.shuffle_keys[0], ms.train_idx[0], ms.label_map[0], DATA)
   counts = [x for x in jax.tree.leaves(state.opt_state) if getattr(x, 'dtype', None) == jnp.int32]
   assert counts and all(int(c) == 3 for c in counts)

@@ -144,7 +144,7 @@ def test_a_padded_masked_batch_steps_as_its_real_examples_alone():
   example = jnp.zeros((1,) + DATA.train_images.shape[1:], jnp.float32)
   tr = trainer.Trainer(MODEL, trainer.Structure(), dataclasses.replace(CONFIG, optimizer='sgd'),
                        example)
-  state = tr.init(jax.random.key(0), None)
+  state = jax.jit(tr.init)(jax.random.key(0), None)
   label_map = jnp.array([0, 1, 0, 1], jnp.int32)
   real = jnp.arange(8) * 9
   mask = jnp.arange(16) < 8

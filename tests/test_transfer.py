@@ -188,8 +188,13 @@ def test_batchnorm_policies(model, x, frozen, trained_bn):
 def test_fixed_policy_prefix_equals_eval_mode():
   """Under 'fixed', a frozen prefix computes exactly its eval-mode function."""
   model = FinalNet(3)
-  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-  variables = model.init(jax.random.key(0), x)
-  with transfer.batchnorm_policy(['conv1', 'conv2'], 'fixed'):
-    train_prefix, _ = model.apply(variables, x, train=True, stop=2, mutable=['batch_stats'])
-  np.testing.assert_array_equal(train_prefix, model.apply(variables, x, train=False, stop=2))
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+
+  @jax.jit  # traced under the policy, as in the trainer
+  def train_prefix(variables, x):
+    with transfer.batchnorm_policy(['conv1', 'conv2'], 'fixed'):
+      return model.apply(variables, x, train=True, stop=2, mutable=['batch_stats'])[0]
+
+  eval_prefix = jax.jit(lambda v, x: model.apply(v, x, train=False, stop=2))
+  np.testing.assert_array_equal(train_prefix(variables, x), eval_prefix(variables, x))

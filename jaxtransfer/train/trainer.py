@@ -246,14 +246,14 @@ class Trainer:
     state, sums = lax.scan(step, state, xs)
     return state, sums.sum(0) / n  # (mean loss, accuracy)
 
-  def evaluate(self, state: TrainState, test_idx, label_map, data: DeviceData):
-    """Accuracy on `test_idx`, in padded batches (eval mode: padding cannot leak into stats)."""
+  def evaluate(self, variables: PyTree, test_idx, label_map, data: DeviceData):
+    """Accuracy on `test_idx`, in padded batches (eval mode: padding cannot leak into stats).
+    It reads the variables alone, not the optimiser state, so stacks of any structure share it."""
     m = test_idx.shape[0]
     eb = min(self.config.eval_batch_size, m)
     batches = -(-m // eb)
     padded = jnp.pad(test_idx, (0, batches * eb - m))
     valid = jnp.arange(batches * eb) < m
-    variables = state.variables()
 
     def correct(args):
       idx, ok = args
@@ -350,7 +350,7 @@ class StackFunctions(NamedTuple):
 
   init: Callable  # (init_keys, sources, data) -> TrainState
   epoch: Callable  # (state, shuffle_keys, train_idx, label_map, data) -> (state, [K, 2] metrics)
-  evaluate: Callable  # (state, test_idx, label_map, data) -> [K] test accuracy
+  evaluate: Callable  # (variables, test_idx, label_map, data) -> [K] test accuracy
 
 
 def stack_functions(trainer: Trainer, mesh: Mesh, member_map: str,
@@ -371,6 +371,13 @@ def stack_functions(trainer: Trainer, mesh: Mesh, member_map: str,
 
   return StackFunctions(compile_(init_fn, 2), compile_(trainer.epoch, 4),
                         compile_(trainer.evaluate, 3))
+
+
+def _program_config(config: TrainConfig) -> TrainConfig:
+  """`config` as the init and epoch programs see it: the number of epochs is the host's loop,
+  and enters a program only as the length of a cosine schedule; without one, studies that
+  differ in their epochs alone (a sweep over them) share every program."""
+  return config if config.lr_schedule == 'cosine' else dataclasses.replace(config, epochs=0)
 
 
 def _pad_members(tree: PyTree, k_padded: int) -> PyTree:
@@ -434,9 +441,13 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   image_shape = data.train_images.shape[1:]
   start_layer, train_images = (features.start if features else 0), members.train_idx.shape[1]
   shared = features is None  # data replicated to every member, or each member's own features
-  # Everything the programs are built from; with the arguments' signature, a program's key.
-  built_from = (model, structure, config, image_shape, start_layer, train_images, mesh, member_map,
-                shared)
+  # Everything a phase's program is built from; with the arguments' signature, its key.
+  common = (model, image_shape, start_layer, mesh, member_map, shared)
+  built_from = {
+      'init': common + (structure, _program_config(config), train_images),
+      'epoch': common + (structure, _program_config(config), train_images),
+      'evaluate': common + (config.eval_batch_size,),  # what `Trainer.evaluate` reads
+  }
 
   @functools.cache
   def fns() -> StackFunctions:
@@ -451,7 +462,7 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
     """Compiled ahead of time for `args`, so that compilation is timed apart from running."""
     t = time.perf_counter()
     build = lambda: getattr(fns(), phase).lower(*args).compile(options)
-    key = (built_from, phase, programs_lib.signature(args))
+    key = (built_from[phase], phase, programs_lib.signature(args))
     compiled = build() if programs is None else programs.get(key, build)
     timings['compile'] += time.perf_counter() - t
     return compiled
@@ -471,7 +482,7 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   epoch_keys = lambda epoch: jax.vmap(jax.random.fold_in, in_axes=(0, None))(members.shuffle_keys,
                                                                              epoch)
   epoch_fn = compile_('epoch', state, epoch_keys(0), members.train_idx, members.label_map, data)
-  eval_args = lambda state: (state, members.test_idx, members.label_map, data)
+  eval_args = lambda state: (state.variables(), members.test_idx, members.label_map, data)
   eval_fn = compile_('evaluate', *eval_args(state)) if eval_every_epoch else None
   metrics = np.zeros((k, 2), np.float32)
   test_acc = None

@@ -50,6 +50,21 @@ def test_both_forms_agree_with_independent_hsic_formula(n, p):
 
 
 @pytest.mark.parametrize('n,p', SHAPES)
+def test_a_reference_compares_many_exactly_as_its_features_do(n, p):
+  """A Reference (a base net's layer, compared with every model) keeps its terms, and gives each
+  comparison bit for bit the value of the plain features, in both forms."""
+  rng = _rng(6)
+  y = rng.normal(size=(n, 6)) + 2.0
+  ref = cka.Reference(y)
+  for form in cka.FORMS:
+    for x in (rng.normal(size=(n, p)), y[:, :3] @ rng.normal(size=(3, p))):
+      assert cka.linear_cka(x, ref, form=form) == cka.linear_cka(x, y, form=form)
+  assert ref.gram is ref.gram  # computed once, then kept
+  with pytest.raises(ValueError, match='same examples'):
+    cka.linear_cka(rng.normal(size=(n + 1, p)), ref)
+
+
+@pytest.mark.parametrize('n,p', SHAPES)
 def test_invariances(n, p):
   rng = _rng(2)
   x = rng.normal(size=(n, p))

@@ -171,19 +171,29 @@ def test_crop_flip_is_a_shift_of_the_zero_padded_image_maybe_flipped():
   np.testing.assert_array_equal(trainer.augment(jax.random.key(3), images, 'none'), images)
 
 
-def test_each_member_augments_with_its_own_stream_whatever_the_stack():
+AUGMENTED = trainer.TrainConfig(epochs=1, batch_size=16, learning_rate=0.03, augment='crop_flip',
+                                lr_schedule='cosine')
+
+
+@pytest.fixture(scope='module')
+def augmented_loop():
+  """The HALVES trained with AUGMENTED, members in a loop (the CPU's member map)."""
+  return trainer.train_stack(MODEL, trainer.Structure(), AUGMENTED, DATA, members(HALVES),
+                             member_map='map')
+
+
+def test_each_member_augments_with_its_own_stream_whatever_the_stack(augmented_loop):
   """Two members' augmented batches differ (keys from their own shuffle keys), and a member
   trained alone learns what it learns in a stack (so its stream ignores the stack)."""
-  config = trainer.TrainConfig(epochs=1, batch_size=16, learning_rate=0.03, augment='crop_flip')
   ms = members(HALVES)
   epoch_keys = [jax.random.fold_in(ms.shuffle_keys[i], 0) for i in range(2)]
   batch = DATA.train_images[:16]
   draw = lambda key: trainer.augment(jax.random.fold_in(key, trainer._AUGMENT_STREAM), batch)
   assert not np.array_equal(draw(epoch_keys[0]), draw(epoch_keys[1]))
-  stack = trainer.train_stack(MODEL, trainer.Structure(), config, DATA, ms)
-  alone = trainer.train_stack(MODEL, trainer.Structure(), config, DATA, take(ms, 2))
+  alone = trainer.train_stack(MODEL, trainer.Structure(), AUGMENTED, DATA, take(ms, 2),
+                              member_map='map')
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a[2], b[0], rtol=1e-5, atol=1e-6),
-               stack.variables, alone.variables)
+               augmented_loop.variables, alone.variables)
 
 
 def test_augmentation_never_uses_precomputed_prefix_features():
@@ -283,15 +293,12 @@ def test_dissimilar_halves_of_a_class_subset():
     splits.dissimilar_halves(('cat', 'dog'))
 
 
-def test_augmented_vmapped_members_train_like_the_loop():
+def test_augmented_vmapped_members_train_like_the_loop(augmented_loop):
   """The accelerators' member map draws the same crops and flips as the loop over members."""
-  config = trainer.TrainConfig(epochs=1, batch_size=16, learning_rate=0.03, augment='crop_flip',
-                               lr_schedule='cosine')
-  ms = members(HALVES[:2])
-  loop = trainer.train_stack(MODEL, trainer.Structure(), config, DATA, ms, member_map='map')
-  vmap = trainer.train_stack(MODEL, trainer.Structure(), config, DATA, ms, member_map='vmap')
-  np.testing.assert_allclose(vmap.train_loss, loop.train_loss, rtol=1e-4)
-  np.testing.assert_allclose(vmap.train_accuracy, loop.train_accuracy, atol=1e-6)
+  vmap = trainer.train_stack(MODEL, trainer.Structure(), AUGMENTED, DATA, members(HALVES),
+                             member_map='vmap')
+  np.testing.assert_allclose(vmap.train_loss, augmented_loop.train_loss, rtol=1e-4)
+  np.testing.assert_allclose(vmap.train_accuracy, augmented_loop.train_accuracy, atol=1e-6)
 
 
 def test_a_schedule_on_precomputed_prefix_features_is_the_plain_paths(stacked):

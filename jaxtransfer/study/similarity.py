@@ -81,8 +81,10 @@ def measure(study: Study, workdir: Workdir, test_ds, mean, std,
     model = make(len(study.classes(run)))
     images = features[(run.split, run.target)]
     key = (run.split, run.target, run.seed)
-    if key not in references:  # each base net's features once, not once per model
-      references[key] = cka.layer_features(model, base_of(run.target), images, layers)
+    if key not in references:  # each base net's features (and Gram matrices) once, not per model
+      references[key] = [
+          cka.Reference(f) for f in cka.layer_features(model, base_of(run.target), images, layers)
+      ]
     reference = references[key]
     other = 'A' if run.target == 'B' else 'B'
     if key not in compared and base_of(other) is not None:

@@ -21,9 +21,10 @@ import threading
 from absl import app, flags, logging
 
 from jaxtransfer import config as config_lib
-from jaxtransfer.study import campaigns, driver
 from jaxtransfer.study.progress import Progress
-from jaxtransfer.study.workdir import Workdir
+
+# The driver, and JAX with it, is imported by the functions that run a study, not here: `--help`
+# and the refusal of a bad flag answer in a second, not after JAX's start-up.
 
 FLAGS = flags.FLAGS
 INTERRUPTED = 130  # the exit status of a run stopped by Ctrl-C (128 + SIGINT)
@@ -135,6 +136,7 @@ def from_flags(cls: type):
 def config_from_flags() -> config_lib.StudyConfig:
   """The flags' study, checked and normalised by the same validator as the Python API, and
   identified by its data (the content of --image_folder)."""
+  from jaxtransfer.study import driver
   return driver.resolve(from_flags(config_lib.StudyConfig), image_folder=FLAGS.image_folder)
 
 
@@ -261,6 +263,8 @@ def run(progress: Progress) -> str:
   """The whole study for the parsed flags; returns the report path."""
   # A bad config is refused here, before JAX starts and before the workdir is made; the study
   # the workdir holds is checked under its lock.
+  from jaxtransfer.study import campaigns, driver
+  from jaxtransfer.study.workdir import Workdir
   config, options = config_from_flags(), from_flags(config_lib.RunOptions)
   enable_compilation_cache()
   if FLAGS.distributed:
@@ -278,6 +282,8 @@ def dry_run(progress: Progress | None = None) -> str:
   """The plan and its estimate for the parsed flags. The workdir is only read (a study there
   with other flags is refused, its finished stacks left out); the compilation cache stays off,
   so the probe's compile times are those of a first run."""
+  from jaxtransfer.study import driver
+  from jaxtransfer.study.workdir import Workdir
   config, options = config_from_flags(), from_flags(config_lib.RunOptions)
   return driver.dry_run(config, Workdir(FLAGS.workdir), image_folder=FLAGS.image_folder,
                         options=options, progress=progress)

@@ -56,6 +56,7 @@ def test_the_python_api_example_in_the_docs_runs_as_written(tmp_path):
 def test_import_jaxtransfer_is_light_and_exports_the_api():
   code = ('import sys, jaxtransfer; assert "jax" not in sys.modules, "jax"; '
           'from jaxtransfer import StudyConfig, RunOptions; assert "jax" not in sys.modules; '
+          'import experiments.main; assert "jax" not in sys.modules, "jax from the CLI"; '
           'from jaxtransfer import run, dry_run, Workdir, Progress, graft, layer_order; '
           'assert "tensorflow" not in sys.modules; print(run.__module__)')
   proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)

@@ -133,18 +133,29 @@ def test_a_stack_counts_its_schedule_in_its_members_steps():
                                      3)(3)) == pytest.approx(expected_rate(3, 0.1, 0, 6, True))
 
 
-def test_the_recipe_changes_training_and_its_default_does_not():
+AUGMENTED = trainer.TrainConfig(epochs=1, batch_size=16, learning_rate=0.03, augment='crop_flip',
+                                lr_schedule='cosine')
+
+
+@pytest.fixture(scope='module')
+def augmented_loop():
+  """The HALVES trained with AUGMENTED, members in a loop (the CPU's member map)."""
+  return trainer.train_stack(MODEL, trainer.Structure(), AUGMENTED, DATA, members(HALVES),
+                             member_map='map')
+
+
+def test_the_recipe_changes_training_and_its_default_does_not(augmented_loop):
   """The options at the seed's values are the config of before (so the same programs); away
   from them, augmentation changes what a stack learns. (The schedules' effect on every update
   is checked step by step above, through the trainer's own optimizer.)"""
-  ms = members(HALVES[:2])
   base = trainer.TrainConfig(epochs=1, batch_size=16, learning_rate=0.03)
   explicit = dataclasses.replace(base, lr_schedule='constant', warmup_epochs=0, augment='none')
   assert explicit == base and trainer.learning_rate(explicit, 3) == 0.03  # the plain float
-  run = lambda config: trainer.train_stack(MODEL, trainer.Structure(), config, DATA, ms)
-  plain, other = run(base), run(dataclasses.replace(base, augment='crop_flip'))
+  plain = trainer.train_stack(MODEL, trainer.Structure(),
+                              dataclasses.replace(AUGMENTED, augment='none'), DATA, members(HALVES),
+                              member_map='map')
   kernel = lambda r: r.variables['params']['head']['dense']['kernel']
-  assert not np.allclose(kernel(other), kernel(plain))
+  assert not np.allclose(kernel(augmented_loop), kernel(plain))
 
 
 # --- augmentation -----------------------------------------------------------------------------
@@ -169,17 +180,6 @@ def test_crop_flip_is_a_shift_of_the_zero_padded_image_maybe_flipped():
   assert 20 < sum(flips) < 44 and len({(dy, dx) for dy, dx, _ in seen}) > 30
   # 'none' is the image itself.
   np.testing.assert_array_equal(trainer.augment(jax.random.key(3), images, 'none'), images)
-
-
-AUGMENTED = trainer.TrainConfig(epochs=1, batch_size=16, learning_rate=0.03, augment='crop_flip',
-                                lr_schedule='cosine')
-
-
-@pytest.fixture(scope='module')
-def augmented_loop():
-  """The HALVES trained with AUGMENTED, members in a loop (the CPU's member map)."""
-  return trainer.train_stack(MODEL, trainer.Structure(), AUGMENTED, DATA, members(HALVES),
-                             member_map='map')
 
 
 def test_each_member_augments_with_its_own_stream_whatever_the_stack(augmented_loop):

@@ -15,9 +15,22 @@ import re
 import sys
 
 DONE = re.compile(
-    r'^\[\d+/\d+ (?P<stack>\S+) K=(?P<k>\d+)\].* done in (?P<total>[\d.]+) s: (?P<phases>.*)$')
+    r'^\[\d+/\d+ (?P<stack>\S+) K=(?P<k>\d+)[^\]]*\].* done in (?P<total>[\d.]+) s: (?P<phases>.*)$'
+)
 PHASE = re.compile(r'(\w+) ([\d.]+) s')
 EPOCH = re.compile(r' epoch \d+/(?P<epochs>\d+):')
+
+
+def phases(lines: list[str]) -> tuple[dict[str, float], int]:
+  """Seconds by phase summed over the finished stacks of a progress log, and their number."""
+  totals, stacks = {}, 0
+  for line in lines:
+    m = DONE.match(line.strip())
+    if m:
+      stacks += 1
+      for name, seconds in PHASE.findall(m['phases']):
+        totals[name] = totals.get(name, 0.0) + float(seconds)
+  return totals, stacks
 
 
 def profile(lines: list[str], wall: float | None = None) -> str:

@@ -155,9 +155,9 @@ def enable_compilation_cache() -> None:
   if not jax.config.jax_compilation_cache_dir:
     cache = os.path.expanduser(FLAGS.cache_dir or config_lib.DEFAULT_CACHE_DIR)
     jax.config.update('jax_compilation_cache_dir', os.path.join(cache, 'xla'))
-  # Every program, however small or quick to compile: a rerun then compiles nothing, and a stack
-  # whose programs equal an earlier stack's (`train_stack` lowers and compiles ahead of time,
-  # which no in-memory cache serves) reads them back instead of compiling them again.
+  # Every program, however small or quick to compile: a rerun or a resume then compiles nothing
+  # (within one process `trainer.PROGRAMS` already serves a stack whose programs equal an earlier
+  # one's; across processes only this cache does).
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 

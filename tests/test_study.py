@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from benchmarks import study_profile
 from jaxtransfer.config import ConfigError, StudyConfig
 from jaxtransfer.study import driver
 from jaxtransfer.analysis import rows as rows_lib
@@ -248,6 +249,9 @@ def test_an_unbalanced_image_folder_trains_on_every_image(tmp_path, capfd):
   err = capfd.readouterr().err
   assert ('images per class, train/test (unbalanced) (training on at most 7 per class): '
           'class0 8/4, class1 3/4, class2 6/4, class3 8/2') in err
+  # benchmarks/study_profile.py (and the GPU check) read this log: every stack, every phase.
+  seconds, stacks = study_profile.phases(err.splitlines())
+  assert stacks == 4 and set(seconds) == {'compile', 'init', 'train', 'evaluate', 'save'}
   rows = rows_lib.read_csv(str(workdir / 'results.csv'))
   assert sorted(r['condition'] for r in rows) == ['BnB+', 'BnB+', 'base', 'base']
   capped = {0: 7, 1: 3, 2: 6, 3: 7}

@@ -34,7 +34,7 @@ def phases(lines: list[str]) -> tuple[dict[str, float], int]:
 
 
 def profile(lines: list[str], wall: float | None = None) -> str:
-  phases: dict[str, float] = {}
+  totals, _ = phases(lines)
   per_kind: dict[str, list[float]] = {}
   epochs = None
   for line in lines:
@@ -43,14 +43,12 @@ def profile(lines: list[str], wall: float | None = None) -> str:
     m = DONE.match(line.strip())
     if not m:
       continue
-    for name, seconds in PHASE.findall(m['phases']):
-      phases[name] = phases.get(name, 0.0) + float(seconds)
     kind = re.sub(r'-n\d+', '', m['stack'])
     train = dict(PHASE.findall(m['phases'])).get('train')
     if train and epochs:
       per_kind.setdefault(kind, []).append(float(train) / (int(m['k']) * epochs))
-  total = sum(phases.values())
-  rows = [(name, seconds) for name, seconds in phases.items()]
+  total = sum(totals.values())
+  rows = list(totals.items())
   if wall:
     rows.append(('outside stacks', wall - total))
   denominator = wall or total

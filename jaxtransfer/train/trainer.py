@@ -443,9 +443,10 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   shared = features is None  # data replicated to every member, or each member's own features
   # Everything a phase's program is built from; with the arguments' signature, its key.
   common = (model, image_shape, start_layer, mesh, member_map, shared)
+  trained = common + (structure, _program_config(config), train_images)
   built_from = {
-      'init': common + (structure, _program_config(config), train_images),
-      'epoch': common + (structure, _program_config(config), train_images),
+      'init': trained,
+      'epoch': trained,
       'evaluate': common + (config.eval_batch_size,),  # what `Trainer.evaluate` reads
   }
 

@@ -22,6 +22,10 @@ H200 as the H100 with 4.8 TB/s and 141 GB). Per program it prints:
 * `memory_analysis()`: arguments, outputs and temporaries;
 * compile seconds (lowering excluded). No autotuning happens without a GPU, so the kernels a real
   run picks may differ; counts, windows and memory are XLA's own.
+
+The frozen depths are compiled in (`trainer.Structure`: the prefix's backward pass pruned), to
+show what pruning saves per step. A study on a GPU trains every structure with one program
+(`trainer.structure_as_data`), which computes what `--frozen=0` does plus the masks.
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ def compile_programs(target: str, frozen: int, programs: tuple[str, ...], k: int
     sources = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct((k,) + x.shape, x.dtype, sharding=sharded), sources)
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharded),
-                       jax.eval_shape(fns.init, keys, sources, data))
+                       jax.eval_shape(fns.init, keys, sources, None, data))
   args = {
       'epoch': (fns.epoch, (state, keys, train_idx, label_map, data)),
       'evaluate': (fns.evaluate, (state.variables(), test_idx, label_map, data)),

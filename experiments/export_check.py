@@ -159,11 +159,11 @@ def export_stack(
                                     trainer.TrainConfig(batch_size=BATCH), jnp.zeros(
                                         (1, 32, 32, 3)))
     fns = trainer.stack_functions(stack_trainer, mesh, member_map)
-    state = jax.eval_shape(fns.init, keys, None, data)
+    state = jax.eval_shape(fns.init, keys, None, None, data)
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=keys.sharding),
                          state)
     args = {
-        'init': (fns.init, (keys, None, data)),
+        'init': (fns.init, (keys, None, None, data)),
         'epoch': (fns.epoch, (state, keys, train_idx, label_map, data)),
         'evaluate': (fns.evaluate, (state.variables(), test_idx, label_map, data)),
     }
@@ -272,11 +272,17 @@ def study_programs(flagfile: str = STUDY_FLAGS, platform: str = 'cuda') -> dict[
           for c, sub in shapes.items()
       }
       sources = jax.tree.map(lambda x: s((k,) + x.shape, x.dtype), prefix)
-    stack_trainer = trainer.Trainer(model, stack.structure, tconfig, example)
+    structure, flags = stack.structure, None
+    if trainer.structure_as_data(model, structure, tconfig, cifar.IMAGE_SHAPE, 'vmap', k,
+                                 classes * 5_000):
+      inputs = jax.eval_shape(lambda: trainer.data_inputs(model, structure, sources, k, example))
+      sources, flags = jax.tree.map(lambda x: s(x.shape, x.dtype), inputs)
+      structure = None
+    stack_trainer = trainer.Trainer(model, structure, tconfig, example)
     fns = trainer.stack_functions(stack_trainer, mesh, 'vmap')
     state = jax.tree.map(lambda x: s(x.shape, x.dtype),
-                         jax.eval_shape(fns.init, init_keys, sources, data))
-    for name, fn, args in (('init', fns.init, (init_keys, sources, data)),
+                         jax.eval_shape(fns.init, init_keys, sources, flags, data))
+    for name, fn, args in (('init', fns.init, (init_keys, sources, flags, data)),
                            ('epoch', fns.epoch, (state, init_keys, train_idx, label_map, data)),
                            ('evaluate', fns.evaluate, (state.variables(), test_idx, label_map,
                                                        data))):

@@ -8,6 +8,10 @@ submodules):
 - `freeze_labels(params, layers)`: 'frozen' / 'trainable' label tree;
 - `masked_optimizer(tx, labels)`: `tx` on trainable leaves, zero updates on frozen ones.
 
+The same with the layers as data (per-layer booleans, so one compiled program serves every
+choice): `graft_where(source, target, take)`, `layer_leaves(params, flags)` and
+`where_params(keep, new_state, old_state)` for an optimizer's state.
+
 Helpers the trainer builds on: `partition` / `combine` (split params so that gradients are taken
 only w.r.t. the trainable part: no backward pass through a frozen prefix) and
 `batchnorm_policy` (how BatchNorm behaves inside frozen layers).
@@ -20,6 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxtransfer.config import BATCHNORM_POLICIES
@@ -97,6 +102,38 @@ def graft(source: Mapping, target: Mapping, layers: Sequence[str]) -> dict:
       tgt[name] = src[name]
     out[collection] = tgt
   return out
+
+
+def graft_where(source: Mapping, target: Mapping, take: Mapping[str, jax.Array]) -> dict:
+  """`graft` with the choice as data: the top-level layer `name` of every collection is
+  `source`'s where the boolean `take[name]` is true, `target`'s elsewhere. `source` holds every
+  layer of `take` that `target` has (values where the layer is not taken do not matter)."""
+  names = set(_check_layers(list(take), _top_level_names(target)))
+  out = {}
+  for collection, tgt in target.items():
+    src = source.get(collection, {})
+    out[collection] = dict(tgt)
+    for name in names & set(tgt):
+      if name not in src:
+        raise ValueError(f'{collection}/{name} is missing in the source')
+      _check_compatible(collection, name, src[name], tgt[name])
+      out[collection][name] = jax.tree.map(lambda s, t, c=take[name]: jnp.where(c, s, t), src[name],
+                                           tgt[name])
+  return out
+
+
+def layer_leaves(params: Mapping, flags: Mapping[str, jax.Array]) -> dict:
+  """A tree like `params` whose leaves are the flag of their top-level layer."""
+  return {name: jax.tree.map(lambda _, f=flags[name]: f, sub) for name, sub in params.items()}
+
+
+def where_params(keep: PyTree, new: PyTree, old: PyTree) -> PyTree:
+  """Optimizer state `new`, with `old`'s values at the leaves where `keep` (a tree like the
+  params) is false, in every part of the state shaped like the params (moments, traces);
+  shared leaves (step counts) as in `new`."""
+  params_like = lambda x: jax.tree.structure(x) == jax.tree.structure(keep)
+  pick = lambda n, o: jax.tree.map(jnp.where, keep, n, o) if params_like(n) else n
+  return jax.tree.map(pick, new, old, is_leaf=params_like)
 
 
 def freeze_labels(params: Mapping, layers: Sequence[str]) -> dict:

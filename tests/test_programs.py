@@ -55,7 +55,7 @@ def test_what_a_program_depends_on_keys_its_own():
   keys = [
       key(**change)
       for change in ({}, dict(structure=trainer.Structure((), PREFIX, 'fixed')),
-                     dict(structure=trainer.Structure((), PREFIX, 'update')),
+                     dict(structure=trainer.Structure((), PREFIX, 'update'), as_data=False),
                      dict(config=dataclasses.replace(COSINE, epochs=1)), dict(config=COSINE),
                      dict(config=dataclasses.replace(CONFIG, learning_rate=0.1)),
                      dict(model=MODEL.clone(widths=(2, 2, 4))), dict(ms=members(HALVES)),
@@ -65,6 +65,8 @@ def test_what_a_program_depends_on_keys_its_own():
   assert key() == keys[0] and hash(key()) == hash(keys[0])  # the same stack, the same key
   # The epoch count is the host's loop: only a schedule over the epochs makes it the programs'.
   assert key(config=dataclasses.replace(CONFIG, epochs=CONFIG.epochs + 3)) == keys[0]
+  # A structure as data is the programs' arguments, not their key.
+  assert key(structure=trainer.Structure(PREFIX, PREFIX, 'update')) == keys[0]
 
 
 def test_stacks_of_any_structure_share_one_evaluation_program(stacked):
@@ -78,6 +80,20 @@ def test_stacks_of_any_structure_share_one_evaluation_program(stacked):
   assert (cache.hits, cache.misses) == (1, 5)
   fresh = trainer.train_stack(MODEL, FROZEN, CONFIG, DATA, grafted_members(stacked), programs=None)
   np.testing.assert_array_equal(frozen.test_accuracy, fresh.test_accuracy)
+
+
+def test_stacks_of_any_structure_as_data_share_every_program(stacked):
+  """A base stack, then BnB (grafted, frozen under 'update') and a fine-tuned graft: three
+  programs in all, and a reused one trains as a fresh compile."""
+  cache = programs.Cache()
+  trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA, members(HALVES), programs=cache)
+  for structure in (trainer.Structure(PREFIX, PREFIX, 'update'), trainer.Structure(PREFIX)):
+    run = lambda cache: trainer.train_stack(MODEL, structure, CONFIG, DATA, grafted_members(
+        stacked), programs=cache)
+    reused = run(cache)
+    fresh = run(None)
+    jax.tree.map(np.testing.assert_array_equal, reused.variables, fresh.variables)
+  assert (cache.hits, cache.misses) == (6, 3)
 
 
 def test_an_unhashable_key_compiles_every_time_and_the_cache_is_bounded():

@@ -15,8 +15,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxtransfer.train import trainer
 from jaxtransfer.nets.models import FinalNet
-from tests.conftest import (CONFIG, DATA, HALVES, MODEL, NAMES, PREFIX, assert_same_training,
-                            eval_logits, grafted_members, members, take, tiny_data)
+from tests.conftest import (CONFIG, DATA, GRAFT_CONFIG, HALVES, MODEL, NAMES, PREFIX,
+                            assert_same_training, eval_logits, grafted_members, members, take,
+                            tiny_data)
 
 
 def take_result(result: trainer.StackResult, i: int) -> trainer.StackResult:
@@ -128,9 +129,10 @@ def test_partial_last_batch_is_trained_on():
   fns = trainer.stack_functions(tr, mesh, 'map')
   m = jax.device_put(take(members(HALVES), 0), NamedSharding(mesh, P(trainer.MODEL_AXIS)))
   data = jax.device_put(DATA, NamedSharding(mesh, P()))
-  init = fns.init.lower(m.init_keys, None, data).compile(trainer.INIT_COMPILER_OPTIONS)
+  init = fns.init.lower(m.init_keys, None, None, data).compile(trainer.INIT_COMPILER_OPTIONS)
   keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(m.shuffle_keys, 0)
-  state, metrics = fns.epoch(init(m.init_keys, None, data), keys, m.train_idx, m.label_map, data)
+  state, metrics = fns.epoch(init(m.init_keys, None, None, data), keys, m.train_idx, m.label_map,
+                             data)
   assert seen == [(16, True)]  # traced once: the scan's body, masked
   count = [x for x in jax.tree.leaves(state.opt_state) if x.dtype == jnp.int32]
   assert count[0].shape == (1,) and int(count[0][0]) == 3  # Adam took 3 steps: ceil(40 / 16)
@@ -196,6 +198,37 @@ def test_vmapped_finetuned_graft_equals_the_loop(stacked):
   # Fine-tuned: the grafted layers trained on, away from their source.
   assert not np.allclose(outs['vmap'].variables['params']['conv1']['conv']['kernel'],
                          stacked.variables['params']['conv1']['conv']['kernel'])
+
+
+def test_structure_as_data_trains_as_the_compiled_structure(stacked, frozen):
+  """BnB/AnB under 'update' with the structure as data (every gradient taken, the frozen
+  layers' updates and moments dropped) trains as the compiled structure (no backward pass
+  through the prefix), up to float noise; the frozen prefix stays the source's either way."""
+  batchnorm, outs = frozen
+  structure = trainer.Structure(PREFIX, PREFIX, batchnorm)
+  assert trainer.structure_as_data(MODEL, structure, GRAFT_CONFIG, (8, 8, 3), 'map', 3,
+                                   40) == (batchnorm == 'update')
+  if batchnorm != 'update':
+    with pytest.raises(ValueError, match='compiled in'):
+      trainer.train_stack(MODEL, structure, GRAFT_CONFIG, DATA, grafted_members(stacked),
+                          as_data=True)
+    return
+  compiled = trainer.train_stack(MODEL, structure, GRAFT_CONFIG, DATA, grafted_members(stacked),
+                                 as_data=False)
+  assert_same_training(outs['map'], compiled, frozen=PREFIX)
+  for name in PREFIX:
+    jax.tree.map(np.testing.assert_array_equal, compiled.variables['params'][name],
+                 outs['map'].variables['params'][name])
+
+
+def test_structure_is_data_on_accelerators_and_for_stacks_that_train_faster_than_they_compile():
+  seed_net, update = FinalNet(5), trainer.Structure(PREFIX, PREFIX, 'update')
+  seed = dict(config=trainer.TrainConfig(epochs=10), image_shape=(32, 32, 3), members=20,
+              train_images=25_000)
+  assert trainer.structure_as_data(seed_net, update, member_map='vmap', **seed)
+  assert not trainer.structure_as_data(seed_net, update, member_map='map', **seed)
+  assert not trainer.structure_as_data(seed_net, trainer.Structure(PREFIX, PREFIX, 'fixed'),
+                                       member_map='vmap', **seed)
 
 
 def step_flops(depth: int) -> float:

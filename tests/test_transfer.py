@@ -138,6 +138,49 @@ def test_masked_adamw_keeps_frozen_leaves_bit_for_bit():
     assert not np.array_equal(leaf, before)
 
 
+def test_optimizer_state_kept_where_layers_are_frozen_as_data():
+  """`where_params` over AdamW's state, the frozen layers flagged by data: the same params and
+  moments as `masked_optimizer` on trainable leaves, frozen leaves and moments untouched."""
+  model, params = Other(), init(0)['params']
+  batch_stats = init(0)['batch_stats']
+  tx, masked = optax.adamw(1e-2, weight_decay=0.1), transfer.masked_optimizer(
+      optax.adamw(1e-2, weight_decay=0.1), transfer.freeze_labels(params, ['stem']))
+  keep = transfer.layer_leaves(params, {n: jnp.asarray(n != 'stem') for n in params})
+  loss = lambda p: (model.apply({'params': p, 'batch_stats': batch_stats}, X)**2).sum()
+
+  @jax.jit
+  def steps(params):
+    state, ref, ref_state = tx.init(params), params, masked.init(params)
+    for _ in range(5):
+      updates, new = tx.update(jax.grad(loss)(params), state, params)
+      params = jax.tree.map(jnp.where, keep, optax.apply_updates(params, updates), params)
+      state = transfer.where_params(keep, new, state)
+      updates, ref_state = masked.update(jax.grad(loss)(ref), ref_state, ref)
+      ref = optax.apply_updates(ref, updates)
+    return params, state, ref
+
+  start = params
+  params, state, ref = steps(params)
+  _assert_tree_equal(params['stem'], start['stem'])
+  _assert_tree_equal(state[0].mu['stem'], jax.tree.map(jnp.zeros_like, start['stem']))
+  assert int(state[0].count) == 5
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), params, ref)
+  assert not np.array_equal(params['classifier']['kernel'], start['classifier']['kernel'])
+
+
+def test_graft_where_takes_flagged_layers_from_the_source():
+  source, target = init(0), init(1)
+  out = transfer.graft_where(source, target,
+                             {'stem': jnp.asarray(True), 'middle': jnp.asarray(False)})
+  for collection in target:
+    _assert_tree_equal(out[collection]['stem'], source[collection]['stem'])
+    if 'middle' in target[collection]:
+      _assert_tree_equal(out[collection]['middle'], target[collection]['middle'])
+  _assert_tree_equal(out['params']['classifier'], target['params']['classifier'])
+  with pytest.raises(ValueError, match='unknown layer'):
+    transfer.graft_where(source, target, {'head': jnp.asarray(True)})
+
+
 def test_partition_combine_roundtrip():
   params = init(0)['params']
   trainable, frozen = transfer.partition(params, transfer.freeze_labels(params, ['stem']))

@@ -1,9 +1,11 @@
 """Stacked trainer: K models with a leading model axis, trained by one jitted epoch function.
 
-A stack's members share static structure (model, which layers are grafted and frozen, BatchNorm
-policy, optimizer, batch size) and differ in data: each member has its own training and test
-indices into the shared image arrays, its own label map (its half's classes -> 0..k-1), its own
-PRNG keys and its own grafting source.
+A stack's members share a model, an optimizer and a batch size, and differ in data: each
+member has its own training and test indices into the shared image arrays, its own label map
+(its half's classes -> 0..k-1), its own PRNG keys and its own grafting source. Which layers are
+grafted and which are trained is either static (a `Structure` compiled into the programs: a
+frozen prefix gets no backward pass) or data too (`LayerFlags`: one init and one epoch program
+serve every structure, frozen layers' updates dropped by a mask); `structure_as_data` chooses.
 
 The dataset's uint8 arrays go to the device once; shuffling, batching, normalisation and the
 whole epoch (a `lax.scan` of one step body; the last batch padded and masked) run on
@@ -19,7 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -32,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtransfer import config as config_lib, transfer
 from jaxtransfer.config import MEMBER_MAPS, OPTIMIZERS  # MEMBER_MAPS: see _over_members
 from jaxtransfer.data.datasets import normalize
+from jaxtransfer.nets import flops
 from jaxtransfer.train import programs as programs_lib
 
 PyTree = Any
@@ -67,6 +70,21 @@ class Structure:
   batchnorm: str = 'update'
 
 
+class LayerFlags(NamedTuple):
+  """A structure as data: top-level layer name -> bool, per member (a leading model axis when
+  stacked). `graft`: the layer's variables come from the source; `train`: its params train."""
+
+  graft: dict[str, jax.Array]
+  train: dict[str, jax.Array]
+
+
+def layer_flags(structure: Structure, layer_names: Sequence[str]) -> LayerFlags:
+  """One member's `LayerFlags` of `structure`, over the model's top-level `layer_names`."""
+  flag = lambda on: {name: jnp.asarray(name in on) for name in layer_names}
+  return LayerFlags(flag(structure.graft_layers),
+                    flag(set(layer_names) - set(structure.frozen_layers)))
+
+
 class DeviceData(NamedTuple):
   """The whole dataset as uint8 images + global int labels, plus normalisation statistics."""
 
@@ -95,6 +113,7 @@ class TrainState(NamedTuple):
   params: PyTree
   model_state: PyTree  # the other variable collections, e.g. {'batch_stats': ...}
   opt_state: optax.OptState
+  trainable: dict[str, jax.Array] | None = None  # `LayerFlags.train` where structure is data
 
   def variables(self) -> dict:
     return {'params': self.params, **self.model_state}
@@ -165,33 +184,41 @@ class Features(NamedTuple):
 class Trainer:
   """The per-member functions of one stack; `train_stack` maps them over members.
 
-  `example`: an input image batch of the model (for `init`); `start` > 0: the inputs of `step`
-  and `evaluate` are the outputs of layer start-1 (see `Features`), else uint8 images.
-  `train_images`: each member's training examples (the unit of the learning-rate schedule is
-  an epoch of them)."""
-  def __init__(self, model: nn.Module, structure: Structure, config: TrainConfig,
+  `structure`: which layers are grafted and frozen, or None where each member's `LayerFlags`
+  say (BatchNorm then behaves as the 'update' policy says in every layer); `example`: an input
+  image batch of the model (for `init`); `start` > 0: the inputs of `step` and `evaluate` are
+  the outputs of layer start-1 (see `Features`), else uint8 images. `train_images`: each
+  member's training examples (the unit of the learning-rate schedule is an epoch of them)."""
+  def __init__(self, model: nn.Module, structure: Structure | None, config: TrainConfig,
                example: jax.Array, start: int = 0, train_images: int = 1):
     self.model, self.structure, self.config, self.example = model, structure, config, example
     self.layers = {'start': start} if start else {}
     if start and config.augment != 'none':
       raise ValueError('augmented images have no precomputed prefix features: train a stack '
                        'with --augment the plain way (features.planned_nbytes(augment=True))')
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example, train=False))
-    self.labels = transfer.freeze_labels(shapes['params'], structure.frozen_layers)
     steps = steps_per_epoch(train_images, config.batch_size)
-    self.tx = transfer.masked_optimizer(make_optimizer(config, steps), self.labels)
+    self.tx = make_optimizer(config, steps)
+    if structure is not None:
+      shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example, train=False))
+      self.labels = transfer.freeze_labels(shapes['params'], structure.frozen_layers)
+      self.tx = transfer.masked_optimizer(self.tx, self.labels)
 
-  def init(self, key: jax.Array, source: PyTree | None) -> TrainState:
+  def init(self, key: jax.Array, source: PyTree | None,
+           flags: LayerFlags | None = None) -> TrainState:
+    """A fresh member with its grafted layers from `source`: the structure's, or `flags`'."""
     variables = dict(self.model.init(key, self.example, train=False))
-    if self.structure.graft_layers:
+    if flags is not None:
+      variables = transfer.graft_where(source, variables, flags.graft)
+    elif self.structure.graft_layers:
       variables = transfer.graft(source, variables, self.structure.graft_layers)
     params = variables.pop('params')
-    return TrainState(params, variables, self.tx.init(params))
+    return TrainState(params, variables, self.tx.init(params),
+                      None if flags is None else flags.train)
 
-  def loss(self, trainable, frozen, model_state, images, labels, mask=None):
-    params = transfer.combine(trainable, frozen)
-    with transfer.batchnorm_policy(self.structure.frozen_layers, self.structure.batchnorm), \
-        _masked_batchnorm(mask):
+  def loss(self, params, model_state, images, labels, mask=None):
+    policy = (contextlib.nullcontext() if self.structure is None else transfer.batchnorm_policy(
+        self.structure.frozen_layers, self.structure.batchnorm))
+    with policy, _masked_batchnorm(mask):
       logits, model_state = self.model.apply({'params': params, **model_state}, images, train=True,
                                              mutable=list(model_state), **self.layers)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -203,19 +230,22 @@ class Trainer:
   def step(self, state: TrainState, batch_idx, label_map, data: DeviceData, key=None, mask=None):
     """One optimiser step on the examples `batch_idx` (augmented with `key` under --augment), of
     which only those where `mask` is true count (in the loss, the gradient and BatchNorm's
-    statistics); gradients only w.r.t. trainable leaves, so no backward pass runs through a
-    frozen prefix."""
+    statistics). A static structure takes gradients only w.r.t. trainable leaves, so no backward
+    pass runs through a frozen prefix; flags take every gradient and drop the frozen updates."""
     images = data.train_images[batch_idx]
     if key is not None:
       images = augment(key, images, self.config.augment)
     images = _inputs(images, data)
     labels = label_map[data.train_labels[batch_idx]]
+    n = batch_idx.shape[0] if mask is None else mask.sum().astype(jnp.float32)
+    if self.structure is None:
+      return self._flagged_step(state, images, labels, mask, n)
     trainable, frozen = transfer.partition(state.params, self.labels)
-    (loss, (model_state, correct)), grads = jax.value_and_grad(self.loss,
-                                                               has_aux=True)(trainable, frozen,
+    loss_fn = lambda trainable, *args: self.loss(transfer.combine(trainable, frozen), *args)
+    (loss, (model_state, correct)), grads = jax.value_and_grad(loss_fn,
+                                                               has_aux=True)(trainable,
                                                                              state.model_state,
                                                                              images, labels, mask)
-    n = batch_idx.shape[0] if mask is None else mask.sum().astype(jnp.float32)
     grads = transfer.combine(jax.tree.map(lambda g: g / n, grads),
                              jax.tree.map(jnp.zeros_like, frozen))
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -224,6 +254,20 @@ class Trainer:
     params = transfer.combine(new_trainable, frozen)
     return TrainState(params, model_state,
                       opt_state), jnp.stack([loss, correct.astype(jnp.float32)])
+
+  def _flagged_step(self, state: TrainState, images, labels, mask, n):
+    """`step` with the structure as data: frozen leaves (and their optimizer moments) keep their
+    values bit for bit, so they get no update, no weight decay and no moment change."""
+    grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+    (loss, (model_state, correct)), grads = grad_fn(state.params, state.model_state, images, labels,
+                                                    mask)
+    grads = jax.tree.map(lambda g: g / n, grads)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    keep = transfer.layer_leaves(state.params, state.trainable)
+    params = jax.tree.map(jnp.where, keep, optax.apply_updates(state.params, updates), state.params)
+    opt_state = transfer.where_params(keep, opt_state, state.opt_state)
+    return TrainState(params, model_state, opt_state,
+                      state.trainable), jnp.stack([loss, correct.astype(jnp.float32)])
 
   def epoch(self, state: TrainState, key, train_idx, label_map, data: DeviceData):
     """A shuffled pass over `train_idx` in batches, all in one `lax.scan` over one step body.
@@ -348,7 +392,7 @@ def resolve_member_map(member_map: str | None) -> str:
 class StackFunctions(NamedTuple):
   """A stack's three programs, each jit(shard_map(member map)) over the mesh's model axis."""
 
-  init: Callable  # (init_keys, sources, data) -> TrainState
+  init: Callable  # (init_keys, sources, flags, data) -> TrainState
   epoch: Callable  # (state, shuffle_keys, train_idx, label_map, data) -> (state, [K, 2] metrics)
   evaluate: Callable  # (variables, test_idx, label_map, data) -> [K] test accuracy
 
@@ -365,12 +409,71 @@ def stack_functions(trainer: Trainer, mesh: Mesh, member_map: str,
         jax.shard_map(_over_members(fn, member_map, shared_data), mesh=mesh, in_specs=in_specs,
                       out_specs=P(MODEL_AXIS)))
 
-  def init_fn(key, source, data):
+  def init_fn(key, source, flags, data):
     del data
-    return trainer.init(key, source)
+    return trainer.init(key, source, flags)
 
-  return StackFunctions(compile_(init_fn, 2), compile_(trainer.epoch, 4),
+  return StackFunctions(compile_(init_fn, 3), compile_(trainer.epoch, 4),
                         compile_(trainer.evaluate, 3))
+
+
+# On a CPU a program costs seconds to compile, and training with the structure as data costs a
+# frozen prefix's backward pass at every step. A stack of fewer training FLOPs than this trains
+# faster than it compiles (the seed net compiles its init and epoch programs in ~5 s here and
+# trains at ~18 GFLOP/s on 2 cores: benchmarks/README.md), so it shares the programs of every
+# other structure; a real study's stacks are 10^4 times larger and keep their pruned programs.
+CPU_SHARED_FLOPS = 5e10
+
+
+def structure_as_data(model: nn.Module, structure: Structure, config: TrainConfig,
+                      image_shape: Sequence[int], member_map: str, members: int, train_images: int,
+                      features: Features | None = None) -> bool:
+  """Whether a stack trains with its structure as data (`LayerFlags`: programs shared by every
+  structure) rather than compiled in (a frozen prefix pruned from the backward pass).
+
+  Where it `can_be_data`: on accelerators (members under 'vmap') always, as compiling dominates
+  there; on a CPU for stacks below CPU_SHARED_FLOPS."""
+  if not can_be_data(structure, features):
+    return False
+  if member_map == 'vmap':
+    return True
+  return config.epochs * members * train_images * _step_flops(model,
+                                                              tuple(image_shape)) < CPU_SHARED_FLOPS
+
+
+def _step_flops(model: nn.Module, image_shape: tuple[int, ...]) -> int:
+  """Training FLOPs per image, traced once per model and image shape in a process."""
+  try:
+    return _cached_step_flops(model, image_shape)
+  except TypeError:  # an unhashable model
+    return flops.whole_model_flops(model, image_shape)[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_step_flops(model: nn.Module, image_shape: tuple[int, ...]) -> int:
+  return flops.whole_model_flops(model, image_shape)[0]
+
+
+def can_be_data(structure: Structure, features: Features | None = None) -> bool:
+  """Not with a precomputed prefix, whose start is compiled in, nor with a BatchNorm policy
+  other than 'update' in frozen layers, which is the program's."""
+  return features is None and (not structure.frozen_layers or structure.batchnorm == 'update')
+
+
+def data_inputs(model: nn.Module, structure: Structure, sources: PyTree | None, k: int,
+                example: jax.Array) -> tuple[PyTree, LayerFlags]:
+  """What the init program takes where a stack's structure is data, for `k` members: every
+  layer's sources (the stack's grafted layers from `sources`, zeros for the rest), so that
+  stacks of every structure pass one tree, and the structure's `LayerFlags`."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example, train=False))
+  sources = sources or {}
+  zeros = lambda sub: jax.tree.map(lambda x: jnp.zeros((k,) + x.shape, x.dtype), sub)
+  full = {
+      c: {n: sources.get(c, {}).get(n, zeros(sub)) for n, sub in layers.items()}
+      for c, layers in shapes.items()
+  }
+  names = sorted({n for layers in shapes.values() for n in layers})
+  return full, jax.tree.map(lambda f: jnp.tile(f, k), layer_flags(structure, names))
 
 
 def _program_config(config: TrainConfig) -> TrainConfig:
@@ -415,7 +518,8 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
                 members: Members, *, mesh: Mesh | None = None, member_map: str | None = None,
                 on_epoch: Callable[[int, np.ndarray], None] | None = None,
                 features: Features | None = None, eval_every_epoch: bool = False,
-                programs: programs_lib.Cache | None = PROGRAMS) -> StackResult:
+                programs: programs_lib.Cache | None = PROGRAMS,
+                as_data: bool | None = None) -> StackResult:
   """Initialise, graft, train for `config.epochs` and evaluate a stack of K members.
 
   `mesh`: a 1-D mesh with axis `MODEL_AXIS` (default: all local devices; with several
@@ -429,7 +533,8 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   instead of `data` (then used only for the image shape), and `members` index into it.
   `programs`: where compiled programs are found and kept (default: this process's `PROGRAMS`;
   None compiles every program afresh), so a stack that computes what an earlier one did, with
-  arguments of the same shapes and placements, compiles nothing.
+  arguments of the same shapes and placements, compiles nothing. `as_data`: train with the
+  structure as data (`LayerFlags`) or compiled in; None: as `structure_as_data` chooses.
   """
   start = time.perf_counter()
   timings = dict.fromkeys(('compile', 'init', 'train', 'evaluate'), 0.0)
@@ -441,6 +546,17 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   image_shape = data.train_images.shape[1:]
   start_layer, train_images = (features.start if features else 0), members.train_idx.shape[1]
   shared = features is None  # data replicated to every member, or each member's own features
+  example = jnp.zeros((1,) + image_shape, jnp.float32)
+  if as_data is None:
+    as_data = structure_as_data(model, structure, config, image_shape, member_map, k, train_images,
+                                features)
+  elif as_data and not can_be_data(structure, features):
+    raise ValueError('a structure with a precomputed prefix or a BatchNorm policy other than '
+                     "'update' in frozen layers is compiled in: train it with as_data=False")
+  flags = None
+  if as_data:
+    sources, flags = data_inputs(model, structure, members.sources, k_padded, example)
+    members, structure = members._replace(sources=sources), None
   # Everything a phase's program is built from; with the arguments' signature, its key.
   common = (model, image_shape, start_layer, mesh, member_map, shared)
   trained = common + (structure, _program_config(config), train_images)
@@ -452,7 +568,6 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
 
   @functools.cache
   def fns() -> StackFunctions:
-    example = jnp.zeros((1,) + image_shape, jnp.float32)
     trainer = Trainer(model, structure, config, example, start_layer, train_images)
     return stack_functions(trainer, mesh, member_map, shared_data=shared)
 
@@ -474,9 +589,9 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
     timings[phase] += time.perf_counter() - t
     return out
 
-  members = _to_global(members, sharded)
+  members, flags = _to_global((members, flags), sharded)
   data = _to_global(data, replicated if shared else sharded)
-  init_args = (members.init_keys, members.sources, data)
+  init_args = (members.init_keys, members.sources, flags, data)
   # Initialisation is random-number code that XLA optimises slowly and runs once: compiled at
   # LLVM -O1 it takes a fifth of the time, with the same values.
   state = timed('init', compile_('init', *init_args, options=INIT_COMPILER_OPTIONS), *init_args)

@@ -8,6 +8,12 @@ import fcntl
 import os
 import shutil
 
+# The suite compiles hundreds of small programs and runs each for milliseconds. XLA's CPU
+# backend at LLVM -O1 compiles them in ~60% of the time (the tiny epoch program: 3.6 s -> 2.0 s)
+# with the same code paths and values up to float rounding; studies keep XLA's default.
+# Set before any backend starts, for this process and the subprocesses the tests start.
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=1"
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -24,12 +24,14 @@ MIN_BAND_RUNS = 3
 
 
 def save_figure(fig, stem: str) -> list[str]:
-  """`stem`.png and `stem`.pdf, each written atomically; closes `fig`."""
+  """`stem`.png and `stem`.pdf, each written atomically; closes `fig`. Cropped to the figure's
+  tight box (as `bbox_inches='tight'`), laid out once for both files rather than per file."""
   paths = []
+  box = fig.get_tightbbox(fig.canvas.get_renderer()).padded(plt.rcParams['savefig.pad_inches'])
   for ext in ('png', 'pdf'):
     path = f'{stem}.{ext}'
     with files.atomic_path(path) as tmp:
-      fig.savefig(tmp, dpi=150, bbox_inches='tight')
+      fig.savefig(tmp, dpi=150, bbox_inches=box)
     paths.append(path)
   plt.close(fig)
   return paths

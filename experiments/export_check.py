@@ -275,7 +275,8 @@ def study_programs(flagfile: str = STUDY_FLAGS, platform: str = 'cuda') -> dict[
     structure, flags = stack.structure, None
     if trainer.structure_as_data(model, structure, tconfig, cifar.IMAGE_SHAPE, 'vmap', k,
                                  classes * 5_000):
-      inputs = jax.eval_shape(lambda: trainer.data_inputs(model, structure, sources, k, example))
+      inputs = jax.eval_shape(
+          lambda: trainer.data_inputs(model, structure, sources, k, cifar.IMAGE_SHAPE))
       sources, flags = jax.tree.map(lambda x: s(x.shape, x.dtype), inputs)
       structure = None
     stack_trainer = trainer.Trainer(model, structure, tconfig, example)

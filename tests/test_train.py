@@ -156,7 +156,7 @@ def test_a_padded_masked_batch_steps_as_its_real_examples_alone():
     padded = step(jnp.concatenate([real, filler]), mask)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(alone), jax.tree.leaves(padded)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
-  unmasked = step(jnp.concatenate([real, jnp.arange(8)]), None)
+  unmasked = step(jnp.concatenate([real, jnp.arange(8)]), jnp.ones(16, bool))  # filler counted
   assert not np.allclose(unmasked[0].model_state['batch_stats']['conv1']['bn']['var'],
                          alone[0].model_state['batch_stats']['conv1']['bn']['var'])
 

@@ -437,21 +437,33 @@ def structure_as_data(model: nn.Module, structure: Structure, config: TrainConfi
     return False
   if member_map == 'vmap':
     return True
-  return config.epochs * members * train_images * _step_flops(model,
-                                                              tuple(image_shape)) < CPU_SHARED_FLOPS
+  return config.epochs * members * train_images * _step_flops(model, image_shape) < CPU_SHARED_FLOPS
 
 
+def _per_model(fn: Callable) -> Callable:
+  """`fn(model, image_shape)` computed once per model and image shape in a process, as a trace
+  of the model costs a tenth of a second at every stack (an unhashable model: every time)."""
+  cached = functools.lru_cache(maxsize=16)(fn)
+
+  def call(model: nn.Module, image_shape: Sequence[int]):
+    try:
+      return cached(model, tuple(image_shape))
+    except TypeError:
+      return fn(model, tuple(image_shape))
+
+  return call
+
+
+@_per_model
 def _step_flops(model: nn.Module, image_shape: tuple[int, ...]) -> int:
-  """Training FLOPs per image, traced once per model and image shape in a process."""
-  try:
-    return _cached_step_flops(model, image_shape)
-  except TypeError:  # an unhashable model
-    return flops.whole_model_flops(model, image_shape)[0]
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_step_flops(model: nn.Module, image_shape: tuple[int, ...]) -> int:
   return flops.whole_model_flops(model, image_shape)[0]
+
+
+@_per_model
+def _variable_shapes(model: nn.Module, image_shape: tuple[int, ...]) -> PyTree:
+  """The model's variables as shapes (read-only: shared by every caller)."""
+  example = jnp.zeros((1,) + image_shape, jnp.float32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), example, train=False))
 
 
 def can_be_data(structure: Structure, features: Features | None = None) -> bool:
@@ -461,11 +473,11 @@ def can_be_data(structure: Structure, features: Features | None = None) -> bool:
 
 
 def data_inputs(model: nn.Module, structure: Structure, sources: PyTree | None, k: int,
-                example: jax.Array) -> tuple[PyTree, LayerFlags]:
+                image_shape: Sequence[int]) -> tuple[PyTree, LayerFlags]:
   """What the init program takes where a stack's structure is data, for `k` members: every
   layer's sources (the stack's grafted layers from `sources`, zeros for the rest), so that
   stacks of every structure pass one tree, and the structure's `LayerFlags`."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example, train=False))
+  shapes = _variable_shapes(model, image_shape)
   sources = sources or {}
   zeros = lambda sub: jax.tree.map(lambda x: jnp.zeros((k,) + x.shape, x.dtype), sub)
   full = {
@@ -555,7 +567,7 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
                      "'update' in frozen layers is compiled in: train it with as_data=False")
   flags = None
   if as_data:
-    sources, flags = data_inputs(model, structure, members.sources, k_padded, example)
+    sources, flags = data_inputs(model, structure, members.sources, k_padded, image_shape)
     members, structure = members._replace(sources=sources), None
   # Everything a phase's program is built from; with the arguments' signature, its key.
   common = (model, image_shape, start_layer, mesh, member_map, shared)

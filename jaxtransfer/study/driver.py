@@ -259,7 +259,8 @@ def train_stacks(study: Study, workdir: Workdir, data: trainer.DeviceData, *,
       result = trainer.train_stack(inputs.model, stack.structure, tconfig, data, inputs.members,
                                    mesh=mesh, member_map=member_map, on_epoch=on_epoch,
                                    features=inputs.features,
-                                   eval_every_epoch=options.eval_every_epoch)
+                                   eval_every_epoch=options.eval_every_epoch,
+                                   pad_to=max(len(s.runs) for s in study.stacks))
       rows = _rows(study, stack, result)
       saved = time.perf_counter()
       workdir.save(stack, result.variables, rows)

@@ -530,8 +530,8 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
                 members: Members, *, mesh: Mesh | None = None, member_map: str | None = None,
                 on_epoch: Callable[[int, np.ndarray], None] | None = None,
                 features: Features | None = None, eval_every_epoch: bool = False,
-                programs: programs_lib.Cache | None = PROGRAMS,
-                as_data: bool | None = None) -> StackResult:
+                programs: programs_lib.Cache | None = PROGRAMS, as_data: bool | None = None,
+                pad_to: int = 0) -> StackResult:
   """Initialise, graft, train for `config.epochs` and evaluate a stack of K members.
 
   `mesh`: a 1-D mesh with axis `MODEL_AXIS` (default: all local devices; with several
@@ -547,14 +547,14 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   None compiles every program afresh), so a stack that computes what an earlier one did, with
   arguments of the same shapes and placements, compiles nothing. `as_data`: train with the
   structure as data (`LayerFlags`) or compiled in; None: as `structure_as_data` chooses.
+  `pad_to`: with the structure as data, members are padded to this many (a study's largest
+  stack), so that stacks of every size share programs too; the padding is cut from the results.
   """
   start = time.perf_counter()
   timings = dict.fromkeys(('compile', 'init', 'train', 'evaluate'), 0.0)
   member_map = resolve_member_map(member_map)
   mesh = mesh or jax.make_mesh((jax.device_count(),), (MODEL_AXIS,))
   k = members.init_keys.shape[0]
-  k_padded = -(-k // mesh.size) * mesh.size
-  members = _pad_members(members, k_padded)
   image_shape = data.train_images.shape[1:]
   start_layer, train_images = (features.start if features else 0), members.train_idx.shape[1]
   shared = features is None  # data replicated to every member, or each member's own features
@@ -565,6 +565,8 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   elif as_data and not can_be_data(structure, features):
     raise ValueError('a structure with a precomputed prefix or a BatchNorm policy other than '
                      "'update' in frozen layers is compiled in: train it with as_data=False")
+  k_padded = -(-max(k, pad_to if as_data else 0) // mesh.size) * mesh.size
+  members = _pad_members(members, k_padded)
   flags = None
   if as_data:
     sources, flags = data_inputs(model, structure, members.sources, k_padded, image_shape)

@@ -28,9 +28,12 @@ model axis sharded over a mesh of 4 (CPU) devices. In the exported StableHLO it 
   layers), and the weight gradients must be there as batched dot_generals with a `9 x Cin x
   Cout` result, one per conv layer and step body.
 
-With `--study_programs` it then exports every stack of `seed.flags` (one device, as on one GPU)
-for `cuda` and prints how many distinct programs the study compiles (module text without
-`loc(...)`, hashed): about two minutes of the CPU, so the tests leave it out.
+With `--study_programs` it then exports every stack of each study in STUDY_PROGRAMS (one
+device, as on one GPU) for `cuda`, prints how many distinct programs the study compiles (module
+text without `loc(...)`, hashed) and fails where that exceeds the study's limit: with every
+structure as data (`trainer.structure_as_data`) and the stacks padded to the largest, one
+program per phase and model. About 30 s of the CPU for `seed.flags` and 100 s for
+`dissimilar.flags`, so `.ci/run` runs it apart from the tests.
 
 Prints one line per platform and program; exits 1 with `error: ...` on the first failed check.
 """
@@ -49,7 +52,9 @@ from unittest import mock
 K, DEVICES, BATCH, TRAIN_PER_MEMBER, TEST_PER_MEMBER = 20, 4, 64, 25_000, 5_000
 WIDTHS, CLASSES, GLOBAL_CLASSES = (8, 16, 32), 5, 10
 CONV_LAYERS = 2 * len(WIDTHS)
-STUDY_FLAGS = 'experiments/configs/seed.flags'
+# Distinct programs a study may compile on one GPU: init, epoch and evaluate for each model
+# shape (dissimilar halves have 4 and 6 classes).
+STUDY_PROGRAMS = {'experiments/configs/seed.flags': 3, 'experiments/configs/dissimilar.flags': 6}
 PLATFORMS = ('cuda', 'tpu')
 KERNEL_GRAD_AUTODIFF = '[f, 0, 1, b]x[i, 0, 1, o]->[0, 1, b, f]'
 CANONICAL = '[b, 0, 1, f]x[0, 1, i, o]->[b, 0, 1, f]'
@@ -235,7 +240,7 @@ def program_key(text: str) -> str:
   return hashlib.sha256(re.sub(r' loc\(#loc\d*\)', '', text).encode()).hexdigest()
 
 
-def study_programs(flagfile: str = STUDY_FLAGS, platform: str = 'cuda') -> dict[str, list[str]]:
+def study_programs(flagfile: str, platform: str = 'cuda') -> dict[str, list[str]]:
   """{program: [key per stack]} of init/epoch/evaluate of every stack of the study `flagfile`
   names, exported for `platform` on one device (CIFAR-sized halves, members under vmap)."""
   import jax
@@ -257,13 +262,18 @@ def study_programs(flagfile: str = STUDY_FLAGS, platform: str = 'cuda') -> dict[
   mesh = jax.make_mesh((1,), (trainer.MODEL_AXIS,), devices=jax.devices('cpu')[:1])
   sharded = NamedSharding(mesh, P(trainer.MODEL_AXIS))
   keys = {name: [] for name in ('init', 'epoch', 'evaluate')}
-  for stack in plan_lib.plan(config, layer_names, halves):
+  stacks = plan_lib.plan(config, layer_names, halves)
+  for stack in stacks:
     k, classes = len(stack.runs), len(plan_lib.half_classes(halves, 0, stack.runs[0].target))
+    model = make(classes)
+    as_data = trainer.structure_as_data(model, stack.structure, tconfig, cifar.IMAGE_SHAPE, 'vmap',
+                                        k, classes * 5_000)
+    if as_data:  # padded to the study's largest stack, as the driver's `train_stack` calls
+      k = max(len(other.runs) for other in stacks)
     data, _, train_idx, test_idx, label_map = abstract_inputs(mesh)
     s = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=sharded)
     train_idx, test_idx = s((k, classes * 5_000)), s((k, classes * 1_000))
     init_keys, label_map = s((k,), jax.random.key(0).dtype), s((k, GLOBAL_CLASSES))
-    model = make(classes)
     sources = None
     if stack.structure.graft_layers:
       shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example, train=False))
@@ -273,8 +283,7 @@ def study_programs(flagfile: str = STUDY_FLAGS, platform: str = 'cuda') -> dict[
       }
       sources = jax.tree.map(lambda x: s((k,) + x.shape, x.dtype), prefix)
     structure, flags = stack.structure, None
-    if trainer.structure_as_data(model, structure, tconfig, cifar.IMAGE_SHAPE, 'vmap', k,
-                                 classes * 5_000):
+    if as_data:
       inputs = jax.eval_shape(
           lambda: trainer.data_inputs(model, structure, sources, k, cifar.IMAGE_SHAPE))
       sources, flags = jax.tree.map(lambda x: s(x.shape, x.dtype), inputs)
@@ -344,15 +353,17 @@ def main() -> int:
         'convolutions: members in turn', flush=True)
     if '--study_programs' not in sys.argv[1:]:
       raise _Done
-    t = time.perf_counter()
-    programs = study_programs()
-    stacks = len(programs['init'])
-    total = sum(len(set(v)) for v in programs.values())
-    detail = ', '.join(f'{name} {len(set(v))}/{len(v)}' for name, v in programs.items())
-    print(
-        f'study {STUDY_FLAGS}: {stacks} stacks, {3 * stacks} programs, {total} distinct '
-        f'({detail}), exported for cuda on one device in {time.perf_counter() - t:.0f} s',
-        flush=True)
+    for flagfile, limit in STUDY_PROGRAMS.items():
+      t = time.perf_counter()
+      programs = study_programs(flagfile)
+      stacks = len(programs['init'])
+      total = sum(len(set(v)) for v in programs.values())
+      detail = ', '.join(f'{name} {len(set(v))}/{len(v)}' for name, v in programs.items())
+      print(
+          f'study {flagfile}: {stacks} stacks, {3 * stacks} programs, {total} distinct '
+          f'({detail}), exported for cuda on one device in {time.perf_counter() - t:.0f} s',
+          flush=True)
+      check(total <= limit, f'{flagfile} compiles {total} distinct programs, more than {limit}')
   except _Done:
     pass
   except CheckError as e:

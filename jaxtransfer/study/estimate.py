@@ -22,9 +22,10 @@ The time model, printed with every estimate:
   stacks are the least exact). Measured on CPU this holds to about 20% per
   structure (benchmarks/README.md).
 * `overhead`: the probe stack's wall time less its epochs (compiling init, epoch and evaluate,
-  initialising, one evaluation batch, copying results back), charged to every stack (each stack
-  has its own structure, so its own programs; the dry run keeps the persistent compilation
-  cache off, so these are first-run compile times).
+  initialising, one evaluation batch, copying results back), charged to every stack (the dry
+  run keeps the persistent compilation cache off, so these are first-run compile times). Where
+  stacks carry their structure as data (`trainer.structure_as_data`: on accelerators), later
+  stacks reuse the first's programs, so there this is an upper bound.
 * Not counted: checkpoint writes, results, figures, report and CKA at the end (about 20 s on 2
   CPU cores in the smoke study).
 """

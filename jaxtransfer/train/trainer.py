@@ -419,9 +419,10 @@ def stack_functions(trainer: Trainer, mesh: Mesh, member_map: str,
 
 # On a CPU a program costs seconds to compile, and training with the structure as data costs a
 # frozen prefix's backward pass at every step. A stack of fewer training FLOPs than this trains
-# faster than it compiles (the seed net compiles its init and epoch programs in ~5 s here and
-# trains at ~18 GFLOP/s on 2 cores: benchmarks/README.md), so it shares the programs of every
-# other structure; a real study's stacks are 10^4 times larger and keep their pruned programs.
+# in less time than one program compiles (the seed study's base stack on 2 AMD EPYC cores
+# compiled its 3 programs in 7.8 s and trained at 17.6 GFLOP/s:
+# results/cifar10/seed_fixed_3seeds-split0/log.txt), so it shares the programs of every other
+# structure; a real study's stacks are 10^4 times larger and keep their pruned programs.
 CPU_SHARED_FLOPS = 5e10
 
 

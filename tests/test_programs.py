@@ -96,6 +96,22 @@ def test_stacks_of_any_structure_as_data_share_every_program(stacked):
   assert (cache.hits, cache.misses) == (6, 3)
 
 
+def test_a_stack_padded_to_the_largest_keeps_its_results_and_shares_its_programs(stacked):
+  """A base stack of 2 padded to 3 members (the study's largest) trains its 2 as alone, and a
+  frozen stack of 3 then reuses its three programs."""
+  small = members(HALVES[:2])
+  alone = trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA, small, programs=None)
+  cache = programs.Cache()
+  padded = trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA, small, programs=cache,
+                               pad_to=3)
+  assert padded.test_accuracy.shape == (2,)
+  jax.tree.map(np.testing.assert_array_equal, padded.variables, alone.variables)
+  np.testing.assert_array_equal(padded.train_loss, alone.train_loss)
+  trainer.train_stack(MODEL, trainer.Structure(PREFIX, PREFIX, 'update'), CONFIG, DATA,
+                      grafted_members(stacked), programs=cache, pad_to=3)
+  assert (cache.hits, cache.misses) == (3, 3)
+
+
 def test_an_unhashable_key_compiles_every_time_and_the_cache_is_bounded():
   class Listed(nn.Module):
     widths: list

@@ -199,7 +199,7 @@ class Trainer:
     steps = steps_per_epoch(train_images, config.batch_size)
     self.tx = make_optimizer(config, steps)
     if structure is not None:
-      shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), example, train=False))
+      shapes = _variable_shapes(model, example.shape[1:])
       self.labels = transfer.freeze_labels(shapes['params'], structure.frozen_layers)
       self.tx = transfer.masked_optimizer(self.tx, self.labels)
 

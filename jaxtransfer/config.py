@@ -231,6 +231,10 @@ class RunOptions:
       'results, faster); a stack needing more trains the plain way. 0: never.')
   eval_batch_size: int = _opt(
       1000, 'Test images per evaluation batch (memory against speed; not part of the study).')
+  members_per_program: int = _opt(
+      0, "Models one compiled program trains at once: a larger stack runs in chunks of this "
+      'many, one after another within each epoch (device memory against speed; the same '
+      'results). 0: a whole stack at once.')
   eval_every_epoch: bool = _opt(
       False, 'Also evaluate every model on its test images after each epoch, into '
       'metrics.jsonl, the learning-curves figure and report (read-only: the same study, the '
@@ -247,6 +251,9 @@ class RunOptions:
     if not isinstance(self.feature_budget_mb, int) or self.feature_budget_mb < 0:
       raise ConfigError(f'--feature_budget_mb must be an integer >= 0 (MB), got '
                         f'{self.feature_budget_mb!r}')
+    if not isinstance(self.members_per_program, int) or self.members_per_program < 0:
+      raise ConfigError(f'--members_per_program must be an integer >= 0, got '
+                        f'{self.members_per_program!r}')
     if not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1:
       raise ConfigError(f'--eval_batch_size must be an integer >= 1, got '
                         f'{self.eval_batch_size!r}')

@@ -42,6 +42,13 @@ def test_momentum_is_sgds_and_checked():
     config_lib.validate(StudyConfig(momentum=0.5), 7)
 
 
+def test_members_per_program_is_a_run_option():
+  assert 'members_per_program' not in StudyConfig().to_json()
+  assert RunOptions(members_per_program=4).members_per_program == 4
+  with pytest.raises(ConfigError, match='--members_per_program must be an integer >= 0, got -1'):
+    RunOptions(members_per_program=-1)
+
+
 def test_eval_batch_size_is_a_run_option():
   assert 'eval_batch_size' not in StudyConfig().to_json()
   assert RunOptions(eval_batch_size=100).eval_batch_size == 100

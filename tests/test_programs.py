@@ -112,6 +112,19 @@ def test_a_stack_padded_to_the_largest_keeps_its_results_and_shares_its_programs
   assert (cache.hits, cache.misses) == (3, 3)
 
 
+def test_a_stack_in_chunks_trains_as_one_with_one_program_per_phase(stacked, stacked_epochs):
+  """--members_per_program=2: the three HALVES as two chunks of 2 (the last padded), each
+  epoch of each in turn, train as the whole stack at once."""
+  cache, epochs = programs.Cache(), []
+  out = trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA, members(HALVES),
+                            programs=cache, chunk=2, on_epoch=lambda e, m: epochs.append(m))
+  assert cache.misses == 3 and cache.hits == 0  # init, epoch, evaluate: one each
+  jax.tree.map(np.testing.assert_array_equal, out.variables, stacked.variables)
+  np.testing.assert_array_equal(out.test_accuracy, stacked.test_accuracy)
+  for mine, theirs in zip(epochs, stacked_epochs):
+    np.testing.assert_array_equal(mine, theirs[1])
+
+
 def test_an_unhashable_key_compiles_every_time_and_the_cache_is_bounded():
   class Listed(nn.Module):
     widths: list

@@ -260,7 +260,8 @@ def train_stacks(study: Study, workdir: Workdir, data: trainer.DeviceData, *,
                                    mesh=mesh, member_map=member_map, on_epoch=on_epoch,
                                    features=inputs.features,
                                    eval_every_epoch=options.eval_every_epoch,
-                                   pad_to=max(len(s.runs) for s in study.stacks))
+                                   pad_to=max(len(s.runs) for s in study.stacks),
+                                   chunk=options.members_per_program)
       rows = _rows(study, stack, result)
       saved = time.perf_counter()
       workdir.save(stack, result.variables, rows)

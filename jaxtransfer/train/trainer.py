@@ -532,7 +532,7 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
                 on_epoch: Callable[[int, np.ndarray], None] | None = None,
                 features: Features | None = None, eval_every_epoch: bool = False,
                 programs: programs_lib.Cache | None = PROGRAMS, as_data: bool | None = None,
-                pad_to: int = 0) -> StackResult:
+                pad_to: int = 0, chunk: int = 0) -> StackResult:
   """Initialise, graft, train for `config.epochs` and evaluate a stack of K members.
 
   `mesh`: a 1-D mesh with axis `MODEL_AXIS` (default: all local devices; with several
@@ -550,6 +550,8 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   structure as data (`LayerFlags`) or compiled in; None: as `structure_as_data` chooses.
   `pad_to`: with the structure as data, members are padded to this many (a study's largest
   stack), so that stacks of every size share programs too; the padding is cut from the results.
+  `chunk`: members per program (0: all); a larger stack runs as chunks of that many (the last
+  padded), each epoch of each in turn, so device memory holds one chunk's activations at a time.
   """
   start = time.perf_counter()
   timings = dict.fromkeys(('compile', 'init', 'train', 'evaluate'), 0.0)
@@ -566,7 +568,9 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   elif as_data and not can_be_data(structure, features):
     raise ValueError('a structure with a precomputed prefix or a BatchNorm policy other than '
                      "'update' in frozen layers is compiled in: train it with as_data=False")
-  k_padded = -(-max(k, pad_to if as_data else 0) // mesh.size) * mesh.size
+  size = max(k, pad_to if as_data else 0)
+  per_program = -(-(min(chunk, size) if chunk else size) // mesh.size) * mesh.size
+  k_padded = -(-size // per_program) * per_program
   members = _pad_members(members, k_padded)
   flags = None
   if as_data:
@@ -604,31 +608,46 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
     timings[phase] += time.perf_counter() - t
     return out
 
-  members, flags = _to_global((members, flags), sharded)
-  data = _to_global(data, replicated if shared else sharded)
-  init_args = (members.init_keys, members.sources, flags, data)
+  # The members in chunks of `per_program`: every chunk has one shape, so one program each phase.
+  chunked = lambda tree: [
+      jax.tree.map(lambda x, i=i: x[i:i + per_program], tree)
+      for i in range(0, k_padded, per_program)
+  ]
+  parts = [_to_global(part, sharded) for part in chunked((members, flags))]
+  ms = [m for m, _ in parts]
+  datas = [_to_global(data, replicated)] * len(parts) if shared else [
+      _to_global(part, sharded) for part in chunked(data)
+  ]
+  init_args = [(m.init_keys, m.sources, f, d) for (m, f), d in zip(parts, datas)]
   # Initialisation is random-number code that XLA optimises slowly and runs once: compiled at
   # LLVM -O1 it takes a fifth of the time, with the same values.
-  state = timed('init', compile_('init', *init_args, options=INIT_COMPILER_OPTIONS), *init_args)
-  epoch_keys = lambda epoch: jax.vmap(jax.random.fold_in, in_axes=(0, None))(members.shuffle_keys,
-                                                                             epoch)
-  epoch_fn = compile_('epoch', state, epoch_keys(0), members.train_idx, members.label_map, data)
-  eval_args = lambda state: (state.variables(), members.test_idx, members.label_map, data)
-  eval_fn = compile_('evaluate', *eval_args(state)) if eval_every_epoch else None
+  init_fn = compile_('init', *init_args[0], options=INIT_COMPILER_OPTIONS)
+  states = [timed('init', init_fn, *args) for args in init_args]
+  fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
+
+  def epoch_args(i, epoch):
+    return states[i], fold(ms[i].shuffle_keys, epoch), ms[i].train_idx, ms[i].label_map, datas[i]
+
+  def eval_args(i):
+    return states[i].variables(), ms[i].test_idx, ms[i].label_map, datas[i]
+
+  host = lambda xs: np.concatenate([_to_host(x) for x in xs])[:k]
+  epoch_fn = compile_('epoch', *epoch_args(0, 0))
+  eval_fn = compile_('evaluate', *eval_args(0)) if eval_every_epoch else None
+  evaluate = lambda fn: host([timed('evaluate', fn, *eval_args(i)) for i in range(len(parts))])
   metrics = np.zeros((k, 2), np.float32)
   test_acc = None
   for epoch in range(config.epochs):
-    state, epoch_metrics = timed('train', epoch_fn, state, epoch_keys(epoch), members.train_idx,
-                                 members.label_map, data)
-    metrics = _to_host(epoch_metrics)[:k]
+    states, epoch_metrics = zip(
+        *[timed('train', epoch_fn, *epoch_args(i, epoch)) for i in range(len(parts))])
+    metrics = host(epoch_metrics)
     if eval_fn is not None:
-      test_acc = timed('evaluate', eval_fn, *eval_args(state))
-      metrics = np.concatenate([metrics, _to_host(test_acc)[:k, None].astype(metrics.dtype)], 1)
+      test_acc = evaluate(eval_fn)
+      metrics = np.concatenate([metrics, test_acc[:, None].astype(metrics.dtype)], 1)
     if on_epoch is not None:
       on_epoch(epoch, metrics)
   if test_acc is None:
-    test_acc = timed('evaluate', compile_('evaluate', *eval_args(state)), *eval_args(state))
-  variables = jax.tree.map(lambda x: _to_host(x)[:k], state.variables())
-  return StackResult(variables, metrics[:, 1], metrics[:, 0],
-                     _to_host(test_acc)[:k],
+    test_acc = evaluate(compile_('evaluate', *eval_args(0)))
+  variables = jax.tree.map(lambda *xs: host(xs), *[s.variables() for s in states])
+  return StackResult(variables, metrics[:, 1], metrics[:, 0], test_acc,
                      time.perf_counter() - start, timings)

@@ -237,15 +237,15 @@ class Trainer:
       images = augment(key, images, self.config.augment)
     images = _inputs(images, data)
     labels = label_map[data.train_labels[batch_idx]]
-    n = batch_idx.shape[0] if mask is None else mask.sum().astype(jnp.float32)
     if self.structure is None:
-      return self._flagged_step(state, images, labels, mask, n)
+      return self._flagged_step(state, images, labels, mask)
     trainable, frozen = transfer.partition(state.params, self.labels)
     loss_fn = lambda trainable, *args: self.loss(transfer.combine(trainable, frozen), *args)
     (loss, (model_state, correct)), grads = jax.value_and_grad(loss_fn,
                                                                has_aux=True)(trainable,
                                                                              state.model_state,
                                                                              images, labels, mask)
+    n = _examples(batch_idx.shape[0], mask)
     grads = transfer.combine(jax.tree.map(lambda g: g / n, grads),
                              jax.tree.map(jnp.zeros_like, frozen))
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -255,12 +255,13 @@ class Trainer:
     return TrainState(params, model_state,
                       opt_state), jnp.stack([loss, correct.astype(jnp.float32)])
 
-  def _flagged_step(self, state: TrainState, images, labels, mask, n):
+  def _flagged_step(self, state: TrainState, images, labels, mask):
     """`step` with the structure as data: frozen leaves (and their optimizer moments) keep their
     values bit for bit, so they get no update, no weight decay and no moment change."""
     grad_fn = jax.value_and_grad(self.loss, has_aux=True)
     (loss, (model_state, correct)), grads = grad_fn(state.params, state.model_state, images, labels,
                                                     mask)
+    n = _examples(images.shape[0], mask)
     grads = jax.tree.map(lambda g: g / n, grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     keep = transfer.layer_leaves(state.params, state.trainable)
@@ -307,6 +308,11 @@ class Trainer:
 
     hits = lax.map(correct, (padded.reshape(batches, eb), valid.reshape(batches, eb)))
     return hits.sum() / m
+
+
+def _examples(batch: int, mask: jax.Array | None):
+  """The examples a step's loss sums over: the batch, or its masked-in part."""
+  return batch if mask is None else mask.sum().astype(jnp.float32)
 
 
 _AUGMENT_STREAM = 0x617567  # folded into a member's epoch key: its augmentation stream

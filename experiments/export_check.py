@@ -269,7 +269,7 @@ def study_programs(flagfile: str, platform: str = 'cuda') -> dict[str, list[str]
     as_data = trainer.structure_as_data(model, stack.structure, tconfig, cifar.IMAGE_SHAPE, 'vmap',
                                         k, classes * 5_000)
     if as_data:  # padded to the study's largest stack, as the driver's `train_stack` calls
-      k = max(len(other.runs) for other in stacks)
+      k = plan_lib.largest(stacks)
     data, _, train_idx, test_idx, label_map = abstract_inputs(mesh)
     s = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=sharded)
     train_idx, test_idx = s((k, classes * 5_000)), s((k, classes * 1_000))

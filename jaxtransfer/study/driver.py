@@ -239,6 +239,7 @@ def train_stacks(study: Study, workdir: Workdir, data: trainer.DeviceData, *,
   work = epoch_work(study, mesh.size if mesh else jax.device_count(), options.feature_budget_mb)
   progress.plan(sum(work.values()) * config.epochs)
   all_rows, bases = [], None
+  pad_to = plan_lib.largest(study.stacks)
   for i, stack in enumerate(study.stacks):
     rows = done[stack.name]
     label = f'[{i + 1}/{len(study.stacks)} {stack.name} K={len(stack.runs)} {member_map}]'
@@ -259,8 +260,7 @@ def train_stacks(study: Study, workdir: Workdir, data: trainer.DeviceData, *,
       result = trainer.train_stack(inputs.model, stack.structure, tconfig, data, inputs.members,
                                    mesh=mesh, member_map=member_map, on_epoch=on_epoch,
                                    features=inputs.features,
-                                   eval_every_epoch=options.eval_every_epoch,
-                                   pad_to=max(len(s.runs) for s in study.stacks),
+                                   eval_every_epoch=options.eval_every_epoch, pad_to=pad_to,
                                    chunk=options.members_per_program)
       rows = _rows(study, stack, result)
       saved = time.perf_counter()

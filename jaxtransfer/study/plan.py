@@ -60,6 +60,12 @@ class Stack:
     return self.runs[0].condition == conditions.BASE.name
 
 
+def largest(stacks: Sequence[Stack]) -> int:
+  """Members of a study's largest stack: what stacks with their structure as data are padded
+  to (`trainer.train_stack(pad_to=...)`), so that they all share one program shape."""
+  return max(len(stack.runs) for stack in stacks)
+
+
 def half_classes(halves: Sequence[splits_lib.Split], split: int, half: str) -> tuple[int, ...]:
   """The classes of half 'A' or 'B' of split `split`."""
   return halves[split][half == 'B']

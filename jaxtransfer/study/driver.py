@@ -106,7 +106,8 @@ def run(config: StudyConfig, workdir: Workdir, *, image_folder: str | None = Non
       progress.log(line)
     device_data = trainer.to_device(data.train, data.test, data.mean, data.std)
     rows = train_stacks(study, workdir, device_data, options=options, progress=progress, mesh=mesh)
-    return _write_outputs(study, workdir, rows, data, notes, progress)
+    return _write_outputs(study, workdir, rows, data, notes, progress,
+                          trainer.resolve_member_map(options.member_map))
 
 
 def _summary(study: Study, data: Data, member_map: str) -> str:
@@ -130,7 +131,8 @@ def one_cpu_device_hint() -> list[str]:
 
 
 def _write_outputs(study: Study, workdir: Workdir, rows: list[dict], data: Data,
-                   notes: Sequence[str], progress: Progress | None = None) -> str:
+                   notes: Sequence[str], progress: Progress | None = None,
+                   member_map: str = 'map') -> str:
   """results, figures and report.md from every stack's rows; returns the report's path. Only
   the workdir's writer derives them: they hold nothing the training of another process needs."""
   if not workdir.writer:
@@ -145,7 +147,7 @@ def _write_outputs(study: Study, workdir: Workdir, rows: list[dict], data: Data,
     from jaxtransfer.study import similarity  # only when asked
     paths += similarity.write(study, workdir, data.test, data.mean, data.std,
                               exclude={rows_lib.run_id(r) for r in diverged},
-                              log=(progress or Progress(None)).log)
+                              log=(progress or Progress(None)).log, member_map=member_map)
   figures = [os.path.relpath(p, workdir.path) for p in paths]
   path = workdir.file('report.md')
   files.write_text(

@@ -1,0 +1,67 @@
+r"""Seconds of a finished study's layer-similarity analysis, and its values against float64.
+
+  python -m benchmarks.cka_study --workdir=DIR [--image_folder=PATH] [--member_map=auto]
+
+Runs `similarity.measure` on the study in DIR (its checkpoints, its data) twice, the first time
+compiling, and then recomputes every record pair by pair in float64 with the public
+`cka.layer_features` and `cka.per_layer_cka` (each pair's base net recomputed: the plain way).
+Prints the models, each path's seconds and the largest difference of a CKA value. Writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import app, flags
+
+from jaxtransfer.analysis import cka
+from jaxtransfer.data import datasets
+from jaxtransfer.study import context, similarity
+from jaxtransfer.study.plan import Run
+from jaxtransfer.study.workdir import Workdir
+from jaxtransfer.train import trainer
+
+WORKDIR = flags.DEFINE_string('workdir', None, 'A finished study.', required=True)
+IMAGE_FOLDER = flags.DEFINE_string('image_folder', None, 'Its --image_folder.')
+MEMBER_MAP = flags.DEFINE_string('member_map', 'auto', 'map, vmap or auto (the platform\'s).')
+
+
+def main(argv):
+  del argv
+  recorded = json.load(open(os.path.join(WORKDIR.value, 'study.json')))['config']
+  config = context.from_json(recorded, 'study.json')
+  load = lambda split: datasets.load(split, dataset=config.dataset, image_folder=IMAGE_FOLDER.value)
+  train, test = load('train'), load('test')
+  study = context.build(config, train, test)
+  mean, std = datasets.channel_stats(train.images)
+  workdir, member_map = Workdir(WORKDIR.value), trainer.resolve_member_map(MEMBER_MAP.value)
+  seconds = []
+  for _ in range(2):
+    start = time.perf_counter()
+    records = similarity.measure(study, workdir, test, mean, std, member_map=member_map)
+    seconds.append(time.perf_counter() - start)
+  nets, images = workdir.members(study.stacks), similarity.test_images(study, test, mean, std)
+  start = time.perf_counter()
+  worst = 0.0
+  for r in records:
+    run = Run(*(r[k] for k in ('split', 'target', 'condition', 'depth', 'seed')))
+    base = lambda half: Run(run.split, half, 'base', 0, run.seed)
+    net = base('A' if run.target == 'B' else 'B') if r['row'] == similarity.OTHER_BASE else run
+    feats = lambda x: cka.layer_features(study.make(len(study.classes(x))), nets[x], images[
+        (run.split, run.target)], study.layer_names)
+    want = cka.per_layer_cka(feats(net), feats(base(run.target)))
+    got = np.array(r['cka'])
+    assert np.array_equal(np.isnan(got), np.isnan(want)), r
+    worst = max(worst, float(np.nanmax(np.abs(got - want), initial=0.0)))
+  plain = time.perf_counter() - start
+  print(
+      f'{len(records)} CKA records ({len(study.layer_names)} layers, members under {member_map}): '
+      f'one program per shape {seconds[0]:.1f} s cold, {seconds[1]:.1f} s warm (loading the '
+      f'checkpoints included); float64 pair by pair {plain:.1f} s; largest difference {worst:.1e}')
+
+
+if __name__ == '__main__':
+  app.run(main)

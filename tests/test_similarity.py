@@ -1,0 +1,42 @@
+"""A study's layer similarity: every record of cka.json is the float64 linear CKA of its two nets,
+recomputed pair by pair from the checkpoints, whichever way the nets were batched."""
+
+import json
+import os
+
+import numpy as np
+
+from jaxtransfer.analysis import cka
+from jaxtransfer.data import datasets
+from jaxtransfer.study import context, similarity
+from jaxtransfer.study.plan import Run
+from jaxtransfer.study.workdir import Workdir
+
+
+def test_each_record_is_the_linear_cka_of_its_net_and_its_base_net(finished, image_folder):
+  """cka.json as the study wrote it (members under 'map', in turn) and the records of the
+  accelerators' path ('vmap', nets batched) against float64, pair by pair."""
+  recorded = json.load(open(os.path.join(finished, 'study.json')))['config']
+  study_config = context.from_json(recorded, 'study.json')
+  load = lambda split: datasets.load(split, image_folder=image_folder, cache_dir=finished + '-cache'
+                                    )
+  train, test = load('train'), load('test')
+  study = context.build(study_config, train, test)
+  mean, std = datasets.channel_stats(train.images)
+  workdir = Workdir(finished)
+  written = json.load(open(os.path.join(finished, 'figures', 'cka.json')))['records']
+  batched = similarity.measure(study, workdir, test, mean, std, member_map='vmap')
+  key = lambda r: {k: v for k, v in r.items() if k != 'cka'}
+  assert [key(r) for r in batched] == [key(r) for r in written]
+  nets, images = workdir.members(study.stacks), similarity.test_images(study, test, mean, std)
+  features = lambda run, half: cka.layer_features(study.make(len(study.classes(run))), nets[run],
+                                                  images[(run.split, half)])
+  for record, other_way in zip(written, batched):
+    run = Run(*(record[k] for k in ('split', 'target', 'condition', 'depth', 'seed')))
+    base = lambda half: Run(run.split, half, 'base', 0, run.seed)
+    net = base('A' if run.target == 'B' else 'B') if record['row'] == similarity.OTHER_BASE else run
+    want = cka.per_layer_cka(features(net, run.target), features(base(run.target), run.target))
+    for got in (record['cka'], other_way['cka']):
+      np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=str(record))
+  rows = {r['row'] for r in written}
+  assert len(written) == 36 and similarity.OTHER_BASE in rows and 'AnB n=2' in rows

@@ -102,9 +102,12 @@ def layer_features(model: Any, variables: Any, images: np.ndarray,
   x = jax.numpy.asarray(images)
   layers = tuple(layers or transfer.layer_order(model, x[:1], train=False))
   outputs = _program(_outputs, model, layers)(variables, x)
-  flat = lambda out: np.concatenate(
-      [np.asarray(leaf).reshape(len(images), -1) for leaf in jax.tree.leaves(out)], axis=1)
-  return [flat(out) for out in outputs]
+  return [np.asarray(_flat(out, len(images))) for out in outputs]
+
+
+def _flat(out: Any, n: int) -> jax.Array:
+  """A layer's output (an array or a pytree of them) as one [n, -1] array."""
+  return jnp.concatenate([leaf.reshape(n, -1) for leaf in jax.tree.leaves(out)], axis=1)
 
 
 def per_layer_cka(feats_a: Sequence[np.ndarray], feats_b: Sequence[np.ndarray]) -> np.ndarray:
@@ -126,8 +129,7 @@ def _centred_grams(model: Any, layers: tuple[str, ...], variables: Any,
   """Each layer's centred Gram matrix [n, n] (float32) from one inference pass."""
   grams = []
   for out in _outputs(model, layers, variables, images):
-    x = jnp.concatenate([leaf.reshape(len(images), -1) for leaf in jax.tree.leaves(out)], axis=1)
-    x = x.astype(jnp.float32)
+    x = _flat(out, len(images)).astype(jnp.float32)
     x = x - x[:1]  # a constant feature is then exactly 0, as in float64 (a mean of it is not)
     x = x - x.mean(axis=0, keepdims=True)
     grams.append(jnp.matmul(x, x.T, precision=_EXACT))

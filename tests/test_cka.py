@@ -177,4 +177,7 @@ def test_many_nets_against_their_references_in_one_program_equal_linear_cka(tiny
   ])
   assert got.shape == (3, 7) and np.isnan(want[2]).all() and not np.isnan(want[:2]).any()
   assert 0.05 < want[:2].min() and want[:2].max() < 0.999  # not trivially 0 or 1
-  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+  # Nets batched (batch 2) run grouped convolutions, which round otherwise than one net's (~2e-7
+  # of a feature); centring amplifies that where a layer varies little across the images (here
+  # to ~5e-6 of CKA on one host). The float64 arithmetic itself is held to 2e-6 by batch 1.
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 if batch == 1 else 5e-5)

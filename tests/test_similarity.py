@@ -36,7 +36,8 @@ def test_each_record_is_the_linear_cka_of_its_net_and_its_base_net(finished, ima
     base = lambda half: Run(run.split, half, 'base', 0, run.seed)
     net = base('A' if run.target == 'B' else 'B') if record['row'] == similarity.OTHER_BASE else run
     want = cka.per_layer_cka(features(net, run.target), features(base(run.target), run.target))
-    for got in (record['cka'], other_way['cka']):
-      np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=str(record))
+    # 'vmap' runs grouped convolutions, whose rounding differs from one net's (see test_cka).
+    for got, atol in ((record['cka'], 1e-5), (other_way['cka'], 1e-4)):
+      np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=str(record))
   rows = {r['row'] for r in written}
   assert len(written) == 36 and similarity.OTHER_BASE in rows and 'AnB n=2' in rows

@@ -234,7 +234,8 @@ class RunOptions:
   members_per_program: int = _opt(
       0, "Models one compiled program trains at once: a larger stack runs in chunks of this "
       'many, one after another within each epoch (device memory against speed; the same '
-      'results). 0: a whole stack at once.')
+      'results). 0: as many as fit in the memory a GPU or TPU reports, judged from the compiled '
+      "programs' memory_analysis(); a whole stack at once on a CPU.")
   eval_every_epoch: bool = _opt(
       False, 'Also evaluate every model on its test images after each epoch, into '
       'metrics.jsonl, the learning-curves figure and report (read-only: the same study, the '

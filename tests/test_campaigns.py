@@ -62,7 +62,7 @@ def test_pooled_shards_equal_the_whole_study(finished, tmp_path):
   whole = open(os.path.join(finished, 'report.md')).read()
   tables = lambda t: t[t.index('## Test accuracy'):t.index('## Figures')]
   assert tables(text) == tables(whole)  # tables, claims and verdicts
-  assert (f'Pooled from the shards `../one` (split 1), `../two` (split 0); the layer-similarity '
+  assert ('Pooled from the shards `../one` (split 1), `../two` (split 0); the layer-similarity '
           "(CKA) figure averages every shard's models.") in text
   assert os.path.getsize(os.path.join(out, 'figures', 'transfer_relative.png')) > 1000
   # The pooled CKA figure is drawn from every shard's models: the whole study's records.

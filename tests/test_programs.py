@@ -125,6 +125,39 @@ def test_a_stack_in_chunks_trains_as_one_with_one_program_per_phase(stacked, sta
     np.testing.assert_array_equal(mine, theirs[1])
 
 
+def test_a_stack_too_large_for_the_memory_runs_in_chunks_that_fit():
+  """Given a device's bytes (a GPU's `memory_stats`; a CPU reports none), a stack runs in the
+  largest chunks whose compiled programs fit. Members under 'vmap', as on accelerators, where
+  activations grow with members (under 'map' they do not). The three HALVES' limit is what chunks
+  of 2 measure, so they run as 2 + 1 (padded), exactly as --members_per_program=2 does (which
+  trains as the whole stack: the test above); one member that does not fit is a clear error."""
+  cache = programs.Cache()
+  run = lambda **kwargs: trainer.train_stack(MODEL, trainer.Structure(
+  ), CONFIG, DATA, members(HALVES), programs=cache, member_map='vmap', **kwargs)
+  in_twos = run(chunk=2, memory=2**50)
+  whole = run(memory=2**50)
+  assert (whole.members_per_program, in_twos.members_per_program) == (3, 2)
+  assert whole.footprint.total(3) > in_twos.footprint.total(3)  # chunks hold less at once
+  limit = int(in_twos.footprint.total(3))
+  fitted = run(memory=limit)
+  assert fitted.members_per_program == 2 and fitted.footprint == in_twos.footprint
+  jax.tree.map(np.testing.assert_array_equal, fitted.variables, in_twos.variables)
+  np.testing.assert_array_equal(fitted.test_accuracy, in_twos.test_accuracy)
+  assert run(memory=0).footprint is None  # no limit (a CPU's): not measured, one chunk
+  with pytest.raises(ValueError, match=r'one member per device needs [0-9.]+ GiB'):
+    run(memory=1)
+
+
+def test_chunk_sizes_are_searched_on_the_line_through_two_measurements():
+  low, high = trainer.Footprint(2, 300, 20), trainer.Footprint(8, 900, 80)
+  assert high.total(8) == 900 and low.total(8) == 300 + 3 * 20  # four chunks: three held
+  # At 4 members: 300 + 100 * 2 = 500 bytes of program, and one more chunk of 40 held.
+  assert trainer.between(low, high, 8, 2, limit=540) == 4
+  assert trainer.between(low, high, 8, 2, limit=539) is None  # then 2 (low) it is
+  assert trainer.between(low, high, 8, 2, limit=10**6) == 6  # strictly below `high`
+  assert trainer.between(low, high, 8, 4, limit=10**6) == 4  # multiples of the devices
+
+
 def test_an_unhashable_key_compiles_every_time_and_the_cache_is_bounded():
   class Listed(nn.Module):
     widths: list

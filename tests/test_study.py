@@ -260,3 +260,15 @@ def test_an_unbalanced_image_folder_trains_on_every_image(tmp_path, capfd):
     train_n, test_n = sum(capped[c] for c in classes), sum(4 - 2 * (c == 3) for c in classes)
     assert f'base-k2-N{train_n}-M{test_n}.json' in os.listdir(workdir / 'stacks')
     assert row['test_accuracy'] * test_n == pytest.approx(round(row['test_accuracy'] * test_n))
+
+
+def test_the_log_gives_a_stacks_device_memory_and_its_chunks_where_the_device_has_a_limit():
+  result = lambda members, footprint: trainer.StackResult({}, None, None, None, 0.0, {}, members,
+                                                          footprint)
+  assert driver._memory_note(result(10, None), 10) == ''  # a CPU
+  footprint = trainer.Footprint(members=4, program=3 * 2**30, held=2**29)
+  assert driver._memory_note(result(4, footprint),
+                             10) == ('; 4.00 GiB per device in chunks of 4 members (device memory)'
+                                    )  # 3 + 2 chunks held
+  assert driver._memory_note(result(12, trainer.Footprint(12, 2**30, 1)),
+                             10) == ('; 1.00 GiB per device')

@@ -269,11 +269,23 @@ def train_stacks(study: Study, workdir: Workdir, data: trainer.DeviceData, *,
       workdir.save(stack, result.variables, rows)
       phases = {**result.timings, 'save': time.perf_counter() - saved}
       progress.log(f'{label} done in {result.seconds + phases["save"]:.1f} s: ' +
-                   ', '.join(f'{phase} {seconds:.1f} s' for phase, seconds in phases.items()))
+                   ', '.join(f'{phase} {seconds:.1f} s' for phase, seconds in phases.items()) +
+                   _memory_note(result, len(stack.runs)))
       if stack.is_base:
         bases = None  # re-read with the new stack included
     all_rows.extend(rows)
   return all_rows
+
+
+def _memory_note(result: trainer.StackResult, k: int) -> str:
+  """Where the device reports its memory: what the stack's programs held there, and the chunks
+  it ran in if it did not fit at once."""
+  if result.footprint is None:
+    return ''
+  note = f'; {result.footprint.total(k) / 2**30:.2f} GiB per device'
+  if result.members_per_program < k:
+    note += f' in chunks of {result.members_per_program} members (device memory)'
+  return note
 
 
 class StackInputs(NamedTuple):

@@ -126,6 +126,8 @@ class StackResult(NamedTuple):
   test_accuracy: np.ndarray  # [K]
   seconds: float  # wall time of the whole stack, compilation included
   timings: dict[str, float]  # seconds by phase: compile, init, train, evaluate (where time goes)
+  members_per_program: int  # the chunk size it ran in (all its members, padded, if one chunk)
+  footprint: Footprint | None  # its device bytes, measured where the device has a limit
 
 
 def steps_per_epoch(train_images: int, batch_size: int) -> int:
@@ -533,12 +535,90 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+# Of a device's allocator limit, what a stack's programs may plan to use: the rest is slack for
+# fragmentation and for what the process holds besides (other stacks' results on their way out).
+MEMORY_FRACTION = 0.9
+
+
+def device_memory(mesh: Mesh) -> int | None:
+  """Bytes a stack may use on each device of `mesh`: MEMORY_FRACTION of the allocator's limit,
+  or None where a device reports none (a CPU, whose programs share the host's memory)."""
+  limit = (mesh.local_devices[0].memory_stats() or {}).get('bytes_limit')  # this process's
+  return int(limit * MEMORY_FRACTION) if limit else None
+
+
+def program_bytes(compiled: Any) -> int:
+  """Bytes a compiled program holds on a device while it runs (`memory_analysis()`): arguments,
+  outputs not aliased to them, temporaries and code; 0 where the backend does not say."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return 0
+  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes +
+          m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+
+
+def _device_bytes(tree: PyTree) -> int:
+  """Bytes of `tree`'s arrays on one device (each array's first shard there)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    total += x.addressable_shards[0].data.nbytes
+  return total
+
+
+class Footprint(NamedTuple):
+  """A stack's device bytes measured with `members` per program (`memory_analysis()`)."""
+
+  members: int
+  program: int  # the largest of its compiled programs' `program_bytes`
+  held: int  # what each chunk keeps on the device while another runs (its states and inputs)
+
+  def total(self, size: int) -> int:
+    """Bytes per device for a stack of `size` in chunks of `members`."""
+    return self.program + (-(-size // self.members) - 1) * self.held
+
+
+def between(low: Footprint, high: Footprint, size: int, devices: int, limit: int) -> int | None:
+  """The most members per program, a multiple of `devices` strictly between `low`'s and `high`'s,
+  that the line through their programs' bytes predicts to fit in `limit` for a stack of `size`
+  (memory grows linearly with the members a program trains at once); None if none does."""
+  slope = (high.program - low.program) / (high.members - low.members)
+  for members in range(high.members - devices, low.members, -devices):
+    program = low.program + slope * (members - low.members)
+    held = low.held * members / low.members
+    if program + (-(-size // members) - 1) * held <= limit:
+      return members
+  return None
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+class _Trial(NamedTuple):
+  """A stack laid out in chunks of one size, ready to train (see `train_stack`)."""
+
+  chunks: _Chunks
+  first: TrainState  # the first chunk's, initialised
+  programs: tuple[Any, Any, Any]  # init, epoch, evaluate, compiled
+  footprint: Footprint | None
+
+
+class _Chunks(NamedTuple):
+  """A stack's members on the devices, in chunks of one shape."""
+
+  members: list[Members]
+  flags: list[LayerFlags | None]
+  data: list[Any]  # per chunk: the replicated `DeviceData`, or that chunk's `Features.data`
+
+
 def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, data: DeviceData,
                 members: Members, *, mesh: Mesh | None = None, member_map: str | None = None,
                 on_epoch: Callable[[int, np.ndarray], None] | None = None,
                 features: Features | None = None, eval_every_epoch: bool = False,
                 programs: programs_lib.Cache | None = PROGRAMS, as_data: bool | None = None,
-                pad_to: int = 0, chunk: int = 0) -> StackResult:
+                pad_to: int = 0, chunk: int = 0, memory: int | None = None) -> StackResult:
   """Initialise, graft, train for `config.epochs` and evaluate a stack of K members.
 
   `mesh`: a 1-D mesh with axis `MODEL_AXIS` (default: all local devices; with several
@@ -556,8 +636,11 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
   structure as data (`LayerFlags`) or compiled in; None: as `structure_as_data` chooses.
   `pad_to`: with the structure as data, members are padded to this many (a study's largest
   stack), so that stacks of every size share programs too; the padding is cut from the results.
-  `chunk`: members per program (0: all); a larger stack runs as chunks of that many (the last
-  padded), each epoch of each in turn, so device memory holds one chunk's activations at a time.
+  `chunk`: members per program; a larger stack runs as chunks of that many (the last padded),
+  each epoch of each in turn, so device memory holds one chunk's activations at a time. 0: as
+  many as fit in `memory` bytes per device (None: `device_memory(mesh)`; 0 or a device that
+  reports no limit, such as a CPU: all), judged from the compiled programs' `memory_analysis()`
+  (`Footprint`), which chunks of every size are checked against before they run.
   """
   start = time.perf_counter()
   timings = dict.fromkeys(('compile', 'init', 'train', 'evaluate'), 0.0)
@@ -575,16 +658,12 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
     raise ValueError('a structure with a precomputed prefix or a BatchNorm policy other than '
                      "'update' in frozen layers is compiled in: train it with as_data=False")
   size = max(k, pad_to if as_data else 0)
-  per_program = -(-(min(chunk, size) if chunk else size) // mesh.size) * mesh.size
-  k_padded = -(-size // per_program) * per_program
-  members = _pad_members(members, k_padded)
-  flags = None
-  if as_data:
-    sources, flags = data_inputs(model, structure, members.sources, k_padded, image_shape)
-    members, structure = members._replace(sources=sources), None
+  limit = device_memory(mesh) if memory is None else memory
+  sharded, replicated = NamedSharding(mesh, P(MODEL_AXIS)), NamedSharding(mesh, P())
   # Everything a phase's program is built from; with the arguments' signature, its key.
   common = (model, image_shape, start_layer, mesh, member_map, shared)
-  trained = common + (structure, _program_config(config), train_images)
+  program_structure = None if as_data else structure
+  trained = common + (program_structure, _program_config(config), train_images)
   built_from = {
       'init': trained,
       'epoch': trained,
@@ -593,11 +672,8 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
 
   @functools.cache
   def fns() -> StackFunctions:
-    trainer = Trainer(model, structure, config, example, start_layer, train_images)
+    trainer = Trainer(model, program_structure, config, example, start_layer, train_images)
     return stack_functions(trainer, mesh, member_map, shared_data=shared)
-
-  sharded, replicated = NamedSharding(mesh, P(MODEL_AXIS)), NamedSharding(mesh, P())
-  data = data if shared else _pad_members(features.data, k_padded)
 
   def compile_(phase, *args, options=None):
     """Compiled ahead of time for `args`, so that compilation is timed apart from running."""
@@ -614,46 +690,83 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
     timings[phase] += time.perf_counter() - t
     return out
 
-  # The members in chunks of `per_program`: every chunk has one shape, so one program each phase.
-  chunked = lambda tree: [
-      jax.tree.map(lambda x, i=i: x[i:i + per_program], tree)
-      for i in range(0, k_padded, per_program)
-  ]
-  parts = [_to_global(part, sharded) for part in chunked((members, flags))]
-  ms = [m for m, _ in parts]
-  datas = [_to_global(data, replicated)] * len(parts) if shared else [
-      _to_global(part, sharded) for part in chunked(data)
-  ]
-  init_args = [(m.init_keys, m.sources, f, d) for (m, f), d in zip(parts, datas)]
-  # Initialisation is random-number code that XLA optimises slowly and runs once: compiled at
-  # LLVM -O1 it takes a fifth of the time, with the same values.
-  init_fn = compile_('init', *init_args[0], options=INIT_COMPILER_OPTIONS)
-  states = [timed('init', init_fn, *args) for args in init_args]
+  def layout(per_program: int) -> _Chunks:
+    """The members in chunks of `per_program` on the devices: every chunk has one shape, so
+    one program each phase."""
+    k_padded = _round_up(k, per_program)  # chunks of padding alone would be wasted
+    padded, flags = _pad_members(members, k_padded), None
+    if as_data:
+      sources, flags = data_inputs(model, structure, padded.sources, k_padded, image_shape)
+      padded = padded._replace(sources=sources)
+    chunked = lambda tree: [
+        jax.tree.map(lambda x, i=i: x[i:i + per_program], tree)
+        for i in range(0, k_padded, per_program)
+    ]
+    parts = [_to_global(part, sharded) for part in chunked((padded, flags))]
+    datas = [_to_global(data, replicated)] * len(parts) if shared else [
+        _to_global(part, sharded) for part in chunked(_pad_members(features.data, k_padded))
+    ]
+    return _Chunks([m for m, _ in parts], [f for _, f in parts], datas)
+
   fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
+  init_args = lambda c, i: (c.members[i].init_keys, c.members[i].sources, c.flags[i], c.data[i])
+  epoch_args = lambda c, state, i, epoch: (state, fold(c.members[i].shuffle_keys, epoch), c.members[
+      i].train_idx, c.members[i].label_map, c.data[i])
+  eval_args = lambda c, state, i: (state.variables(), c.members[i].test_idx, c.members[i].label_map,
+                                   c.data[i])
 
-  def epoch_args(i, epoch):
-    return states[i], fold(ms[i].shuffle_keys, epoch), ms[i].train_idx, ms[i].label_map, datas[i]
+  def trial(per_program: int) -> _Trial:
+    """The members laid out in chunks of `per_program`, the first initialised, its programs
+    compiled and their device bytes measured where the device has a limit."""
+    chunks = layout(per_program)
+    # Initialisation is random-number code that XLA optimises slowly and runs once: compiled at
+    # LLVM -O1 it takes a fifth of the time, with the same values.
+    init_fn = compile_('init', *init_args(chunks, 0), options=INIT_COMPILER_OPTIONS)
+    first = timed('init', init_fn, *init_args(chunks, 0))
+    epoch_fn = compile_('epoch', *epoch_args(chunks, first, 0, 0))
+    fns = (init_fn, epoch_fn, compile_('evaluate', *eval_args(chunks, first, 0)))
+    held = (epoch_args(chunks, first, 0, 0)[:-1], () if shared else chunks.data[0])
+    footprint = Footprint(per_program, max(map(program_bytes, fns)),
+                          _device_bytes(held)) if limit else None
+    return _Trial(chunks, first, fns, footprint)
 
-  def eval_args(i):
-    return states[i].variables(), ms[i].test_idx, ms[i].label_map, datas[i]
+  fits = lambda t: t.footprint.total(k) <= limit
+  # Members per program: `chunk`, or as many as the device's memory holds, judged from the
+  # compiled programs (a CPU reports no limit: a whole stack at once).
+  run = trial(_round_up(min(chunk, size) if chunk else size, mesh.size))
+  if not chunk and limit and not fits(run):
+    low, high = trial(mesh.size), run
+    if not fits(low):
+      raise ValueError(f'one member per device needs {low.footprint.total(k) / 2**30:.2f} '
+                       f'GiB of device memory, more than the {limit / 2**30:.2f} GiB a stack may '
+                       'use: try a smaller --batch_size or --eval_batch_size, or a larger device')
+    while (n := between(low.footprint, high.footprint, k, mesh.size, limit)):
+      t = trial(n)
+      low, high = (t, high) if fits(t) else (low, t)
+    run = low
+  chunks, first, (init_fn, epoch_fn, eval_fn), footprint = run
+  per_program = footprint.members if footprint else chunks.members[0].init_keys.shape[0]
+  states = [first] + [
+      timed('init', init_fn, *init_args(chunks, i)) for i in range(1, len(chunks.members))
+  ]
+  parts = range(len(chunks.members))
 
   host = lambda xs: np.concatenate([_to_host(x) for x in xs])[:k]
-  epoch_fn = compile_('epoch', *epoch_args(0, 0))
-  eval_fn = compile_('evaluate', *eval_args(0)) if eval_every_epoch else None
-  evaluate = lambda fn: host([timed('evaluate', fn, *eval_args(i)) for i in range(len(parts))])
+  evaluate = lambda: host(
+      [timed('evaluate', eval_fn, *eval_args(chunks, states[i], i)) for i in parts])
   metrics = np.zeros((k, 2), np.float32)
   test_acc = None
   for epoch in range(config.epochs):
     states, epoch_metrics = zip(
-        *[timed('train', epoch_fn, *epoch_args(i, epoch)) for i in range(len(parts))])
+        *[timed('train', epoch_fn, *epoch_args(chunks, states[i], i, epoch)) for i in parts])
     metrics = host(epoch_metrics)
-    if eval_fn is not None:
-      test_acc = evaluate(eval_fn)
+    if eval_every_epoch:
+      test_acc = evaluate()
       metrics = np.concatenate([metrics, test_acc[:, None].astype(metrics.dtype)], 1)
     if on_epoch is not None:
       on_epoch(epoch, metrics)
   if test_acc is None:
-    test_acc = evaluate(compile_('evaluate', *eval_args(0)))
+    test_acc = evaluate()
   variables = jax.tree.map(lambda *xs: host(xs), *[s.variables() for s in states])
   return StackResult(variables, metrics[:, 1], metrics[:, 0], test_acc,
-                     time.perf_counter() - start, timings)
+                     time.perf_counter() - start, timings, per_program, footprint)

@@ -125,24 +125,20 @@ def test_a_stack_in_chunks_trains_as_one_with_one_program_per_phase(stacked, sta
     np.testing.assert_array_equal(mine, theirs[1])
 
 
-def test_a_stack_too_large_for_the_memory_runs_in_chunks_that_fit():
+def test_a_stack_too_large_for_the_memory_runs_in_chunks_that_fit(stacked):
   """Given a device's bytes (a GPU's `memory_stats`; a CPU reports none), a stack runs in the
-  largest chunks whose compiled programs fit. Members under 'vmap', as on accelerators, where
-  activations grow with members (under 'map' they do not). The three HALVES' limit is what chunks
-  of 2 measure, so they run as 2 + 1 (padded), exactly as --members_per_program=2 does (which
-  trains as the whole stack: the test above); one member that does not fit is a clear error."""
-  cache = programs.Cache()
-  run = lambda **kwargs: trainer.train_stack(MODEL, trainer.Structure(
-  ), CONFIG, DATA, members(HALVES), programs=cache, member_map='vmap', **kwargs)
-  in_twos = run(chunk=2, memory=2**50)
-  whole = run(memory=2**50)
-  assert (whole.members_per_program, in_twos.members_per_program) == (3, 2)
-  assert whole.footprint.total(3) > in_twos.footprint.total(3)  # chunks hold less at once
-  limit = int(in_twos.footprint.total(3))
-  fitted = run(memory=limit)
-  assert fitted.members_per_program == 2 and fitted.footprint == in_twos.footprint
-  jax.tree.map(np.testing.assert_array_equal, fitted.variables, in_twos.variables)
-  np.testing.assert_array_equal(fitted.test_accuracy, in_twos.test_accuracy)
+  largest chunks whose compiled programs fit: the three HALVES, with the limit that chunks of 1
+  measure, run one by one and train as the whole stack; one member that does not fit is a clear
+  error. (The whole stack's programs are the `stacked` fixture's, from this process's cache.)"""
+  run = lambda **kwargs: trainer.train_stack(MODEL, trainer.Structure(), CONFIG, DATA,
+                                             members(HALVES), **kwargs)
+  whole, ones = run(memory=2**50), run(chunk=1, memory=2**50)
+  assert (whole.members_per_program, ones.members_per_program) == (3, 1)
+  assert whole.footprint.members == 3 and whole.footprint.program > ones.footprint.program
+  fitted = run(memory=ones.footprint.total(3))
+  assert fitted.members_per_program == 1 and fitted.footprint == ones.footprint
+  jax.tree.map(np.testing.assert_array_equal, fitted.variables, stacked.variables)
+  np.testing.assert_array_equal(fitted.test_accuracy, stacked.test_accuracy)
   assert run(memory=0).footprint is None  # no limit (a CPU's): not measured, one chunk
   with pytest.raises(ValueError, match=r'one member per device needs [0-9.]+ GiB'):
     run(memory=1)

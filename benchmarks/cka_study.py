@@ -29,6 +29,18 @@ IMAGE_FOLDER = flags.DEFINE_string('image_folder', None, 'Its --image_folder.')
 MEMBER_MAP = flags.DEFINE_string('member_map', 'auto', 'map, vmap or auto (the platform\'s).')
 
 
+def float64_cka(study: context.Study, nets: dict, images: dict, record: dict) -> np.ndarray:
+  """[L] CKA of a cka.json `record`'s two nets, the plain way: both nets' layer features on the
+  record's test images, compared in float64 (`cka.per_layer_cka`); the oracle of the device's path.
+  `nets`: `Workdir.members`; `images`: `similarity.test_images`."""
+  run = Run(*(record[k] for k in ('split', 'target', 'condition', 'depth', 'seed')))
+  base = lambda half: Run(run.split, half, 'base', 0, run.seed)
+  net = base('A' if run.target == 'B' else 'B') if record['row'] == similarity.OTHER_BASE else run
+  feats = lambda x: cka.layer_features(study.make(len(study.classes(x))), nets[x], images[
+      (run.split, run.target)], study.layer_names)
+  return cka.per_layer_cka(feats(net), feats(base(run.target)))
+
+
 def main(argv):
   del argv
   recorded = json.load(open(os.path.join(WORKDIR.value, 'study.json')))['config']
@@ -47,12 +59,7 @@ def main(argv):
   start = time.perf_counter()
   worst = 0.0
   for r in records:
-    run = Run(*(r[k] for k in ('split', 'target', 'condition', 'depth', 'seed')))
-    base = lambda half: Run(run.split, half, 'base', 0, run.seed)
-    net = base('A' if run.target == 'B' else 'B') if r['row'] == similarity.OTHER_BASE else run
-    feats = lambda x: cka.layer_features(study.make(len(study.classes(x))), nets[x], images[
-        (run.split, run.target)], study.layer_names)
-    want = cka.per_layer_cka(feats(net), feats(base(run.target)))
+    want = float64_cka(study, nets, images, r)
     got = np.array(r['cka'])
     assert np.array_equal(np.isnan(got), np.isnan(want)), r
     worst = max(worst, float(np.nanmax(np.abs(got - want), initial=0.0)))

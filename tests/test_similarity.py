@@ -6,10 +6,9 @@ import os
 
 import numpy as np
 
-from jaxtransfer.analysis import cka
+from benchmarks import cka_study
 from jaxtransfer.data import datasets
 from jaxtransfer.study import context, similarity
-from jaxtransfer.study.plan import Run
 from jaxtransfer.study.workdir import Workdir
 
 
@@ -29,13 +28,8 @@ def test_each_record_is_the_linear_cka_of_its_net_and_its_base_net(finished, ima
   key = lambda r: {k: v for k, v in r.items() if k != 'cka'}
   assert [key(r) for r in batched] == [key(r) for r in written]
   nets, images = workdir.members(study.stacks), similarity.test_images(study, test, mean, std)
-  features = lambda run, half: cka.layer_features(study.make(len(study.classes(run))), nets[run],
-                                                  images[(run.split, half)])
   for record, other_way in zip(written, batched):
-    run = Run(*(record[k] for k in ('split', 'target', 'condition', 'depth', 'seed')))
-    base = lambda half: Run(run.split, half, 'base', 0, run.seed)
-    net = base('A' if run.target == 'B' else 'B') if record['row'] == similarity.OTHER_BASE else run
-    want = cka.per_layer_cka(features(net, run.target), features(base(run.target), run.target))
+    want = cka_study.float64_cka(study, nets, images, record)
     # 'vmap' runs grouped convolutions, whose rounding differs from one net's (see test_cka).
     for got, atol in ((record['cka'], 1e-5), (other_way['cka'], 1e-4)):
       np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=str(record))

@@ -24,9 +24,7 @@ from jaxtransfer.study.plan import Run
 from jaxtransfer.study.workdir import Workdir
 from jaxtransfer.train import trainer
 
-WORKDIR = flags.DEFINE_string('workdir', None, 'A finished study.', required=True)
-IMAGE_FOLDER = flags.DEFINE_string('image_folder', None, 'Its --image_folder.')
-MEMBER_MAP = flags.DEFINE_string('member_map', 'auto', 'map, vmap or auto (the platform\'s).')
+FLAGS = flags.FLAGS
 
 
 def float64_cka(study: context.Study, nets: dict, images: dict, record: dict) -> np.ndarray:
@@ -43,13 +41,13 @@ def float64_cka(study: context.Study, nets: dict, images: dict, record: dict) ->
 
 def main(argv):
   del argv
-  recorded = json.load(open(os.path.join(WORKDIR.value, 'study.json')))['config']
+  recorded = json.load(open(os.path.join(FLAGS.workdir, 'study.json')))['config']
   config = context.from_json(recorded, 'study.json')
-  load = lambda split: datasets.load(split, dataset=config.dataset, image_folder=IMAGE_FOLDER.value)
+  load = lambda split: datasets.load(split, dataset=config.dataset, image_folder=FLAGS.image_folder)
   train, test = load('train'), load('test')
   study = context.build(config, train, test)
   mean, std = datasets.channel_stats(train.images)
-  workdir, member_map = Workdir(WORKDIR.value), trainer.resolve_member_map(MEMBER_MAP.value)
+  workdir, member_map = Workdir(FLAGS.workdir), trainer.resolve_member_map(FLAGS.member_map)
   seconds = []
   for _ in range(2):
     start = time.perf_counter()
@@ -71,4 +69,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Defined here, not on import: the tests import `float64_cka` beside experiments.main's flags.
+  flags.DEFINE_string('workdir', None, 'A finished study.', required=True)
+  flags.DEFINE_string('image_folder', None, 'Its --image_folder.')
+  flags.DEFINE_string('member_map', 'auto', "map, vmap or auto (the platform's).")
   app.run(main)

@@ -169,7 +169,8 @@ class StudyConfig:
   sweep: str = _opt(
       '', 'Repeat the study for several values of one flag, e.g. epochs=10,30,100 '
       'or train_per_class=500,1000,2500,5000: one sub-study per value in '
-      'WORKDIR/<flag>-<value>/, plus sweep.md and a sweep figure.')
+      "WORKDIR/<flag>-<value>/, plus sweep.md and a figure: every claim's verdict at each "
+      'value.')
   cka_images: int = _opt(
       500, 'Target test images for the layer-similarity (linear CKA) '
       'heat-map; 0 skips it.')

@@ -196,8 +196,9 @@ def test_sweep_writes_one_study_per_value_and_a_summary(sweep_workdir):
     assert sorted(r['condition'] for r in rows) == ['AnB+', 'BnB', 'base', 'base', 'random']
     assert {r['classes_A'] for r in rows} == {'0 1 8 9'}
   summary = open(sweep_workdir / 'sweep.md').read()
-  assert '| epochs | base | dip (depth) | gain |' in summary
-  assert '| 1 |' in summary and '| 2 |' in summary
+  assert '| claim | contrast | epochs = 1 | epochs = 2 |' in summary
+  assert '| 1 | ' in summary and '| 2 | ' in summary  # the base accuracy at each
+  assert '| AnB+ − base, mean over n = 2 |' in summary  # a claim of each value's conditions
   assert os.path.getsize(sweep_workdir / 'figures' / 'sweep_epochs.png') > 1000
   report = open(sweep_workdir / 'epochs-1' / 'report.md').read()
   assert 'A = airplane, automobile, ship, truck; B = bird, cat, deer, dog, frog, horse' in report

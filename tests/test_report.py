@@ -115,3 +115,35 @@ def test_learning_curves_say_how_much_test_accuracy_moves_near_the_end():
   assert 'not recorded' in '\n'.join(report.curves(records[-5:]))
   epochs, means = stats.curves(records, 'train_accuracy')[('BnB', 1)]
   assert epochs == [1, 2, 3, 4, 5] and means == pytest.approx([0.6, 0.7, 0.8, 0.9, 1.0])
+
+
+def test_a_sweep_judges_every_claim_at_every_value_by_the_one_rule(tmp_path):
+  """sweep.md holds each value's verdicts (`verdicts.claims` of its rows): here the co-adaptation
+  dip at the middle depth is 5 points at 10 epochs (supported) and gone at 30 (bounded)."""
+  from jaxtransfer.analysis import plots, verdicts
+  from tests.conftest import row
+  spread = np.array([-2, -1, 0, 1, 2]) * 0.001
+
+  def study(dip):
+    rows = []
+    for s in range(5):
+      for t in 'AB':
+        rows.append(row(s, t, 'base', 0, 0.7 + 0.02 * s))
+        rows += [
+            row(s, t, 'BnB', d, 0.7 + 0.02 * s + dip * (d == 2) + spread[s]) for d in (1, 2, 3)
+        ]
+    return rows
+
+  by_value = {10: study(-0.05), 30: study(0.0)}
+  summary = report.sweep_summary(by_value)
+  for value, rows in by_value.items():
+    assert summary[value]['claims'] == verdicts.claims(rows)
+  assert summary[10]['base'].estimate == pytest.approx(0.74) and summary[10]['base'].n == 5
+  text = report.render_sweep(summary, 'epochs', ['figures/sweep_epochs.png'])
+  assert '| claim | contrast | epochs = 10 | epochs = 30 |' in text
+  dip = next(line for line in text.splitlines() if '| BnB − base, n = 2 |' in line).split(' | ')
+  assert dip[2].startswith('-0.050 [-0.052, -0.048] supported'), dip
+  assert dip[3].startswith('+0.000 [-0.002, +0.002] bounded'), dip
+  assert '| 10 | 0.740 (n=5) |' in text and '![figures/sweep_epochs.png]' in text
+  (png, _) = plots.sweep_figure(summary, 'epochs', str(tmp_path / 'sweep'))
+  assert os.path.getsize(png) > 1000

@@ -46,6 +46,6 @@ def test_pooling_over_depths_counts_each_base_net_once():
       dict(r, depth=2, test_accuracy=r['test_accuracy'] + 0.02)
       for r in rows_lib.select(ROWS, condition='BnB')
   ]
-  pooled = stats.pooled_over_depths(rows, 'BnB')
+  pooled = verdicts.differences(rows, 'BnB', 'base', [1, 2])
   assert len(pooled) == 6  # 3 splits x 2 targets, not x 2 depths
-  np.testing.assert_allclose(sorted(pooled), [-0.05] * 3 + [-0.04] * 3, atol=1e-9)
+  np.testing.assert_allclose(sorted(pooled.values()), [-0.05] * 3 + [-0.04] * 3, atol=1e-9)

@@ -156,27 +156,41 @@ def curves_figure(records: Sequence[dict], stem: str) -> list[str]:
 
 
 def sweep_figure(summary: dict, param: str, stem: str) -> list[str]:
-  """Base accuracy, co-adaptation dip and fine-tuning gain along a swept flag, with 95% CIs."""
-  fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+  """The claims along a swept flag (`report.sweep_summary`): the base accuracy against the
+  value, then per claim its contrast against depth, one line per value, with the intervals its
+  verdicts rest on (Holm-adjusted; none where there are fewer than 3 units)."""
   values = list(summary)
-  errorbar = lambda ax, key, **kw: ax.errorbar([v for v in values if key in summary[v]], [
-      summary[v][key][0] for v in values if key in summary[v]
-  ], yerr=[np.nan_to_num(summary[v][key][1])
-           for v in values
-           if key in summary[v]], marker='o', capsize=3, **kw)
-  errorbar(top, 'base', color='black', label='base accuracy')
-  top.set_ylabel('test accuracy')
-  errorbar(bottom, 'dip', color=conditions.BNB.color, label='BnB − base (deepest middle dip)')
-  errorbar(bottom, 'gain', color=conditions.ANB_PLUS.color, label='AnB+ − base (mean over n)')
-  bottom.axhline(0, color='black', lw=1)
-  bottom.set_ylabel('accuracy difference')
-  bottom.set_xlabel(param)
-  if max(values) / max(min(values), 1) >= 10:
-    bottom.set_xscale('log')
-  for ax in (top, bottom):
-    ax.grid(alpha=.3)
+  families: dict[str, str] = {}  # claim -> its contrast's conditions, in the order first met
+  for value in values:
+    for v in summary[value]['claims']:
+      if v.depth is not None:
+        families.setdefault(v.of, v.contrast.split(',')[0])
+  fig, axes = plt.subplots(1 + len(families), 1, figsize=(6, 2.6 * (1 + len(families))),
+                           squeeze=False)
+  axes = axes[:, 0]
+  half = lambda i: [np.nan_to_num(i.estimate - i.lo), np.nan_to_num(i.hi - i.estimate)]
+  bases = [summary[v]['base'] for v in values]
+  axes[0].errorbar(range(len(values)), [b.estimate for b in bases],
+                   yerr=np.array([half(b) for b in bases]).T, marker='o', capsize=3, color='black')
+  axes[0].set_xticks(range(len(values)), [str(v) for v in values])
+  axes[0].set(xlabel=param, ylabel='base test accuracy', title=f'Along {param}')
+  colours = plt.cm.viridis(np.linspace(0, 0.85, len(values)))
+  for ax, (claim, contrast) in zip(axes[1:], families.items()):
+    for i, (value, colour) in enumerate(zip(values, colours)):
+      found = [v for v in summary[value]['claims'] if v.of == claim and v.depth is not None]
+      if found:
+        offset = (i - (len(values) - 1) / 2) * 0.08  # side by side at each depth
+        ax.errorbar([v.depth + offset for v in found], [v.interval.estimate for v in found],
+                    yerr=np.array([half(v.interval) for v in found]).T, marker='o', capsize=3,
+                    color=colour, label=f'{param} = {value}')
+    ax.axhline(0, color='black', lw=1)
+    ax.set(ylabel=contrast, xlabel='depth n', title=claim)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
-  top.set_title(f'Along {param}')
+  for ax in axes:
+    ax.grid(alpha=.3)
+  fig.tight_layout()
   return save_figure(fig, stem)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from jaxtransfer import conditions
 from jaxtransfer.analysis import stats, verdicts
 from jaxtransfer.analysis import rows as rows_lib
-from jaxtransfer.conditions import ANB, ANB_PLUS, BASE, BNB
+from jaxtransfer.conditions import ANB, BASE, BNB
 
 SEMINAR_BASELINE = verdicts.SEMINAR_BASELINE  # the seminar's one base net (CIFAR-10, 10 epochs)
 
@@ -326,57 +326,56 @@ def render(rows: Sequence[dict], config: dict, figures: Sequence[str] = (),
   return '\n'.join(parts)
 
 
-def _dip(rows: Sequence[dict]) -> tuple[int, list[float]]:
-  """The middle depth where BnB falls furthest below base, and its paired differences."""
-  depths = sorted({r['depth'] for r in rows_lib.select(rows, condition=BNB.name)})
-  middle = depths[1:-1] or depths
-  per_depth = {d: stats.paired_to_base(rows, BNB.name, d) for d in middle}
-  depth = min(per_depth, key=lambda d: np.mean(per_depth[d]))
-  return depth, per_depth[depth]
-
-
 def sweep_summary(rows_by_value: dict) -> dict:
-  """Per swept value: base accuracy, the BnB co-adaptation dip and the AnB+ fine-tuning gain,
-  each as (mean, CI half-width)."""
+  """Per swept value: the base nets' accuracy (95% interval over splits) and every claim the
+  study speaks to, judged by the one rule (`verdicts.claims`), so that a contrast appearing,
+  vanishing or changing sign along the sweep is read off the same verdicts as one study's."""
   out = {}
   for value, rows in rows_by_value.items():
     rows = rows_lib.usable(rows)
-    entry = {
-        'base': stats.mean_ci(
-            [r['test_accuracy'] for r in rows_lib.select(rows, condition=BASE.name)])
+    base = verdicts.t_interval(verdicts.cluster(verdicts.base_accuracies(rows)))
+    out[value] = {
+        'base': base, 'claims': verdicts.claims(rows), 'clustering': verdicts.clustering(rows)
     }
-    if rows_lib.select(rows, condition=BNB.name):
-      depth, dip = _dip(rows)
-      entry['dip'], entry['dip_depth'] = stats.mean_ci(dip), depth
-    if rows_lib.select(rows, condition=ANB_PLUS.name):
-      entry['gain'] = stats.mean_ci(stats.pooled_over_depths(rows, ANB_PLUS.name))
-    out[value] = entry
   return out
 
 
+def _claim_cell(v: verdicts.Verdict) -> str:
+  """estimate [interval] verdict, as in the claims table (no interval under 3 units)."""
+  interval = f' {verdicts.interval_cell(v.interval)}' if v.interval.ok else ''
+  return f'{v.interval.estimate:+.3f}{interval} {v.text}'
+
+
 def render_sweep(summary: dict, param: str, figures: Sequence[str] = ()) -> str:
+  """sweep.md: the base accuracy and each claim's contrast at every value of `param`."""
+  values = list(summary)
   lines = [
       f'# Sweep over {param}', '',
-      'base: mean test accuracy of the base nets; dip: BnB − base at the middle depth '
-      'where it is lowest (fragile co-adaptation); gain: AnB+ − base averaged over depths '
-      '(fine-tuning benefit). Mean ± 95% CI.', '', f'| {param} | base | dip (depth) | gain |',
-      '|---|---|---|---|'
+      f'One study per value of `{param}`; each claim judged at each value by the rule of every '
+      "report.md (paired within units, the split as the cluster, Holm across a claim's "
+      'depths): supported, contradicted, bounded or inconclusive. '
+      f'{summary[values[0]]["clustering"]}', '', '## Base accuracy', '',
+      f'| {param} | mean test accuracy | 95% interval |', '|---|---|---|'
   ]
-  for value, e in summary.items():
-    dip = f'{_interval(*e["dip"])} (n={e["dip_depth"]})' if 'dip' in e else ''
-    lines.append(f'| {value} | {e["base"][0]:.3f} | {dip} | '
-                 f'{_interval(*e["gain"]) if "gain" in e else ""} |')
-  lines.append('')
-  for key, label in (('dip', 'co-adaptation dip'), ('gain', 'fine-tuning gain')):
-    vals = [(v, e[key]) for v, e in summary.items() if key in e]
-    if len(vals) > 1:
-      signs = [_sign_of(mc) for _, mc in vals]
-      lines.append(f'- {label} along {param}: ' + ', '.join(
-          f'{v}: {_interval(*mc)} ({sign})' for (v, mc), sign in zip(vals, signs)))
+  for value in values:
+    base = summary[value]['base']
+    lines.append(f'| {value} | {base.estimate:.3f} (n={base.n}) | '
+                 f'{verdicts.interval_cell(base).replace("+", "") if base.ok else "—"} |')
+  lines += [
+      '', '## Claims', '',
+      '| claim | contrast | ' + ' | '.join(f'{param} = {v}' for v in values) + ' |',
+      '|---|---|' + '---|' * len(values)
+  ]
+  cells: dict[tuple[str, str], dict] = {}
+  for value in values:
+    for v in summary[value]['claims']:
+      cells.setdefault((v.of, v.contrast), {})[value] = v
+  shown = set()
+  for (of, contrast), by_value in cells.items():
+    name = '' if of in shown else of
+    shown.add(of)
+    lines.append(f'| {name} | {contrast} | ' +
+                 ' | '.join(_claim_cell(by_value[v]) if v in by_value else '' for v in values) +
+                 ' |')
   lines += [''] + [f'![{f}]({f})' for f in figures if f.endswith('.png')] + ['']
   return '\n'.join(lines)
-
-
-def _sign_of(mean_ci: tuple[float, float]) -> str:
-  side = 'one run' if math.isnan(mean_ci[1]) else _side(*mean_ci)
-  return side + ' 0' if side in ('above', 'below') else side

@@ -36,20 +36,6 @@ def paired_to_base(rows: Sequence[dict], condition: str, depth: int) -> list[flo
   ]
 
 
-def pooled_over_depths(rows: Sequence[dict], condition: str) -> list[float]:
-  """`condition` − base averaged over depths within each (split, target, seed): one value per
-  independent unit. Pooling the per-depth differences directly would count the same base net
-  once per depth and give a falsely narrow confidence interval."""
-  base = {unit_key(r): r['test_accuracy'] for r in select(rows, condition=conditions.BASE.name)}
-  diffs: dict[tuple, list[float]] = {}
-  for r in select(rows, condition=condition):
-    unit = unit_key(r)
-    if unit not in base:  # its base net diverged
-      continue
-    diffs.setdefault(unit, []).append(r['test_accuracy'] - base[unit])
-  return [float(np.mean(v)) for _, v in sorted(diffs.items())]
-
-
 def paired(rows: Sequence[dict], cond_a: str, cond_b: str, depth: int) -> list[float]:
   """`cond_a` minus `cond_b` at `depth`, paired on (split, target, seed)."""
   b = {unit_key(r): r['test_accuracy'] for r in select(rows, condition=cond_b, depth=depth)}

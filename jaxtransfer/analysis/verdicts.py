@@ -126,6 +126,7 @@ class Verdict:
   text: str  # the verdict cell
   kind: str = 'confidence'  # or 'prediction'
   of: str = ''  # the name of the claim it tests (`claim` is blank on a family's later rows)
+  depth: int | None = None  # the one depth it tests (None: a mean over depths, or none)
 
 
 # ---- units and clusters
@@ -313,7 +314,7 @@ def per_depth(rows: Sequence[dict], claim: Claim, depths: Sequence[int],
     word, text = judge(interval, claim.direction, claim.reference)
     out.append(
         Verdict(claim.name if i == 0 else '', f'{claim.a} − {claim.b}, n = {d}', interval, word,
-                text, of=claim.name))
+                text, of=claim.name, depth=d))
   return out
 
 

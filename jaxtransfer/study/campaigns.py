@@ -22,7 +22,7 @@ def run_sweep(config: StudyConfig, workdir: Workdir, *, image_folder: str | None
               model_fn: modelspec.ModelFn | None = None, options: RunOptions = RunOptions(),
               progress: Progress | None = None, mesh=None) -> str:
   """One full (resumable) study per value of the swept flag in `workdir/<param>-<value>/`,
-  then a figure and `sweep.md` of how the co-adaptation dip and fine-tuning gain move; the
+  then `sweep.md` and a figure of every claim's verdict at each value (`report.sweep_summary`); the
   arguments are `driver.run`'s. The sweep's workdir is locked for the whole sweep, each
   sub-study's for its own run."""
   config = driver.resolve(config, image_folder=image_folder, model_fn=model_fn)

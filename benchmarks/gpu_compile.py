@@ -37,6 +37,7 @@ import os
 import re
 import sys
 import time
+import types
 from unittest import mock
 
 TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gpu_targets')
@@ -90,8 +91,10 @@ def abstract(mesh, k: int):
   return (*export_check.abstract_inputs(mesh, k), NamedSharding(mesh, P(trainer.MODEL_AXIS)))
 
 
-def compile_programs(target: str, frozen: int, programs: tuple[str, ...], k: int):
-  """{program: (compiled HLO text, memory analysis, compile seconds)} for one target."""
+def compile_programs(target: str, frozen: int | None, programs: tuple[str, ...], k: int):
+  """{program: (compiled HLO text, memory analysis, compile seconds)} for one target; `frozen`
+  None: the structure as data (`trainer.LayerFlags`), the one program a study on a GPU trains
+  every structure with."""
   import jax
   import jax.numpy as jnp
   from jax.experimental import topologies
@@ -101,20 +104,24 @@ def compile_programs(target: str, frozen: int, programs: tuple[str, ...], k: int
     topo = topologies.get_topology_desc(platform='cuda', target_config=f.read(), topology='1x1x1')
   mesh = topologies.make_mesh(topo=topo, mesh_shape=(1,), axis_names=(trainer.MODEL_AXIS,))
   model = models.FinalNet(CLASSES, WIDTHS)
-  layers = [f'conv{i + 1}' for i in range(frozen)]
+  layers = [f'conv{i + 1}' for i in range(frozen or 0)]
   structure = trainer.Structure(graft_layers=tuple(layers), frozen_layers=tuple(layers))
-  stack_trainer = trainer.Trainer(model, structure, trainer.TrainConfig(batch_size=BATCH),
-                                  jnp.zeros((1, 32, 32, 3)))
+  stack_trainer = trainer.Trainer(model, None if frozen is None else structure,
+                                  trainer.TrainConfig(batch_size=BATCH), jnp.zeros((1, 32, 32, 3)))
   fns = trainer.stack_functions(stack_trainer, mesh, 'vmap')
   data, keys, train_idx, test_idx, label_map, sharded = abstract(mesh, k)
-  sources = None
-  if layers:
+  sources = flags = None
+  if frozen is None:  # every layer's sources and the flags, as `train_stack` passes them
+    sources, flags = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharded),
+        jax.eval_shape(lambda: trainer.data_inputs(model, structure, None, k, (32, 32, 3))))
+  elif layers:
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), stack_trainer.example))
     sources = {c: {n: sub[n] for n in layers} for c, sub in shapes.items()}
     sources = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct((k,) + x.shape, x.dtype, sharding=sharded), sources)
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharded),
-                       jax.eval_shape(fns.init, keys, sources, None, data))
+                       jax.eval_shape(fns.init, keys, sources, flags, data))
   args = {
       'epoch': (fns.epoch, (state, keys, train_idx, label_map, data)),
       'evaluate': (fns.evaluate, (state.variables(), test_idx, label_map, data)),
@@ -133,8 +140,10 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--targets', default='h100_sxm,h200_sxm',
                       help=f'comma-separated names of {TARGETS_DIR}/*.txtpb')
-  parser.add_argument('--frozen', default='0,2,4,6',
-                      help='frozen prefix depths of the epoch programs (0: every layer trained)')
+  parser.add_argument(
+      '--frozen', default='0,2,4,6',
+      help='frozen prefix depths of the epoch programs (0: every layer trained; "data": the '
+      "structure as data, a GPU study's one program)")
   parser.add_argument('--k', type=int, default=K, help='members per stack (the seed\'s largest)')
   parser.add_argument(
       '--stock_kernel_grad', action='store_true',
@@ -152,6 +161,7 @@ def main(argv=None) -> int:
     return 1
   from jax import lax
   from jaxtransfer.nets import models
+  from jaxtransfer.train import trainer
   patch = (mock.patch.object(models, 'conv_general_dilated', lax.conv_general_dilated)
            if args.stock_kernel_grad else contextlib.nullcontext())
   grad = ("stock lax kernel gradients"
@@ -159,7 +169,7 @@ def main(argv=None) -> int:
   print(
       f'gpu compile: FinalNet{WIDTHS}, K={args.k} under vmap, batch {BATCH}, {grad}; '
       f'jax {jax.__version__}', flush=True)
-  depths = [int(d) for d in args.frozen.split(',') if d != '']
+  depths = [None if d == 'data' else int(d) for d in args.frozen.split(',') if d != '']
   with patch:
     for target in args.targets.split(','):
       if not os.path.exists(os.path.join(TARGETS_DIR, f'{target}.txtpb')):
@@ -181,13 +191,16 @@ def main(argv=None) -> int:
           got = summarize(text)
           cudnn = {t: n for t, n in got['calls'].items() if 'cudnn' in t or 'cublas' in t}
           windows = ', '.join(f'{w} x{n}' for w, n in sorted(got['windows'].items()))
+          held = trainer.program_bytes(types.SimpleNamespace(memory_analysis=lambda: memory))
           mem = (f'args {memory.argument_size_in_bytes / 1e6:.0f} MB, temp '
                  f'{memory.temp_size_in_bytes / 1e6:.0f} MB, out '
-                 f'{memory.output_size_in_bytes / 1e6:.0f} MB' if memory else 'n/a')
+                 f'{memory.output_size_in_bytes / 1e6:.0f} MB; {held / 1e6:.0f} MB held while it '
+                 'runs (trainer.program_bytes, what chunks are sized by)' if memory else 'n/a')
           kernels = (f'{got["kernels_per_step"]} kernels ({got["gemms_per_step"]} GEMMs) per '
                      f'{"step" if name == "epoch" else "batch"}')
+          what = 'as data' if frozen is None else f'frozen {frozen}'
           print(
-              f'{target} {name:8s} frozen {frozen}: compiled in {seconds:5.1f} s; {kernels}; '
+              f'{target} {name:8s} {what}: compiled in {seconds:5.1f} s; {kernels}; '
               f'conv windows: {windows or "none"}; memory: {mem}', flush=True)
           print(f'    calls: {dict(sorted(cudnn.items()))}', flush=True)
           print(f'    step body by opcode: {dict(got["by_opcode"].most_common())}', flush=True)

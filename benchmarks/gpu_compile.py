@@ -37,7 +37,6 @@ import os
 import re
 import sys
 import time
-import types
 from unittest import mock
 
 TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gpu_targets')
@@ -92,7 +91,8 @@ def abstract(mesh, k: int):
 
 
 def compile_programs(target: str, frozen: int | None, programs: tuple[str, ...], k: int):
-  """{program: (compiled HLO text, memory analysis, compile seconds)} for one target; `frozen`
+  """{program: (compiled HLO text, memory analysis, `trainer.program_bytes`, compile seconds)} for
+  one target; `frozen`
   None: the structure as data (`trainer.LayerFlags`), the one program a study on a GPU trains
   every structure with."""
   import jax
@@ -132,7 +132,8 @@ def compile_programs(target: str, frozen: int | None, programs: tuple[str, ...],
     lowered = fn.lower(*fn_args)
     start = time.perf_counter()
     compiled = lowered.compile()
-    out[name] = compiled.as_text(), compiled.memory_analysis(), time.perf_counter() - start
+    out[name] = (compiled.as_text(), compiled.memory_analysis(), trainer.program_bytes(compiled),
+                 time.perf_counter() - start)
   return out
 
 
@@ -161,7 +162,6 @@ def main(argv=None) -> int:
     return 1
   from jax import lax
   from jaxtransfer.nets import models
-  from jaxtransfer.train import trainer
   patch = (mock.patch.object(models, 'conv_general_dilated', lax.conv_general_dilated)
            if args.stock_kernel_grad else contextlib.nullcontext())
   grad = ("stock lax kernel gradients"
@@ -187,11 +187,10 @@ def main(argv=None) -> int:
               f'{str(e).splitlines()[0] if str(e) else ""}); is jax-cuda12-plugin=='
               f'{jax.__version__} installed?', file=sys.stderr)
           return 1
-        for name, (text, memory, seconds) in compiled.items():
+        for name, (text, memory, held, seconds) in compiled.items():
           got = summarize(text)
           cudnn = {t: n for t, n in got['calls'].items() if 'cudnn' in t or 'cublas' in t}
           windows = ', '.join(f'{w} x{n}' for w, n in sorted(got['windows'].items()))
-          held = trainer.program_bytes(types.SimpleNamespace(memory_analysis=lambda: memory))
           mem = (f'args {memory.argument_size_in_bytes / 1e6:.0f} MB, temp '
                  f'{memory.temp_size_in_bytes / 1e6:.0f} MB, out '
                  f'{memory.output_size_in_bytes / 1e6:.0f} MB; {held / 1e6:.0f} MB held while it '

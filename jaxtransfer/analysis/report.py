@@ -360,7 +360,7 @@ def render_sweep(summary: dict, param: str, figures: Sequence[str] = ()) -> str:
   for value in values:
     base = summary[value]['base']
     lines.append(f'| {value} | {base.estimate:.3f} (n={base.n}) | '
-                 f'{verdicts.interval_cell(base).replace("+", "") if base.ok else "—"} |')
+                 f'{verdicts.interval_cell(base).replace("+", "")} |')
   lines += [
       '', '## Claims', '',
       '| claim | contrast | ' + ' | '.join(f'{param} = {v}' for v in values) + ' |',

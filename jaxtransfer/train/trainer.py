@@ -585,9 +585,9 @@ def between(low: Footprint, high: Footprint, size: int, devices: int, limit: int
   (memory grows linearly with the members a program trains at once); None if none does."""
   slope = (high.program - low.program) / (high.members - low.members)
   for members in range(high.members - devices, low.members, -devices):
-    program = low.program + slope * (members - low.members)
-    held = low.held * members / low.members
-    if program + (-(-size // members) - 1) * held <= limit:
+    predicted = Footprint(members, low.program + slope * (members - low.members),
+                          low.held * members / low.members)
+    if predicted.total(size) <= limit:
       return members
   return None
 
@@ -723,9 +723,9 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
     # LLVM -O1 it takes a fifth of the time, with the same values.
     init_fn = compile_('init', *init_args(chunks, 0), options=INIT_COMPILER_OPTIONS)
     first = timed('init', init_fn, *init_args(chunks, 0))
-    epoch_fn = compile_('epoch', *epoch_args(chunks, first, 0, 0))
-    fns = (init_fn, epoch_fn, compile_('evaluate', *eval_args(chunks, first, 0)))
-    held = (epoch_args(chunks, first, 0, 0)[:-1], () if shared else chunks.data[0])
+    args = epoch_args(chunks, first, 0, 0)
+    fns = (init_fn, compile_('epoch', *args), compile_('evaluate', *eval_args(chunks, first, 0)))
+    held = (args[:-1], () if shared else chunks.data[0])
     footprint = Footprint(per_program, max(map(program_bytes, fns)),
                           _device_bytes(held)) if limit else None
     return _Trial(chunks, first, fns, footprint)
@@ -745,7 +745,7 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
       low, high = (t, high) if fits(t) else (low, t)
     run = low
   chunks, first, (init_fn, epoch_fn, eval_fn), footprint = run
-  per_program = footprint.members if footprint else chunks.members[0].init_keys.shape[0]
+  per_program = chunks.members[0].init_keys.shape[0]
   states = [first] + [
       timed('init', init_fn, *init_args(chunks, i)) for i in range(1, len(chunks.members))
   ]

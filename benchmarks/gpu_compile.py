@@ -121,7 +121,7 @@ def compile_programs(target: str, frozen: int | None, programs: tuple[str, ...],
     sources = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct((k,) + x.shape, x.dtype, sharding=sharded), sources)
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharded),
-                       jax.eval_shape(fns.init, keys, sources, flags, data))
+                       jax.eval_shape(fns.init, keys, sources, flags, train_idx, data))
   args = {
       'epoch': (fns.epoch, (state, keys, train_idx, label_map, data)),
       'evaluate': (fns.evaluate, (state.variables(), test_idx, label_map, data)),

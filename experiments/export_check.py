@@ -164,11 +164,11 @@ def export_stack(
                                     trainer.TrainConfig(batch_size=BATCH), jnp.zeros(
                                         (1, 32, 32, 3)))
     fns = trainer.stack_functions(stack_trainer, mesh, member_map)
-    state = jax.eval_shape(fns.init, keys, None, None, data)
+    state = jax.eval_shape(fns.init, keys, None, None, train_idx, data)
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=keys.sharding),
                          state)
     args = {
-        'init': (fns.init, (keys, None, None, data)),
+        'init': (fns.init, (keys, None, None, train_idx, data)),
         'epoch': (fns.epoch, (state, keys, train_idx, label_map, data)),
         'evaluate': (fns.evaluate, (state.variables(), test_idx, label_map, data)),
     }
@@ -291,8 +291,8 @@ def study_programs(flagfile: str, platform: str = 'cuda') -> dict[str, list[str]
     stack_trainer = trainer.Trainer(model, structure, tconfig, example)
     fns = trainer.stack_functions(stack_trainer, mesh, 'vmap')
     state = jax.tree.map(lambda x: s(x.shape, x.dtype),
-                         jax.eval_shape(fns.init, init_keys, sources, flags, data))
-    for name, fn, args in (('init', fns.init, (init_keys, sources, flags, data)),
+                         jax.eval_shape(fns.init, init_keys, sources, flags, train_idx, data))
+    for name, fn, args in (('init', fns.init, (init_keys, sources, flags, train_idx, data)),
                            ('epoch', fns.epoch, (state, init_keys, train_idx, label_map, data)),
                            ('evaluate', fns.evaluate, (state.variables(), test_idx, label_map,
                                                        data))):

@@ -32,6 +32,7 @@ _EXPORTS = {
     'partition': 'jaxtransfer.transfer',
     'combine': 'jaxtransfer.transfer',
     'batchnorm_policy': 'jaxtransfer.transfer',
+    'batchnorm_statistics': 'jaxtransfer.transfer',
 }
 
 __all__ = sorted([*_EXPORTS, 'use_cpu_devices'])

@@ -38,7 +38,7 @@ LAYER_DEFAULTS = {
 FINAL_WIDTHS = (8, 16, 32)  # the final net's filters per block: the seed's 512 head features
 OPTIMIZERS = ('adam', 'sgd')
 MEMBER_MAPS = ('auto', 'map', 'vmap')  # how members run inside a device (`train.trainer`)
-BATCHNORM_POLICIES = ('update', 'fixed')  # BatchNorm in frozen layers (`transfer`)
+BATCHNORM_POLICIES = ('update', 'fixed', 'target')  # BatchNorm in frozen layers (`transfer`)
 HALVINGS = ('random', 'dissimilar', 'explicit')
 LR_SCHEDULES = ('constant', 'cosine')
 AUGMENTATIONS = ('none', 'crop_flip')  # crop_flip: 4-pixel zero padding, random crop, h-flip
@@ -140,7 +140,9 @@ class StudyConfig:
   frozen_batchnorm: str = _opt(
       'update', "BatchNorm in frozen layers: 'update' keeps tracking "
       "batch statistics (the seed's PyTorch behaviour); 'fixed' uses the "
-      'transferred running statistics.', BATCHNORM_POLICIES)
+      "transferred running statistics; 'target' uses statistics measured once on the target "
+      'half\'s training images before training (frozen random layers keep their scale).',
+      BATCHNORM_POLICIES)
   # Training.
   epochs: int = _opt(10, 'Training epochs for every model.')
   batch_size: int = _opt(64, 'Minibatch size.')

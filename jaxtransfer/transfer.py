@@ -13,19 +13,23 @@ choice): `graft_where(source, target, take)`, `layer_leaves(params, flags)` and
 `where_params(keep, new_state, old_state)` for an optimizer's state.
 
 Helpers the trainer builds on: `partition` / `combine` (split params so that gradients are taken
-only w.r.t. the trainable part: no backward pass through a frozen prefix) and
-`batchnorm_policy` (how BatchNorm behaves inside frozen layers).
+only w.r.t. the trainable part: no backward pass through a frozen prefix),
+`batchnorm_policy` (how BatchNorm behaves inside frozen layers) and `batchnorm_statistics`
+(the statistics the 'target' policy freezes them at, measured on the new data).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Mapping, Sequence
+import math
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
+from jax import lax
 
 from jaxtransfer.config import BATCHNORM_POLICIES
 
@@ -177,6 +181,9 @@ def batchnorm_policy(frozen_layers: Sequence[str], policy: str):
     layer normalises with batch statistics and its running mean/var keep tracking the new data.
   'fixed': truly frozen features: normalise with the transferred running statistics, which
     never change, so the frozen prefix is a fixed function of the input.
+  'target': as 'fixed', with running statistics measured once on the new data before training
+    (`batchnorm_statistics`, which the trainer applies at initialisation): the frozen layers
+    keep their activations' scale on the new data and still never change.
   Use as a context around `model.apply(..., train=True)`.
   """
   if policy not in BATCHNORM_POLICIES:
@@ -188,8 +195,7 @@ def batchnorm_policy(frozen_layers: Sequence[str], policy: str):
 
   def use_running_average(next_fun, args, kwargs, context):
     module = context.module
-    if not (isinstance(module, nn.BatchNorm) and context.method_name == '__call__' and
-            module.path and module.path[0] in frozen):
+    if not _is_batchnorm_in(context, frozen):
       return next_fun(*args, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if k != 'use_running_average'}
     if module.use_running_average is None:
@@ -205,3 +211,76 @@ def batchnorm_policy(frozen_layers: Sequence[str], policy: str):
 
   with nn.intercept_methods(use_running_average):
     yield
+
+
+def _is_batchnorm_in(context, layers: set[str]) -> bool:
+  """Whether an intercepted call is a BatchNorm's forward pass inside one of `layers`."""
+  module = context.module
+  return (isinstance(module, nn.BatchNorm) and context.method_name == '__call__' and
+          bool(module.path) and module.path[0] in layers)
+
+
+def batchnorm_statistics(forward: Callable[[PyTree, Any], Any], variables: PyTree, batches: Any,
+                         layers: Sequence[str], mask: jax.Array | None = None) -> PyTree:
+  """`variables` with the running mean and variance of every BatchNorm inside the top-level
+  `layers` set to the mean and (biased) variance of that BatchNorm's input over all `batches`.
+
+  `forward(variables, batch)` runs the model in inference mode (`train=False`) on one batch;
+  `batches` has a leading axis over batches (any pytree: images, or indices `forward` reads);
+  `mask` [batches, batch] marks the examples that count (padding: False). Every BatchNorm is
+  measured with the statistics found for those before it, so each pass makes one more layer in
+  a chain exact: there are as many passes as BatchNorm layers in `layers`. The result is what
+  those layers would normalise with on exactly this data, which frozen random or transferred
+  layers need to keep their activations' scale on a new task (the 'target' policy). The sums
+  are shifted by the current mean, so the variance is not lost to cancellation.
+  """
+  layers = set(layers)
+  flat = traverse_util.flatten_dict(dict(variables.get('batch_stats', {})))
+  paths = sorted(p[:-1] for p in flat if p[0] in layers and p[-1] == 'mean')
+  if not paths:
+    return variables
+  if mask is None:
+    mask = jnp.ones(jax.tree.leaves(batches)[0].shape[:2], bool)
+
+  def moments(stats, batch, weights):
+    """(count, sum, sum of squares) of each BatchNorm's input, shifted by its current mean."""
+    sums = {}
+
+    def capture(next_fun, args, kwargs, context):
+      if _is_batchnorm_in(context, layers):
+        module, x = context.module, args[0].astype(jnp.float32)
+        features = {
+            a % x.ndim for a in ((module.axis,) if isinstance(module.axis, int) else module.axis)
+        }
+        reduce = tuple(a for a in range(x.ndim) if a not in features)
+        w = weights.reshape(weights.shape + (1,) * (x.ndim - 1)).astype(jnp.float32)
+        d = x - stats[module.path + ('mean',)].reshape(
+            [x.shape[a] if a in features else 1 for a in range(x.ndim)])
+        per_example = math.prod(x.shape[a] for a in reduce if a != 0)
+        new = (w.sum() * per_example, (d * w).sum(reduce), (d * d * w).sum(reduce))
+        old = sums.get(module.path)
+        sums[module.path] = new if old is None else jax.tree.map(jnp.add, old, new)
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(capture):
+      forward({**variables, 'batch_stats': traverse_util.unflatten_dict(stats)}, batch)
+    return sums
+
+  def one_pass(_, stats):
+    # The first batch's sums start the scan over the others (a carry of zeros would not be
+    # varying over a `shard_map`'s axis, as the sums are).
+    first, rest = (jax.tree.map(lambda x, s=s: x[s], (batches, mask)) for s in (0, slice(1, None)))
+    add = lambda acc, xs: (jax.tree.map(jnp.add, acc, moments(stats, *xs)), None)
+    sums, _ = lax.scan(add, moments(stats, *first), rest)
+    stats = dict(stats)
+    for path, (count, s1, s2) in sums.items():
+      shift, offset = stats[path + ('mean',)], s1 / count
+      stats[path + ('mean',)] = (shift + offset).astype(shift.dtype)
+      var = jnp.maximum(s2 / count - offset * offset, 0.0)
+      stats[path + ('var',)] = var.astype(stats[path + ('var',)].dtype)
+    return stats
+
+  # The first pass outside the loop: its result, not the initial statistics, is what the loop's
+  # carry looks like (varying over a `shard_map`'s axis where the data are).
+  stats = lax.fori_loop(1, len(paths), one_pass, one_pass(0, flat))
+  return {**variables, 'batch_stats': traverse_util.unflatten_dict(stats)}

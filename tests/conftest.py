@@ -271,6 +271,19 @@ def assert_same_training(a: trainer.StackResult, b: trainer.StackResult, frozen=
   np.testing.assert_allclose(eval_logits(shared), eval_logits(a.variables), atol=1e-4)
 
 
+def bn_input_moments(model, variables, x, layers):
+  """The oracle of the 'target' BatchNorm policy: layer by layer, the float64 mean and variance
+  of each of FinalNet's `layers`' BatchNorm inputs (its conv's output, as flax captures it) over
+  all of `x` at once, in eval mode with the statistics found for the layers before it."""
+  stats = jax.tree.map(np.asarray, variables['batch_stats'])
+  for name in layers:
+    _, state = model.apply({**variables, 'batch_stats': stats}, x, train=False,
+                           capture_intermediates=True, mutable=['intermediates'])
+    h = np.asarray(state['intermediates'][name]['conv']['__call__'][0], np.float64)
+    stats = {**stats, name: {'bn': {'mean': h.mean((0, 1, 2)), 'var': h.var((0, 1, 2))}}}
+  return stats
+
+
 # Stacks grafted from `stacked` with conv1..2 frozen: the trainer's tests (both BatchNorm policies,
 # both member maps) and the features test (`fixed`, the loop) read the same trainings.
 PREFIX = tuple(NAMES[:2])

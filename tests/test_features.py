@@ -18,6 +18,8 @@ def test_cached_prefix_trains_like_the_plain_path(stacked, grafted):
   assert features.applicable(MODEL, structure)
   assert not features.applicable(MODEL, trainer.Structure(prefix, prefix, 'update'))
   assert not features.applicable(MODEL, trainer.Structure((), prefix, 'fixed'))  # random frozen
+  # 'target' measures the prefix's statistics at initialisation, from the images.
+  assert not features.applicable(MODEL, trainer.Structure(prefix, prefix, 'target'))
   ms = grafted_members(stacked)
   sources = ms.sources
   plain = grafted('fixed', 'map')  # trainer.train_stack(MODEL, structure, GRAFT_CONFIG, DATA, ms)

@@ -13,11 +13,13 @@ import pytest
 
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxtransfer import transfer
+from jaxtransfer.data.datasets import normalize
 from jaxtransfer.train import trainer
 from jaxtransfer.nets.models import FinalNet
 from tests.conftest import (CONFIG, DATA, GRAFT_CONFIG, HALVES, MODEL, NAMES, PREFIX,
-                            assert_same_training, eval_logits, grafted_members, members, take,
-                            tiny_data)
+                            assert_same_training, bn_input_moments, eval_logits, grafted_members,
+                            members, take, tiny_data)
 
 
 def take_result(result: trainer.StackResult, i: int) -> trainer.StackResult:
@@ -129,10 +131,11 @@ def test_partial_last_batch_is_trained_on():
   fns = trainer.stack_functions(tr, mesh, 'map')
   m = jax.device_put(take(members(HALVES), 0), NamedSharding(mesh, P(trainer.MODEL_AXIS)))
   data = jax.device_put(DATA, NamedSharding(mesh, P()))
-  init = fns.init.lower(m.init_keys, None, None, data).compile(trainer.INIT_COMPILER_OPTIONS)
+  init = fns.init.lower(m.init_keys, None, None, m.train_idx,
+                        data).compile(trainer.INIT_COMPILER_OPTIONS)
   keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(m.shuffle_keys, 0)
-  state, metrics = fns.epoch(init(m.init_keys, None, None, data), keys, m.train_idx, m.label_map,
-                             data)
+  state, metrics = fns.epoch(init(m.init_keys, None, None, m.train_idx, data), keys, m.train_idx,
+                             m.label_map, data)
   assert seen == [(16, True)]  # traced once: the scan's body, masked
   count = [x for x in jax.tree.leaves(state.opt_state) if x.dtype == jnp.int32]
   assert count[0].shape == (1,) and int(count[0][0]) == 3  # Adam took 3 steps: ceil(40 / 16)
@@ -185,6 +188,63 @@ def test_frozen_prefix_stays_the_source(stacked, frozen):
 def test_vmapped_frozen_graft_equals_the_loop(frozen):
   _, outs = frozen
   assert_same_training(outs['vmap'], outs['map'], frozen=PREFIX)
+
+
+# 40 training images a member: the statistics' last batch of 8 is padded to 16.
+TARGET_CONFIG = dataclasses.replace(GRAFT_CONFIG, eval_batch_size=16)
+
+
+@pytest.fixture(scope='module')
+def target(stacked):
+  """Stacks under the 'target' policy with conv1..2 frozen: left at their random initialisation
+  (both member maps) and grafted from `stacked` (the loop)."""
+  random = trainer.Structure((), PREFIX, 'target')
+  grafted = trainer.Structure(PREFIX, PREFIX, 'target')
+  return {
+      'random': {
+          m: trainer.train_stack(MODEL, random, TARGET_CONFIG, DATA, members(HALVES, 7),
+                                 member_map=m) for m in ('map', 'vmap')
+      },
+      'grafted': trainer.train_stack(MODEL, grafted, TARGET_CONFIG, DATA, grafted_members(stacked)),
+  }
+
+
+def _assert_target_statistics(result, starts, ms):
+  """Each member's frozen layers are its starting variables' (bit for bit), with the BatchNorm
+  statistics of its own training images (`bn_input_moments`), which training did not move."""
+  for j, start in enumerate(starts):
+    images = normalize(DATA.train_images[ms.train_idx[j]], DATA.mean, DATA.std)
+    want = bn_input_moments(MODEL, start, images, PREFIX)
+    for name in PREFIX:
+      jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[j], b),
+                   result.variables['params'][name], start['params'][name])
+      for stat in ('mean', 'var'):
+        got = result.variables['batch_stats'][name]['bn'][stat][j]
+        np.testing.assert_allclose(got, want[name]['bn'][stat], rtol=1e-5, atol=1e-6,
+                                   err_msg=f'member {j} {name} {stat}')
+        assert not np.allclose(got, start['batch_stats'][name]['bn'][stat], rtol=1e-3)
+
+
+def test_target_policy_measures_random_frozen_layers_on_the_target_data(target):
+  ms = members(HALVES, 7)
+  example = jnp.zeros((1,) + DATA.train_images.shape[1:])
+  starts = [jax.jit(MODEL.init)(key, example) for key in ms.init_keys]
+  for member_map, result in target['random'].items():
+    _assert_target_statistics(result, starts, ms)
+    assert not np.allclose(result.variables['params']['conv3']['conv']['kernel'][0],
+                           starts[0]['params']['conv3']['conv']['kernel'])  # the rest trained
+  assert_same_training(target['random']['vmap'], target['random']['map'], frozen=PREFIX)
+
+
+def test_target_policy_measures_grafted_frozen_layers_on_the_target_data(target, stacked):
+  ms = grafted_members(stacked)
+  example = jnp.zeros((1,) + DATA.train_images.shape[1:])
+  starts = [
+      transfer.graft(jax.tree.map(lambda x, j=j: x[j], ms.sources),
+                     jax.jit(MODEL.init)(key, example), PREFIX)
+      for j, key in enumerate(ms.init_keys)
+  ]
+  _assert_target_statistics(target['grafted'], starts, ms)
 
 
 def test_vmapped_finetuned_graft_equals_the_loop(stacked):

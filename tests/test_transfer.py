@@ -11,6 +11,7 @@ import pytest
 
 from jaxtransfer import transfer
 from jaxtransfer.nets.models import FinalNet
+from tests.conftest import bn_input_moments
 
 
 class Encoder(nn.Module):
@@ -241,3 +242,51 @@ def test_fixed_policy_prefix_equals_eval_mode():
 
   eval_prefix = jax.jit(lambda v, x: model.apply(v, x, train=False, stop=2))
   np.testing.assert_array_equal(train_prefix(variables, x), eval_prefix(variables, x))
+
+
+def _statistics(model, variables, x, layers, batch, mask=True):
+  """`transfer.batchnorm_statistics` over `x` in batches of `batch`, the last padded with copies
+  of x[0] (masked out unless `mask` is False)."""
+  nb = -(-len(x) // batch)
+  idx = jnp.pad(jnp.arange(len(x)), (0, nb * batch - len(x))).reshape(nb, batch)
+  valid = (jnp.arange(nb * batch) < len(x)).reshape(nb, batch) if mask else None
+  forward = lambda v, i: model.apply(v, x[i], train=False)
+  return jax.jit(lambda v: transfer.batchnorm_statistics(forward, v, idx, layers, valid))(variables)
+
+
+def test_batchnorm_statistics_are_the_inputs_moments_layer_by_layer():
+  """Each BatchNorm of the named layers gets its input's mean and variance over all the data,
+  with the layers before it already measured; the others and every param are left as they were;
+  the padding of the last batch does not count."""
+  model = FinalNet(3, widths=(2, 3, 4))
+  x = jax.random.normal(jax.random.key(1), (37, 8, 8, 3)) * 2 + 1
+  variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+  layers = ['conv1', 'conv2', 'conv3']
+  out = _statistics(model, variables, x, layers, batch=8)
+  want = bn_input_moments(model, variables, x, layers)
+  for name in layers:
+    for stat in ('mean', 'var'):
+      np.testing.assert_allclose(out['batch_stats'][name]['bn'][stat], want[name]['bn'][stat],
+                                 rtol=2e-6, atol=1e-7, err_msg=f'{name} {stat}')
+    assert not np.allclose(out['batch_stats'][name]['bn']['var'], 1.0)  # measured, not the init
+  for name in ('conv4', 'conv5', 'conv6'):
+    _assert_tree_equal(out['batch_stats'][name], variables['batch_stats'][name])
+  _assert_tree_equal(out['params'], variables['params'])
+  # Counted, the padding (7 copies of x[0]) would move the statistics.
+  unmasked = _statistics(model, variables, x, layers, batch=8, mask=False)
+  assert not np.allclose(unmasked['batch_stats']['conv1']['bn']['var'],
+                         out['batch_stats']['conv1']['bn']['var'], rtol=1e-3)
+
+
+def test_batchnorm_statistics_of_a_model_that_is_not_ours():
+  """A nested BatchNorm whose mode is given at call time, on [batch, features] inputs."""
+  variables = init(0)
+  out = _statistics(Other(), variables, X, ['stem'], batch=5)
+  h = np.asarray(X, np.float64) @ np.asarray(variables['params']['stem']['proj']['kernel'],
+                                             np.float64) + np.asarray(
+                                                 variables['params']['stem']['proj']['bias'])
+  np.testing.assert_allclose(out['batch_stats']['stem']['norm']['mean'], h.mean(0), rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(out['batch_stats']['stem']['norm']['var'], h.var(0), rtol=1e-5)
+  # No BatchNorm in the named layers: nothing to measure.
+  _assert_tree_equal(_statistics(Other(), variables, X, ['middle'], batch=5), variables)

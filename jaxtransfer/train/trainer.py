@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtransfer import config as config_lib, transfer
 from jaxtransfer.config import MEMBER_MAPS, OPTIMIZERS  # MEMBER_MAPS: see _over_members
 from jaxtransfer.data.datasets import normalize
-from jaxtransfer.nets import flops
+from jaxtransfer.nets import flops, modelspec
 from jaxtransfer.train import programs as programs_lib
 
 PyTree = Any
@@ -200,22 +200,49 @@ class Trainer:
                        'with --augment the plain way (features.planned_nbytes(augment=True))')
     steps = steps_per_epoch(train_images, config.batch_size)
     self.tx = make_optimizer(config, steps)
+    self._frozen_slice = {}
     if structure is not None:
       shapes = _variable_shapes(model, example.shape[1:])
       self.labels = transfer.freeze_labels(shapes['params'], structure.frozen_layers)
       self.tx = transfer.masked_optimizer(self.tx, self.labels)
+      if structure.batchnorm == 'target':
+        if start:
+          raise ValueError("the 'target' BatchNorm policy measures its statistics on images: "
+                           'a stack on precomputed prefix features cannot use it')
+        frozen = tuple(structure.frozen_layers)
+        if (modelspec.runs_slices(model) and
+            tuple(transfer.layer_order(model, example, train=False)[:len(frozen)]) == frozen):
+          self._frozen_slice = {'stop': len(frozen)}
 
-  def init(self, key: jax.Array, source: PyTree | None,
-           flags: LayerFlags | None = None) -> TrainState:
-    """A fresh member with its grafted layers from `source`: the structure's, or `flags`'."""
+  def init(self, key: jax.Array, source: PyTree | None, flags: LayerFlags | None = None,
+           train_idx: jax.Array | None = None, data: DeviceData | None = None) -> TrainState:
+    """A fresh member with its grafted layers from `source`: the structure's, or `flags'`. Under
+    the 'target' BatchNorm policy its frozen layers' statistics are then measured on its
+    training images `train_idx` of `data` (`transfer.batchnorm_statistics`)."""
     variables = dict(self.model.init(key, self.example, train=False))
     if flags is not None:
       variables = transfer.graft_where(source, variables, flags.graft)
     elif self.structure.graft_layers:
       variables = transfer.graft(source, variables, self.structure.graft_layers)
+    if self.structure is not None and self.structure.batchnorm == 'target':
+      variables = self._target_statistics(variables, train_idx, data)
     params = variables.pop('params')
     return TrainState(params, variables, self.tx.init(params),
                       None if flags is None else flags.train)
+
+  def _target_statistics(self, variables, train_idx, data: DeviceData):
+    """The frozen layers' BatchNorm statistics over the member's training images, in batches of
+    the evaluation size (the last padded and masked), through the frozen layers alone where the
+    model runs a slice of its layers and they are its first ones."""
+    n = train_idx.shape[0]
+    eb = min(self.config.eval_batch_size, n)
+    batches = -(-n // eb)
+    idx = jnp.pad(train_idx, (0, batches * eb - n)).reshape(batches, eb)
+    mask = (jnp.arange(batches * eb) < n).reshape(batches, eb)
+    forward = lambda v, i: self.model.apply(v, _inputs(data.train_images[i], data), train=False, **
+                                            self._frozen_slice)
+    return transfer.batchnorm_statistics(forward, variables, idx, self.structure.frozen_layers,
+                                         mask)
 
   def loss(self, params, model_state, images, labels, mask=None):
     policy = (contextlib.nullcontext() if self.structure is None else transfer.batchnorm_policy(
@@ -400,7 +427,7 @@ def resolve_member_map(member_map: str | None) -> str:
 class StackFunctions(NamedTuple):
   """A stack's three programs, each jit(shard_map(member map)) over the mesh's model axis."""
 
-  init: Callable  # (init_keys, sources, flags, data) -> TrainState
+  init: Callable  # (init_keys, sources, flags, train_idx, data) -> TrainState
   epoch: Callable  # (state, shuffle_keys, train_idx, label_map, data) -> (state, [K, 2] metrics)
   evaluate: Callable  # (variables, test_idx, label_map, data) -> [K] test accuracy
 
@@ -417,11 +444,7 @@ def stack_functions(trainer: Trainer, mesh: Mesh, member_map: str,
         jax.shard_map(_over_members(fn, member_map, shared_data), mesh=mesh, in_specs=in_specs,
                       out_specs=P(MODEL_AXIS)))
 
-  def init_fn(key, source, flags, data):
-    del data
-    return trainer.init(key, source, flags)
-
-  return StackFunctions(compile_(init_fn, 3), compile_(trainer.epoch, 4),
+  return StackFunctions(compile_(trainer.init, 4), compile_(trainer.epoch, 4),
                         compile_(trainer.evaluate, 3))
 
 
@@ -709,7 +732,8 @@ def train_stack(model: nn.Module, structure: Structure, config: TrainConfig, dat
     return _Chunks([m for m, _ in parts], [f for _, f in parts], datas)
 
   fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
-  init_args = lambda c, i: (c.members[i].init_keys, c.members[i].sources, c.flags[i], c.data[i])
+  init_args = lambda c, i: (c.members[i].init_keys, c.members[i].sources, c.flags[i], c.members[i].
+                            train_idx, c.data[i])
   epoch_args = lambda c, state, i, epoch: (state, fold(c.members[i].shuffle_keys, epoch), c.members[
       i].train_idx, c.members[i].label_map, c.data[i])
   eval_args = lambda c, state, i: (state.variables(), c.members[i].test_idx, c.members[i].label_map,

@@ -60,6 +60,41 @@ def test_compare_tests_the_specificity_of_a_second_study_against_the_first(tmp_p
   assert 'Specificity' not in compare.table([(str(tmp_path / 'one'), '')])
 
 
+def test_compare_contrasts_any_two_conditions(tmp_path):
+  """`--contrast=random,base`: random − base in each study and the second minus the first, by
+  Welch between split values where the two studies hold different base nets."""
+  from experiments import compare
+  from scipy import stats as scipy_stats
+
+  def study(drop, base_shift):
+    base = [
+        dict(r, test_accuracy=r['test_accuracy'] + base_shift)
+        for r in rows_lib.select(ROWS, condition='base')
+    ]
+    random = [
+        dict(r, condition='random', depth=1, frozen=True,
+             test_accuracy=r['test_accuracy'] - drop - 0.01 * r['split'] * (r['target'] == 'A'))
+        for r in base
+    ]
+    return base + random
+
+  rows_lib.write(str(tmp_path / 'one'), study(0.10, 0.0))
+  rows_lib.write(str(tmp_path / 'two'), study(0.02, 0.05))
+  studies = [(str(tmp_path / 'one'), ''), (str(tmp_path / 'two'), 'two')]
+  text = compare.table(studies, ('random', 'base'))
+  assert 'random − base, paired within each study and clustered by split' in text
+  assert '| n | random − base | random − base (two) | two − first study (Welch, Holm ×1) |' in text
+  # Per split (the mean of A and B): -drop - 0.005 * split.
+  first, later = [-0.10 - 0.005 * s for s in range(3)], [-0.02 - 0.005 * s for s in range(3)]
+  welch = scipy_stats.ttest_ind(later, first, equal_var=False)
+  half = welch.confidence_interval().high - 0.08
+  assert f'| 1 | {-0.105:+.3f} ± ' in text and f'+0.080 ± {half:.3f} (n=3) (above 0)' in text
+  assert "Welch: the studies' base nets differ" in text
+  assert 'Specificity' not in text and 'random − base' not in compare.table(studies)
+  with pytest.raises(ValueError, match='--contrast=random,random: expected two different'):
+    compare.table(studies, ('random', 'random'))
+
+
 def test_compare_refuses_what_it_cannot_pair(tmp_path, capsys):
   from experiments import compare
   one, two = str(tmp_path / 'one'), str(tmp_path / 'two')

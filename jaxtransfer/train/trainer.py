@@ -216,7 +216,7 @@ class Trainer:
 
   def init(self, key: jax.Array, source: PyTree | None, flags: LayerFlags | None = None,
            train_idx: jax.Array | None = None, data: DeviceData | None = None) -> TrainState:
-    """A fresh member with its grafted layers from `source`: the structure's, or `flags'`. Under
+    """A fresh member with its grafted layers from `source`: the structure's, or `flags`'. Under
     the 'target' BatchNorm policy its frozen layers' statistics are then measured on its
     training images `train_idx` of `data` (`transfer.batchnorm_statistics`)."""
     variables = dict(self.model.init(key, self.example, train=False))

@@ -5,7 +5,8 @@ set of results, figures and report.
   python -m experiments.main --flagfile=... --num_splits=5 --splits=2,3,4 --workdir=/w/s234
   python -m experiments.pool --out=/w/all /w/s01 /w/s234
 
-Shards must share every flag except --num_splits and --splits, and hold disjoint splits.
+Shards must share every flag except --num_splits and --splits, and hold disjoint splits. Shards
+of a sweep pool value by value into --out/<param>-<value>/, with the sweep's sweep.md in --out.
 """
 
 from __future__ import annotations

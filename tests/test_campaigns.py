@@ -21,16 +21,24 @@ from jaxtransfer.study.workdir import Workdir
 from tests.conftest import ROOT, make_image_folder, run_cli
 
 
-def _shard(finished, path, split, similarity=True):
-  """A finished one-split shard of the `finished` study, as `--splits=<split>` would leave it."""
+def _shard(finished, path, split, similarity=True, epochs=None):
+  """A finished one-split shard of the `finished` study, as `--splits=<split>` would leave it;
+  with `epochs`, of that study trained for `epochs` (whose grafted models, here, are 0.1 less
+  accurate than the finished study's)."""
   os.makedirs(path)
   meta = json.load(open(os.path.join(finished, 'study.json')))
   meta['config']['splits'] = [split]
+  changed = {}
+  if epochs is not None:
+    meta['config']['epochs'] = epochs
+    changed = lambda r: dict(
+        epochs=epochs, test_accuracy=r['test_accuracy'] - (0.1 if r['condition'] != 'base' else 0))
   meta['config_hash'] = config_lib.config_hash(config_lib.with_defaults(meta['config']))
   files.write_json(os.path.join(path, 'study.json'), meta)
   rows = rows_lib.read_csv(os.path.join(finished, 'results.csv'))
-  rows_lib.write(
-      path, [{**r, 'config_hash': meta['config_hash']} for r in rows_lib.select(rows, split=split)])
+  rows_lib.write(path,
+                 [{**r, 'config_hash': meta['config_hash'], **(changed(r) if changed else {})}
+                  for r in rows_lib.select(rows, split=split)])
   Workdir(path).append_metrics([r for r in Workdir(finished).read_metrics() if r['split'] == split])
   if similarity:
     cka = json.load(open(os.path.join(finished, 'figures', 'cka.json')))
@@ -93,6 +101,59 @@ def test_pooled_shards_equal_the_whole_study(finished, tmp_path):
   ])
   with pytest.raises(ValueError, match=r'not a shard of the same study .*\(epochs: 1 vs 3\)'):
     campaigns.pool([one, two], out)
+
+
+def _sweep_shard(finished, path, split):
+  """A one-split shard of `--sweep=epochs=1,2` on the finished study's flags."""
+  os.makedirs(path)
+  meta = json.load(open(os.path.join(finished, 'study.json')))
+  meta['config'].update(splits=[split], sweep='epochs=1,2')
+  meta['config_hash'] = config_lib.config_hash(config_lib.with_defaults(meta['config']))
+  files.write_json(os.path.join(path, 'study.json'), meta)
+  _shard(finished, os.path.join(path, 'epochs-1'), split)
+  _shard(finished, os.path.join(path, 'epochs-2'), split, epochs=2)
+
+
+def test_sweep_shards_pool_value_by_value_with_the_sweeps_summary(finished, tmp_path):
+  """Shards of a sweep pool into one pool per value, each what pooling that value's shards gives,
+  and the sweep's summary over the pooled splits; nothing is written unless every value pools."""
+  one, two, out = (str(tmp_path / n) for n in ('one', 'two', 'out'))
+  _sweep_shard(finished, one, 1)
+  _sweep_shard(finished, two, 0)
+  assert campaigns.pool([one, two], out) == os.path.join(out, 'sweep.md')
+  for value in (1, 2):
+    alone = str(tmp_path / f'alone-{value}')
+    campaigns.pool([os.path.join(one, f'epochs-{value}'),
+                    os.path.join(two, f'epochs-{value}')], alone)
+    pooled = os.path.join(out, f'epochs-{value}')
+    for name in ('results.csv', 'results.json'):
+      assert open(os.path.join(pooled, name)).read() == open(os.path.join(alone, name)).read()
+    rows = rows_lib.read_csv(os.path.join(pooled, 'results.csv'))
+    assert {r['epochs'] for r in rows} == {value} and {r['split'] for r in rows} == {0, 1}
+    assert 'Pooled from the shards `../../one/epochs-' in open(os.path.join(pooled,
+                                                                            'report.md')).read()
+  summary = open(os.path.join(out, 'sweep.md')).read()
+  assert '| claim | contrast | epochs = 1 | epochs = 2 |' in summary
+  by_value = {v: rows_lib.read_csv(os.path.join(out, f'epochs-{v}', 'results.csv')) for v in (1, 2)}
+  assert summary == open(campaigns.write_sweep_summary(str(tmp_path / 'again'), 'epochs',
+                                                       by_value)).read()
+  bnb = lambda v: [r for r in by_value[v] if r['condition'] == 'BnB']
+  assert [r['test_accuracy'] for r in bnb(2)
+         ] == pytest.approx([r['test_accuracy'] - 0.1 for r in bnb(1)])
+  assert os.path.getsize(os.path.join(out, 'figures', 'sweep_epochs.png')) > 1000
+  assert json.load(open(os.path.join(out, 'pool.json')))['shards'] == ['../one', '../two']
+  assert campaigns.pool([one, two], out) == os.path.join(out, 'sweep.md')  # the same pool again
+  plain = str(tmp_path / 'plain')
+  _shard(finished, plain, 0)
+  with pytest.raises(
+      ValueError, match=r'shards of different sweeps do not pool \(.*one: '
+      r'--sweep=epochs=1,2, .*plain: no sweep\)'):
+    campaigns.pool([one, plain], str(tmp_path / 'mixed'))
+  os.remove(os.path.join(two, 'epochs-2', 'results.csv'))  # the last value not finished
+  with pytest.raises(ValueError,
+                     match=re.escape(os.path.join(two, 'epochs-2')) + ' is not a finished study'):
+    campaigns.pool([one, two], str(tmp_path / 'early'))
+  assert not os.path.exists(tmp_path / 'early')
 
 
 def _edit_csv(path, edit):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from jaxtransfer import config as config_lib
 from jaxtransfer.study import migrate, similarity, driver
@@ -45,18 +45,25 @@ def _sweep_locked(config: StudyConfig, workdir: Workdir, param: str, values: Seq
     driver.run(sub_config, sub, progress=progress, **kwargs)
     if workdir.writer:  # the others write no results.csv to read
       rows_by_value[value] = rows_lib.read_csv(sub.file('results.csv'))
-  path = workdir.file('sweep.md')
   if not workdir.writer:
-    return path
-  summary = report.sweep_summary(rows_by_value)
-  figures = plots.sweep_figure(summary, param, workdir.file('figures', f'sweep_{param}'))
-  files.write_text(
-      path, report.render_sweep(summary, param,
-                                [os.path.relpath(f, workdir.path) for f in figures]))
-  return path
+    return workdir.file('sweep.md')
+  return write_sweep_summary(workdir.path, param, rows_by_value)
 
 
 SHARD_FIELDS = ('num_splits', 'splits')
+
+
+class _Pooled(NamedTuple):
+  """A pool read and checked, not yet written: everything `_write_pool` needs."""
+
+  out: str
+  record: dict  # pool.json
+  rows: list[dict]
+  config: dict
+  class_names: tuple[str, ...]
+  metrics: list[dict]
+  cka_data: list[dict | None]
+  note: str
 
 
 def pool(shards: Sequence[str], out: str) -> str:
@@ -70,7 +77,10 @@ def pool(shards: Sequence[str], out: str) -> str:
   runs its own study.json plans (typed, with the planned values, and the config hash the record
   has), their metrics and CKA files must read, no shard may be given twice, and `out` may not lie
   inside one nor hold anything but this very pool (`workdir.check_owner`): pooling the same
-  shards again into their pool rewrites the same files."""
+  shards again into their pool rewrites the same files.
+
+  Shards of a sweep (`--sweep`) pool value by value into `out/<param>-<value>/`, then `out` gets
+  the sweep's summary over the pooled splits (`sweep.md` and its figure); returns its path."""
   if len(shards) < 2:
     raise ValueError('pooling needs at least two shard workdirs')
   real = [os.path.realpath(p) for p in shards]
@@ -82,6 +92,52 @@ def pool(shards: Sequence[str], out: str) -> str:
     if os.path.commonpath([target, r]) == r:
       raise ValueError(f'--out {out} is inside the shard {path}; pool into a new directory')
   migrate.refuse_legacy(shards)
+  sweep = _sweep_of(shards)
+  if not sweep:
+    pooled = _read_pool(shards, out)
+    workdir_lib.check_owner(out, study=False, pool=pooled.record)  # the last check: then writes
+    return _write_pool(pooled)
+  param, values = config_lib.parse_sweep(sweep)
+  folders = [f'{param}-{value}' for value in values]
+  parts = [_read_pool([os.path.join(s, f) for s in shards], os.path.join(out, f)) for f in folders]
+  where = [os.path.relpath(p, out) for p in shards]
+  record = {'sweep': sweep, 'shards': where, 'pools': folders}
+  workdir_lib.check_owner(out, study=False, pool=record)
+  for part in parts:
+    workdir_lib.check_owner(part.out, study=False, pool=part.record)
+  files.write_json(os.path.join(out, workdir_lib.POOL), record)
+  for part in parts:
+    _write_pool(part)
+  rows_by_value = dict(zip(values, (part.rows for part in parts)))
+  return write_sweep_summary(out, param, rows_by_value)
+
+
+def write_sweep_summary(out: str, param: str, rows_by_value: dict) -> str:
+  """`out/sweep.md` and `out/figures/sweep_<param>.png`: every claim at each swept value."""
+  summary = report.sweep_summary(rows_by_value)
+  figures = plots.sweep_figure(summary, param, os.path.join(out, 'figures', f'sweep_{param}'))
+  path = os.path.join(out, 'sweep.md')
+  files.write_text(path,
+                   report.render_sweep(summary, param, [os.path.relpath(f, out) for f in figures]))
+  return path
+
+
+def _sweep_of(shards: Sequence[str]) -> str:
+  """The `--sweep` all shards ran ('' for plain studies); shards of a sweep and plain ones, or of
+  different sweeps, do not pool."""
+  sweeps = []
+  for path in shards:
+    meta = os.path.join(path, workdir_lib.STUDY)
+    config = rows_lib.read_json(meta).get('config', {}) if os.path.isfile(meta) else {}
+    sweeps.append(config.get('sweep', '') if isinstance(config, dict) else '')
+  if len(set(sweeps)) > 1:
+    kinds = ', '.join(f'{p}: {s and "--sweep=" + s or "no sweep"}' for p, s in zip(shards, sweeps))
+    raise ValueError(f'shards of different sweeps do not pool ({kinds})')
+  return sweeps[0]
+
+
+def _read_pool(shards: Sequence[str], out: str) -> _Pooled:
+  """Read and check every shard of one (plain) study for a pool into `out`; writes nothing."""
   records, shard_rows, metrics, cka_data = [], [], [], []
   for path in shards:
     meta, csv = os.path.join(path, 'study.json'), os.path.join(path, 'results.csv')
@@ -123,30 +179,35 @@ def pool(shards: Sequence[str], out: str) -> str:
   }
   # Shards as seen from `out`: no path of the machine that pooled them.
   where = {p: os.path.relpath(p, out) for p in shards}
-  pool_record = {'config': config, 'shards': [where[p] for p in shards]}
-  workdir_lib.check_owner(out, study=False, pool=pool_record)  # the last check: then writes
-  rows_lib.write(out, rows)
-  files.write_json(os.path.join(out, workdir_lib.POOL), pool_record)
-  figures = [os.path.relpath(p, out) for p in plots.write_all(rows, out)]
-  if metrics:
-    figures += [
-        os.path.relpath(p, out)
-        for p in plots.curves_figure(metrics, os.path.join(out, 'figures', 'curves'))
-    ]
   parts = [
       f'`{where[p]}` (split {", ".join(str(s) for s in chosen if owner[s] == p)})' for p in shards
   ]
-  if all(d is not None for d in cka_data):
-    figures += [os.path.relpath(p, out) for p in _pool_similarity(cka_data, config, out)]
+  return _Pooled(out, {'config': config, 'shards': [where[p] for p in shards]}, rows, config,
+                 records[0].class_names, metrics, cka_data,
+                 f'Pooled from the shards {", ".join(parts)}; ')
+
+
+def _write_pool(pooled: _Pooled) -> str:
+  """Write a checked pool: results, pool.json, figures and report.md; returns the report's path."""
+  out, rows, config = pooled.out, pooled.rows, pooled.config
+  rows_lib.write(out, rows)
+  files.write_json(os.path.join(out, workdir_lib.POOL), pooled.record)
+  figures = [os.path.relpath(p, out) for p in plots.write_all(rows, out)]
+  if pooled.metrics:
+    figures += [
+        os.path.relpath(p, out)
+        for p in plots.curves_figure(pooled.metrics, os.path.join(out, 'figures', 'curves'))
+    ]
+  if all(d is not None for d in pooled.cka_data):
+    figures += [os.path.relpath(p, out) for p in _pool_similarity(pooled.cka_data, config, out)]
     cka_note = 'the layer-similarity (CKA) figure averages every shard\'s models.'
   else:
     cka_note = 'their layer-similarity (CKA) figures stay in each shard.'
-  note = f'Pooled from the shards {", ".join(parts)}; {cka_note}'
   path = os.path.join(out, 'report.md')
   files.write_text(
       path,
-      report.render(rows, config, figures, class_names=records[0].class_names or None, note=note,
-                    metrics=metrics))
+      report.render(rows, config, figures, class_names=pooled.class_names or None,
+                    note=pooled.note + cka_note, metrics=pooled.metrics))
   return path
 
 

@@ -230,7 +230,7 @@ class RunOptions:
       'noise.', MEMBER_MAPS)
   feature_budget_mb: int = _opt(
       FEATURE_BUDGET_MB, 'Memory for the outputs of frozen prefixes under '
-      '--frozen_batchnorm=fixed, computed once per stack instead of at every step (same '
+      '--frozen_batchnorm=fixed or target, computed once per stack instead of at every step (same '
       'results, faster); a stack needing more trains the plain way. 0: never.')
   eval_batch_size: int = _opt(
       1000, 'Test images per evaluation batch (memory against speed; not part of the study).')

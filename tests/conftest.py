@@ -4,6 +4,7 @@ times), the one generator of fake image folders, and the driver's command line i
 Under pytest-xdist the workers share the compilation cache and the `finished` study (run by the
 first worker that needs it, copied by every worker)."""
 
+import dataclasses
 import fcntl
 import os
 import shutil
@@ -308,5 +309,28 @@ def grafted(stacked):
                                                                       batchnorm), GRAFT_CONFIG,
                                              DATA, grafted_members(stacked), member_map=member_map)
     return runs[batchnorm, member_map]
+
+  return train
+
+
+# 40 training images a member: the statistics' last batch of 8 is padded to 16.
+TARGET_CONFIG = dataclasses.replace(GRAFT_CONFIG, eval_batch_size=16)
+
+
+@pytest.fixture(scope='session')
+def target(stacked):
+  """target(source, member_map): the StackResult of a stack under the 'target' policy with
+  PREFIX frozen, left at its random initialisation (`source` 'random') or grafted from `stacked`
+  ('grafted'), trained for TARGET_CONFIG once a session."""
+  runs = {}
+
+  def train(source, member_map='map'):
+    if (source, member_map) not in runs:
+      graft, ms = ((), members(HALVES, 7)) if source == 'random' else (PREFIX,
+                                                                       grafted_members(stacked))
+      runs[source, member_map] = trainer.train_stack(MODEL,
+                                                     trainer.Structure(graft, PREFIX, 'target'),
+                                                     TARGET_CONFIG, DATA, ms, member_map=member_map)
+    return runs[source, member_map]
 
   return train

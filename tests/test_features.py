@@ -1,4 +1,4 @@
-"""Frozen prefixes computed once (`fixed`): the same training as the plain path.
+"""Frozen prefixes computed once (`fixed`, `target`): the same training as the plain path.
 
 Compared where float noise cannot be amplified: a conv bias right before a BatchNorm gets no
 gradient signal (BatchNorm subtracts it), so Adam turns float noise into +-lr steps on it, and the
@@ -8,8 +8,11 @@ accuracy (eval mode, running means) is therefore not compared at this learning r
 import jax
 import numpy as np
 
+import pytest
+
 from jaxtransfer.train import features, trainer
-from tests.conftest import DATA, GRAFT_CONFIG, MODEL, PREFIX, grafted_members
+from tests.conftest import (DATA, GRAFT_CONFIG, HALVES, MODEL, PREFIX, TARGET_CONFIG,
+                            grafted_members, members)
 
 
 def test_cached_prefix_trains_like_the_plain_path(stacked, grafted):
@@ -17,9 +20,10 @@ def test_cached_prefix_trains_like_the_plain_path(stacked, grafted):
   structure = trainer.Structure(prefix, prefix, 'fixed')
   assert features.applicable(MODEL, structure)
   assert not features.applicable(MODEL, trainer.Structure(prefix, prefix, 'update'))
-  assert not features.applicable(MODEL, trainer.Structure((), prefix, 'fixed'))  # random frozen
-  # 'target' measures the prefix's statistics at initialisation, from the images.
-  assert not features.applicable(MODEL, trainer.Structure(prefix, prefix, 'target'))
+  assert not features.applicable(MODEL, trainer.Structure(prefix, (), 'fixed'))  # fine-tuned
+  for graft in ((), prefix):  # frozen random or grafted layers, statistics fixed or measured
+    for policy in ('fixed', 'target'):
+      assert features.applicable(MODEL, trainer.Structure(graft, prefix, policy))
   ms = grafted_members(stacked)
   sources = ms.sources
   plain = grafted('fixed', 'map')  # trainer.train_stack(MODEL, structure, GRAFT_CONFIG, DATA, ms)
@@ -55,3 +59,40 @@ def test_cached_prefix_trains_like_the_plain_path(stacked, grafted):
 def no_signal(path: str) -> bool:
   """A conv bias right before a BatchNorm, or a BatchNorm running mean (see the docstring)."""
   return path.endswith("['conv']['bias']") or path.endswith("['bn']['mean']")
+
+
+@pytest.mark.parametrize('source, batchnorm', [('random', 'fixed'), ('random', 'target'),
+                                               ('grafted', 'target')])
+def test_a_prefix_from_each_members_starting_state_trains_like_the_plain_path(
+    stacked, target, source, batchnorm):
+  """Frozen layers at their initialisation, or with statistics measured at it: the features come
+  from each member's starting state, and the stack trains as grafted frozen layers under `fixed`
+  do, the plain path's training to float noise, its frozen layers the plain path's."""
+  graft, ms = ((), members(HALVES, 7)) if source == 'random' else (PREFIX, grafted_members(stacked))
+  structure = trainer.Structure(graft, PREFIX, batchnorm)
+  plain = (target(source) if batchnorm == 'target' else trainer.train_stack(
+      MODEL, structure, TARGET_CONFIG, DATA, ms))
+  train_structure, starting = features.starting_prefix(MODEL, structure, TARGET_CONFIG, ms, DATA)
+  assert train_structure == trainer.Structure(PREFIX, PREFIX, 'fixed')
+  cached, indexed = features.compute(MODEL, starting, DATA, start=2)
+  fast = trainer.train_stack(MODEL, train_structure, TARGET_CONFIG, DATA, indexed, features=cached)
+  np.testing.assert_allclose(fast.train_loss, plain.train_loss, rtol=1e-5)
+  np.testing.assert_allclose(fast.train_accuracy, plain.train_accuracy)
+  np.testing.assert_allclose(fast.test_accuracy, plain.test_accuracy, atol=1e-6)
+  leaves = lambda v: dict(jax.tree_util.tree_leaves_with_path(v))
+  plain_leaves = leaves(plain.variables)
+  for path, x in leaves(fast.variables).items():
+    if not no_signal(jax.tree_util.keystr(path)):
+      np.testing.assert_allclose(x, plain_leaves[path], rtol=1e-4, atol=1e-5,
+                                 err_msg=jax.tree_util.keystr(path))
+  for name in PREFIX:  # the starting state's, bit for bit; under 'target' measured, not 0 and 1
+    for collection in ('params', 'batch_stats'):
+      jax.tree.map(np.testing.assert_array_equal, fast.variables[collection][name],
+                   starting.sources[collection][name])
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                   fast.variables[collection][name], plain.variables[collection][name])
+    moved = not np.allclose(fast.variables['batch_stats'][name]['bn']['var'], 1.0)
+    assert moved == (batchnorm == 'target')
+  if source == 'random':
+    assert not np.allclose(fast.variables['params']['conv1']['conv']['kernel'],
+                           stacked.variables['params']['conv1']['conv']['kernel'])

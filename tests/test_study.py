@@ -151,15 +151,19 @@ def test_python_api_refuses_what_the_cli_refuses(image_folder, tmp_path, capsys,
   assert not os.path.exists(tmp_path / 'api')
 
 
-def test_fixed_prefixes_computed_once_give_the_plain_results(image_folder, tmp_path, capfd):
-  """Under `fixed`, frozen grafted prefixes are precomputed (within --feature_budget_mb) and the
-  study's numbers are those of the plain path, to float rounding."""
-  args = lambda name, *extra: tiny_args(image_folder, tmp_path / name, '--conditions=BnB,AnB',
-                                        '--frozen_batchnorm=fixed', '--num_splits=1', '--depths=2',
-                                        *extra)
+@pytest.mark.parametrize('batchnorm, conditions, stacks', [('fixed', 'BnB,AnB', 1),
+                                                           ('target', 'AnB,random', 2)])
+def test_frozen_prefixes_computed_once_give_the_plain_results(image_folder, tmp_path, capfd,
+                                                              batchnorm, conditions, stacks):
+  """Under `fixed` and `target`, frozen prefixes, grafted or random, are precomputed (within
+  --feature_budget_mb) and the study's numbers are those of the plain path, to float rounding."""
+  args = lambda name, *extra: tiny_args(image_folder, tmp_path / name, f'--conditions={conditions}',
+                                        f'--frozen_batchnorm={batchnorm}', '--num_splits=1',
+                                        '--depths=2', *extra)
   assert run_cli(*args('plain', '--feature_budget_mb=0')) == 0
   assert run_cli(*[a for a in args('cached') if a != '--quiet']) == 0
-  assert capfd.readouterr().err.count('(prefix features: 0 MB) training') == 1  # n = 2
+  # n = 2: the grafted stack (BnB and AnB together), and the random one
+  assert capfd.readouterr().err.count('(prefix features: 0 MB) training') == stacks
   plain, cached = (
       rows_lib.read_csv(str(tmp_path / n / 'results.csv')) for n in ('plain', 'cached'))
   assert len(plain) == len(cached) == 2 + 2 * 2

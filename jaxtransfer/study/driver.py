@@ -254,12 +254,12 @@ def train_stacks(study: Study, workdir: Workdir, data: trainer.DeviceData, *,
       if stack.structure.graft_layers:
         bases = bases or workdir.members(study.stacks, base_only=True)
         sources = _stacked_sources(bases, stack.runs, stack.structure.graft_layers)
-      inputs = stack_inputs(study, stack, data, sources, options.feature_budget_mb)
+      inputs = stack_inputs(study, stack, data, sources, tconfig, options.feature_budget_mb)
       if inputs.features is not None:
         label += f' (prefix features: {inputs.feature_bytes / 2**20:.0f} MB)'
       progress.log(f'{label} training')
       on_epoch = EpochLog(workdir, progress, stack, label, config.epochs, work[stack.name])
-      result = trainer.train_stack(inputs.model, stack.structure, tconfig, data, inputs.members,
+      result = trainer.train_stack(inputs.model, inputs.structure, tconfig, data, inputs.members,
                                    mesh=mesh, member_map=member_map, on_epoch=on_epoch,
                                    features=inputs.features,
                                    eval_every_epoch=options.eval_every_epoch, pad_to=pad_to,
@@ -293,15 +293,17 @@ class StackInputs(NamedTuple):
   is computed once, that output (`trainer.Features`) and its size."""
 
   model: Any
+  structure: trainer.Structure  # what the trainer gets: on features, `features.starting_prefix`'s
   members: trainer.Members
   features: trainer.Features | None = None
   feature_bytes: int = 0
 
 
 def stack_inputs(study: Study, stack: Stack, data: trainer.DeviceData, sources,
-                 budget_mb: int) -> StackInputs:
-  """The model and members of `stack` (`sources`: its grafted layers, stacked), on the prefix's
-  features when they fit in `budget_mb` (`features.planned_nbytes`)."""
+                 config: trainer.TrainConfig, budget_mb: int) -> StackInputs:
+  """The model, structure and members of `stack` (`sources`: its grafted layers, stacked), on
+  the prefix's features when they fit in `budget_mb` (`features.planned_nbytes`; `config`: the
+  training, for the members' starting states, `features.starting_prefix`)."""
   classes = [study.classes(r) for r in stack.runs]
   members = stack_members(stack.runs, classes, study.train_labels, study.test_labels,
                           study.config.train_per_class or None, sources)
@@ -310,9 +312,10 @@ def stack_inputs(study: Study, stack: Stack, data: trainer.DeviceData, sources,
                                      members.test_idx.shape[1], data.train_images.shape[1:],
                                      budget_mb, augment=study.config.augment != 'none')
   if size is None:
-    return StackInputs(model, members)
-  features, members = features_lib.compute(model, members, data, len(stack.structure.frozen_layers))
-  return StackInputs(model, members, features, size)
+    return StackInputs(model, stack.structure, members)
+  structure, members = features_lib.starting_prefix(model, stack.structure, config, members, data)
+  features, members = features_lib.compute(model, members, data, len(structure.frozen_layers))
+  return StackInputs(model, structure, members, features, size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,13 @@
 """Frozen prefixes computed once per member instead of at every training step.
 
-Under the `fixed` BatchNorm policy, a stack's frozen grafted layers normalise with the
-transferred running statistics and never change: they are a fixed function of the image. Their
-output on each member's own training and test images is computed once, in inference mode, and
-the stack trains layers n.. on it (`trainer.Features`). At n = 6 of the seed's net that leaves
-only the head to train. Stored as float32 (the values the plain path computes, to float
-rounding), within a memory budget: a stack whose features would not fit trains the plain way.
+A stack's frozen first layers under the `fixed` BatchNorm policy normalise with the running
+statistics they start with (transferred, or their initialisation's), and under `target` with
+statistics measured once at initialisation: either way they never change, a fixed function of
+the image. Their output on each member's own training and test images is computed once, in
+inference mode, from each member's starting variables, and the stack trains layers n.. on it
+(`trainer.Features`). At n = 6 of the seed's net that leaves only the head to train. Stored as
+float32 (the values the plain path computes, to float rounding), within a memory budget: a stack
+whose features would not fit trains the plain way.
 """
 
 from __future__ import annotations
@@ -25,11 +27,36 @@ _BATCH = 1000
 
 
 def applicable(model: Any, structure: trainer.Structure, augment: bool = False) -> bool:
-  """Frozen grafted layers under `fixed`, and a model that can run a slice of its layers; and
-  no augmentation (`augment`: a prefix of images augmented afresh at every step cannot be
-  computed once)."""
-  return (not augment and structure.batchnorm == 'fixed' and bool(structure.frozen_layers) and
-          structure.frozen_layers == structure.graft_layers and modelspec.runs_slices(model))
+  """Frozen layers, grafted or left at their initialisation, whose BatchNorm statistics do not
+  move (`fixed` or `target`), and a model that can run a slice of its layers; and no
+  augmentation (`augment`: a prefix of images augmented afresh at every step cannot be computed
+  once)."""
+  return (not augment and structure.batchnorm in ('fixed', 'target') and
+          bool(structure.frozen_layers) and modelspec.runs_slices(model))
+
+
+def starting_prefix(model: Any, structure: trainer.Structure, config: trainer.TrainConfig,
+                    members: trainer.Members,
+                    data: trainer.DeviceData) -> tuple[trainer.Structure, trainer.Members]:
+  """The structure and members that train a stack on its prefix's features (`compute`) as
+  `structure` trains it on images: grafted frozen layers under `fixed` as they are; otherwise
+  each member starts as `Trainer.init` starts it (initialised, grafted, and under `target` its
+  frozen layers' statistics measured on its training images), and those starting variables
+  are the source its frozen layers are grafted from, under `fixed`."""
+  if structure.batchnorm == 'fixed' and structure.frozen_layers == structure.graft_layers:
+    return structure, members
+  example = jnp.zeros((1, *data.train_images.shape[1:]), jnp.float32)
+  init = jax.jit(trainer.Trainer(model, structure, config, example).init)
+  data = jax.device_put(data)
+  member = lambda tree, j: None if tree is None else jax.tree.map(lambda x: x[j], tree)
+  starts = [
+      init(key, member(members.sources, j), None, members.train_idx[j], data).variables()
+      for j, key in enumerate(members.init_keys)
+  ]
+  grafted = tuple(structure.frozen_layers) + tuple(
+      n for n in structure.graft_layers if n not in structure.frozen_layers)
+  return (trainer.Structure(grafted, structure.frozen_layers, 'fixed'),
+          members._replace(sources=jax.tree.map(lambda *xs: jnp.stack(xs), *starts)))
 
 
 def planned_nbytes(model: Any, structure: trainer.Structure, k: int, train_images: int,

@@ -1,6 +1,7 @@
 """Campaigns: pooling a study's shards, and sweeps over a flag."""
 
 import csv
+import glob
 import json
 import os
 import re
@@ -232,8 +233,10 @@ def test_published_shards_pool_into_the_published_study(tmp_path):
   assert pooled == sorted(
       rows_lib.read_csv(os.path.join(published, 'seed-2split-update', 'results.csv')), key=key)
   assert len(pooled) == 100 and not any(r['diverged'] for r in pooled)
-  for folder in os.listdir(published):
-    assert rows_lib.read_csv(os.path.join(published, folder, 'results.csv'))
+  for folder in os.listdir(published):  # a sweep's results are in its values' folders
+    sweep = os.path.isfile(os.path.join(published, folder, 'sweep.md'))
+    for study in glob.glob(os.path.join(published, folder, '*-*' if sweep else '')):
+      assert rows_lib.read_csv(os.path.join(study, 'results.csv'))
 
 
 @pytest.fixture(scope='module')

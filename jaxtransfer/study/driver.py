@@ -268,9 +268,12 @@ def train_stacks(study: Study, workdir: Workdir, data: trainer.DeviceData, *,
       saved = time.perf_counter()
       workdir.save(stack, result.variables, rows)
       phases = {**result.timings, 'save': time.perf_counter() - saved}
-      progress.log(f'{label} done in {result.seconds + phases["save"]:.1f} s: ' +
-                   ', '.join(f'{phase} {seconds:.1f} s' for phase, seconds in phases.items()) +
-                   _memory_note(result, len(stack.runs)))
+      if inputs.features is not None:
+        phases = {'features': inputs.feature_seconds, **phases}
+      progress.log(
+          f'{label} done in {result.seconds + phases["save"] + inputs.feature_seconds:.1f} s: ' +
+          ', '.join(f'{phase} {seconds:.1f} s' for phase, seconds in phases.items()) +
+          _memory_note(result, len(stack.runs)))
       if stack.is_base:
         bases = None  # re-read with the new stack included
     all_rows.extend(rows)
@@ -297,6 +300,7 @@ class StackInputs(NamedTuple):
   members: trainer.Members
   features: trainer.Features | None = None
   feature_bytes: int = 0
+  feature_seconds: float = 0.0  # computing them (and the members' starting states they need)
 
 
 def stack_inputs(study: Study, stack: Stack, data: trainer.DeviceData, sources,
@@ -313,9 +317,11 @@ def stack_inputs(study: Study, stack: Stack, data: trainer.DeviceData, sources,
                                      budget_mb, augment=study.config.augment != 'none')
   if size is None:
     return StackInputs(model, stack.structure, members)
+  start = time.perf_counter()
   structure, members = features_lib.starting_prefix(model, stack.structure, config, members, data)
   features, members = features_lib.compute(model, members, data, len(structure.frozen_layers))
-  return StackInputs(model, structure, members, features, size)
+  jax.block_until_ready(features.data)
+  return StackInputs(model, structure, members, features, size, time.perf_counter() - start)
 
 
 @dataclasses.dataclass(frozen=True)

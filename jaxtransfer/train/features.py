@@ -46,13 +46,14 @@ def starting_prefix(model: Any, structure: trainer.Structure, config: trainer.Tr
   if structure.batchnorm == 'fixed' and structure.frozen_layers == structure.graft_layers:
     return structure, members
   example = jnp.zeros((1, *data.train_images.shape[1:]), jnp.float32)
-  init = jax.jit(trainer.Trainer(model, structure, config, example).init)
   data = jax.device_put(data)
   member = lambda tree, j: None if tree is None else jax.tree.map(lambda x: x[j], tree)
-  starts = [
-      init(key, member(members.sources, j), None, members.train_idx[j], data).variables()
-      for j, key in enumerate(members.init_keys)
-  ]
+  args = lambda j: (members.init_keys[j], member(members.sources, j), None, members.train_idx[j],
+                    data)
+  # Compiled as the trainer compiles its initialisation (`trainer.INIT_COMPILER_OPTIONS`).
+  init = jax.jit(trainer.Trainer(model, structure, config, example).init).lower(*args(0)).compile(
+      trainer.INIT_COMPILER_OPTIONS)
+  starts = [init(*args(j)).variables() for j in range(members.init_keys.shape[0])]
   grafted = tuple(structure.frozen_layers) + tuple(
       n for n in structure.graft_layers if n not in structure.frozen_layers)
   return (trainer.Structure(grafted, structure.frozen_layers, 'fixed'),

@@ -313,6 +313,12 @@ def grafted(stacked):
   return train
 
 
+def frozen_members(source: str, stacked) -> tuple[tuple[str, ...], trainer.Members]:
+  """(grafted layers, members) of a stack with PREFIX frozen: left at the random initialisation
+  of seed 7 (`source` 'random') or grafted from `stacked` ('grafted')."""
+  return ((), members(HALVES, 7)) if source == 'random' else (PREFIX, grafted_members(stacked))
+
+
 # 40 training images a member: the statistics' last batch of 8 is padded to 16.
 TARGET_CONFIG = dataclasses.replace(GRAFT_CONFIG, eval_batch_size=16)
 
@@ -326,8 +332,7 @@ def target(stacked):
 
   def train(source, member_map='map'):
     if (source, member_map) not in runs:
-      graft, ms = ((), members(HALVES, 7)) if source == 'random' else (PREFIX,
-                                                                       grafted_members(stacked))
+      graft, ms = frozen_members(source, stacked)
       runs[source, member_map] = trainer.train_stack(MODEL,
                                                      trainer.Structure(graft, PREFIX, 'target'),
                                                      TARGET_CONFIG, DATA, ms, member_map=member_map)

@@ -57,9 +57,8 @@ class _Pooled(NamedTuple):
   """A pool read and checked, not yet written: everything `_write_pool` needs."""
 
   out: str
-  record: dict  # pool.json
+  record: dict  # pool.json: the pooled study's config and its shards
   rows: list[dict]
-  config: dict
   class_names: tuple[str, ...]
   metrics: list[dict]
   cka_data: list[dict | None]
@@ -126,10 +125,9 @@ def _sweep_of(shards: Sequence[str]) -> str:
   """The `--sweep` all shards ran ('' for plain studies); shards of a sweep and plain ones, or of
   different sweeps, do not pool."""
   sweeps = []
-  for path in shards:
+  for path in shards:  # a shard without a record is refused by `_read_pool`, naming it
     meta = os.path.join(path, workdir_lib.STUDY)
-    config = rows_lib.read_json(meta).get('config', {}) if os.path.isfile(meta) else {}
-    sweeps.append(config.get('sweep', '') if isinstance(config, dict) else '')
+    sweeps.append(workdir_lib.read_study(meta).recorded['sweep'] if os.path.isfile(meta) else '')
   if len(set(sweeps)) > 1:
     kinds = ', '.join(f'{p}: {s and "--sweep=" + s or "no sweep"}' for p, s in zip(shards, sweeps))
     raise ValueError(f'shards of different sweeps do not pool ({kinds})')
@@ -182,14 +180,14 @@ def _read_pool(shards: Sequence[str], out: str) -> _Pooled:
   parts = [
       f'`{where[p]}` (split {", ".join(str(s) for s in chosen if owner[s] == p)})' for p in shards
   ]
-  return _Pooled(out, {'config': config, 'shards': [where[p] for p in shards]}, rows, config,
+  return _Pooled(out, {'config': config, 'shards': [where[p] for p in shards]}, rows,
                  records[0].class_names, metrics, cka_data,
                  f'Pooled from the shards {", ".join(parts)}; ')
 
 
 def _write_pool(pooled: _Pooled) -> str:
   """Write a checked pool: results, pool.json, figures and report.md; returns the report's path."""
-  out, rows, config = pooled.out, pooled.rows, pooled.config
+  out, rows, config = pooled.out, pooled.rows, pooled.record['config']
   rows_lib.write(out, rows)
   files.write_json(os.path.join(out, workdir_lib.POOL), pooled.record)
   figures = [os.path.relpath(p, out) for p in plots.write_all(rows, out)]
